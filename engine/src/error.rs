@@ -1,0 +1,94 @@
+//! The engine's error type.
+//!
+//! Three kinds of failure are kept apart, because callers must react to them differently:
+//! - **I/O** (`Io`): the operating system refused an operation (disk full, permission, EIO). The
+//!   operation, the path and the OS error are all in the message.
+//! - **Corruption** (`Corruption`): bytes read back from disk are not what Keel wrote. The file and
+//!   the byte offset are named; nothing is skipped silently and recovery refuses to continue.
+//! - **Bad input** (`RecordTooLarge`, `IndexGap`, `InvalidArgument`): the caller asked for
+//!   something the engine refuses; nothing was written.
+//!
+//! `Error` is `Clone` (the I/O source is shared behind an `Arc`) so that one failed group commit can
+//! hand the same error to every append waiting on it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Result alias for engine operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error the engine returns.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// An operating-system call failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What Keel was doing, e.g. "writing", "fdatasync".
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The error the OS returned.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Data read from disk failed validation somewhere recovery cannot safely truncate.
+    #[error("corruption in {} at offset {offset}: {reason}", path.display())]
+    Corruption {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte offset of the first damaged structure in that file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A record would exceed the configured maximum size.
+    #[error("record of {size} bytes exceeds the configured maximum of {max} bytes")]
+    RecordTooLarge {
+        /// Encoded size of the refused record.
+        size: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// Appended entries do not continue the log.
+    #[error("entry index {got} leaves a gap in the log: the next index can be at most {expected}")]
+    IndexGap {
+        /// Highest index the append could have started at (last index + 1).
+        expected: u64,
+        /// Index the caller supplied.
+        got: u64,
+    },
+    /// An argument is out of range or inconsistent.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An earlier write or fdatasync failed, so the WAL refuses further appends until it is
+    /// reopened (which recovers to the last durable record).
+    #[error("the WAL refuses writes after an earlier failure (reopen to recover): {0}")]
+    Poisoned(String),
+    /// The WAL was closed.
+    #[error("the WAL is closed")]
+    Closed,
+}
+
+impl Error {
+    /// Wraps an I/O error with the operation and path it concerns.
+    pub fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<std::io::Error>,
+    ) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source: Arc::new(source.into()),
+        }
+    }
+
+    /// A corruption error at `offset` of `path`.
+    pub fn corruption(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Keel's storage engine: everything that touches the disk, and nothing that touches the network.
+//!
+//! # Layout
+//! - [`wal`]: the write-ahead log (segments, record framing, group commit, recovery) and the
+//!   raft-rs `Storage` over it. Runs on a glommio executor: the storage core.
+//! - [`error`]: the engine's error type (I/O, corruption and bad input kept apart).
+//!
+//! The B+tree backend, the MVCC store and leases join this crate in later steps.
+
+pub mod error;
+pub mod wal;
+
+pub use error::{Error, Result};

@@ -1,0 +1,322 @@
+//! Opening a WAL directory: reading every segment back, verifying every record, and deciding where
+//! the log ends.
+//!
+//! # Where the log ends, and what is corruption
+//! Records are read in order until one is not a valid record of this segment (see
+//! [`record::scan`]). Call that offset the stop point. Then the rest of the segment is searched
+//! for valid records (this segment's salt, good CRC) whose write began after the stop point
+//! (`batch_start > stop`):
+//! - If one exists, a later write was issued, which only happens after the write holding the stop
+//!   point was durable: the damage hit acknowledged data. That is **corruption**, reported with the
+//!   file and offset, in any segment.
+//! - Otherwise, in the **last** segment, the stop point is the end of the log. If what lies there
+//!   is not zeros or stale bytes of a recycled file, it is the **torn tail** of a write that never
+//!   completed: it is logged and truncated (zeroed where needed, so that a valid-looking fragment
+//!   of the torn write can never be read as log later).
+//! - In an earlier segment, the stop point must be clean (zeros or stale bytes): a segment is
+//!   fdatasync'd before the next one is cut, so an invalid record there is **corruption**.
+//!
+//! Across segments, sequence numbers must be consecutive and entry indexes must continue the log
+//! (an index gap is corruption). The first segment may start mid-log after older segments were
+//! released; a snapshot marker must then cover the entries before it.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use raft::eraftpb::Entry;
+
+use super::log::{EntryLoc, LogState};
+use super::record::{self, HEADER_LEN, RECORD_ALIGN, RecordType, Scan, SnapshotMarker};
+use super::segment::{self, BLOCK, DATA_START};
+use crate::error::{Error, Result};
+
+/// A live segment as recovery found it.
+#[derive(Debug)]
+pub(crate) struct SegmentMeta {
+    pub seq: u64,
+    pub first_index: u64,
+    pub path: PathBuf,
+    /// Highest index of any entry record in the segment (0 if none).
+    pub max_entry_index: u64,
+}
+
+/// Where appending resumes in the last segment.
+#[derive(Debug)]
+pub(crate) struct Tail {
+    /// Offset of the end of the log in the last segment.
+    pub offset: u64,
+    /// Bytes of the last segment from the block holding `offset` up to `offset`.
+    pub partial_block: Vec<u8>,
+}
+
+/// Everything recovery learned.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub log: LogState,
+    pub segments: Vec<SegmentMeta>,
+    pub tail: Option<Tail>,
+    pub spares: Vec<PathBuf>,
+    /// Highest spare number in use (new spares are numbered after it).
+    pub max_spare: u64,
+    /// Where a torn tail was truncated, if one was.
+    pub truncated: Option<(PathBuf, u64)>,
+}
+
+/// Reads the WAL in `dir`. `segment_size` is the configured size (spares of another size are
+/// removed); `cache_limit` the tail-cache budget.
+pub(crate) fn recover(dir: &Path, segment_size: u64, cache_limit: usize) -> Result<Recovered> {
+    let mut segments = Vec::new();
+    let mut spares = Vec::new();
+    let mut max_spare = 0;
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let path = entry.path();
+        if let Some((seq, first_index)) = segment::parse_segment_name(name) {
+            segments.push(SegmentMeta {
+                seq,
+                first_index,
+                path,
+                max_entry_index: 0,
+            });
+        } else if let Some(n) = segment::parse_spare_name(name) {
+            max_spare = max_spare.max(n);
+            let len = entry
+                .metadata()
+                .map_err(|e| Error::io("stat", &path, e))?
+                .len();
+            if len == segment_size {
+                spares.push(path);
+            } else {
+                std::fs::remove_file(&path).map_err(|e| Error::io("removing", &path, e))?;
+            }
+        } else if name.ends_with(".tmp") {
+            // An unfinished spare; see segment::prepare_spare.
+            std::fs::remove_file(&path).map_err(|e| Error::io("removing", &path, e))?;
+        }
+    }
+    segments.sort_by_key(|s| s.seq);
+    for pair in segments.windows(2) {
+        if pair[1].seq != pair[0].seq + 1 {
+            return Err(Error::corruption(
+                &pair[1].path,
+                0,
+                format!("segment {} is missing before this one", pair[0].seq + 1),
+            ));
+        }
+    }
+
+    let mut log = LogState::new(cache_limit);
+    // Set while the log's start was inferred from the first entry of the first segment (older
+    // segments released) and no snapshot marker has covered it yet.
+    let mut implicit_base: Option<u64> = None;
+    let mut tail = None;
+    let mut truncated = None;
+    let mut last_buf = Vec::new();
+    let count = segments.len();
+    for (i, seg) in segments.iter_mut().enumerate() {
+        let is_last = i + 1 == count;
+        let buf = std::fs::read(&seg.path).map_err(|e| Error::io("reading", &seg.path, e))?;
+        segment::check_header(&seg.path, &buf, seg.seq, seg.first_index)?;
+        let salt = segment::salt(seg.seq);
+        let mut off = DATA_START as usize;
+        let stop = loop {
+            match record::scan(&buf, off, salt) {
+                Scan::Record(r) => {
+                    let corrupt = |why: &str| Error::corruption(&seg.path, off as u64, why);
+                    match r.record_type {
+                        RecordType::Entry => {
+                            let (index, term) =
+                                record::entry_index_term(r.payload).map_err(corrupt)?;
+                            if index > log.last_index() + 1 {
+                                if i == 0 && log.last_index() == log.snapshot.index {
+                                    // The log's start lives in released segments.
+                                    log.apply_snapshot(SnapshotMarker {
+                                        index: index - 1,
+                                        ..Default::default()
+                                    });
+                                    implicit_base = Some(index - 1);
+                                } else {
+                                    return Err(corrupt(&format!(
+                                        "entry index {index} leaves a gap after {}",
+                                        log.last_index()
+                                    )));
+                                }
+                            }
+                            if index <= log.snapshot.index {
+                                return Err(corrupt(&format!(
+                                    "entry index {index} is at or below the snapshot index {}",
+                                    log.snapshot.index
+                                )));
+                            }
+                            let loc = EntryLoc {
+                                term,
+                                seq: seg.seq,
+                                offset: (off + HEADER_LEN) as u64,
+                                len: r.payload.len() as u32,
+                                batch: 0,
+                            };
+                            log.append(None, index, loc);
+                            seg.max_entry_index = seg.max_entry_index.max(index);
+                        }
+                        RecordType::HardState => {
+                            log.hard_state =
+                                record::decode_hard_state(r.payload).map_err(corrupt)?;
+                        }
+                        RecordType::Snapshot => {
+                            let marker = record::decode_snapshot(r.payload).map_err(corrupt)?;
+                            if implicit_base.is_some_and(|b| marker.index >= b) {
+                                implicit_base = None;
+                            }
+                            log.apply_snapshot(marker);
+                        }
+                        RecordType::Metadata => {
+                            log.metadata = record::decode_metadata(r.payload).map_err(corrupt)?;
+                        }
+                    }
+                    off = r.next;
+                }
+                other => break other,
+            }
+        };
+
+        let later = later_records(&buf, off, salt);
+        if let Some(at) = later.iter().find(|l| l.batch_start > off).map(|l| l.offset) {
+            return Err(Error::corruption(
+                &seg.path,
+                off as u64,
+                format!(
+                    "{}; a later write at offset {at} is intact, so this is not a torn tail",
+                    describe(stop)
+                ),
+            ));
+        }
+        if is_last {
+            let junk_end = later.iter().map(|l| l.end).max();
+            if matches!(stop, Scan::Invalid(_)) || junk_end.is_some() {
+                tracing::warn!(
+                    path = %seg.path.display(),
+                    offset = off,
+                    "truncating torn WAL tail ({})",
+                    describe(stop)
+                );
+                if let Some(end) = junk_end {
+                    zero_range(&seg.path, &buf, off, end)?;
+                }
+                truncated = Some((seg.path.clone(), off as u64));
+            }
+            let block_start = off - off % BLOCK as usize;
+            tail = Some(Tail {
+                offset: off as u64,
+                partial_block: buf[block_start..off].to_vec(),
+            });
+        } else if let Scan::Invalid(why) = stop {
+            return Err(Error::corruption(
+                &seg.path,
+                off as u64,
+                format!("{why} in a sealed segment (only the last segment can have a torn tail)"),
+            ));
+        }
+        if is_last {
+            last_buf = buf;
+        }
+    }
+    if let Some(base) = implicit_base {
+        return Err(Error::corruption(
+            &segments[0].path,
+            DATA_START,
+            format!("the log starts after index {base} but no snapshot marker covers it"),
+        ));
+    }
+    if let Some(last) = segments.last() {
+        fill_cache(&mut log, last.seq, &last_buf)?;
+    }
+    Ok(Recovered {
+        log,
+        segments,
+        tail,
+        spares,
+        max_spare,
+        truncated,
+    })
+}
+
+fn describe(stop: Scan<'_>) -> &'static str {
+    match stop {
+        Scan::Invalid(why) => why,
+        Scan::Zero => "zeroed record header",
+        Scan::Stale => "record of another segment",
+        Scan::Record(_) => "valid record",
+    }
+}
+
+/// A valid record of this segment found past the stop point.
+#[derive(Debug, Clone, Copy)]
+struct Later {
+    offset: usize,
+    batch_start: usize,
+    end: usize,
+}
+
+/// Every valid record of this segment (its salt, a good CRC) at an aligned offset after `from`.
+/// Only offsets whose salt bytes match are fully checked, so this is a cheap pass over the buffer.
+fn later_records(buf: &[u8], from: usize, salt: u32) -> Vec<Later> {
+    let mut found = Vec::new();
+    let salt_bytes = salt.to_le_bytes();
+    let mut p = from + RECORD_ALIGN;
+    while p + HEADER_LEN <= buf.len() {
+        if buf[p + 12..p + 16] == salt_bytes {
+            if let Scan::Record(r) = record::scan(buf, p, salt) {
+                found.push(Later {
+                    offset: p,
+                    batch_start: r.batch_start as usize,
+                    end: r.next,
+                });
+            }
+        }
+        p += RECORD_ALIGN;
+    }
+    found
+}
+
+/// Zeroes `[from, to)` of the segment at `path` (whose current bytes are `buf`), rounding to whole
+/// blocks while keeping the bytes before `from`, and makes it durable.
+fn zero_range(path: &Path, buf: &[u8], from: usize, to: usize) -> Result<()> {
+    let block = BLOCK as usize;
+    let start = from - from % block;
+    let end = to.next_multiple_of(block).min(buf.len());
+    let mut bytes = vec![0u8; end - start];
+    bytes[..from - start].copy_from_slice(&buf[start..from]);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("opening", path, e))?;
+    file.write_all_at(&bytes, start as u64)
+        .map_err(|e| Error::io("writing", path, e))?;
+    file.sync_data()
+        .map_err(|e| Error::io("fdatasync", path, e))
+}
+
+/// Caches the newest entries that lie in the last segment, whose bytes are `buf`.
+fn fill_cache(log: &mut LogState, seq: u64, buf: &[u8]) -> Result<()> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    let mut index = log.last_index();
+    while index >= log.first_index() && bytes < log.cache_limit {
+        let loc = *log.loc(index).expect("index in range");
+        if loc.seq != seq {
+            break;
+        }
+        let payload = &buf[loc.offset as usize..loc.offset as usize + loc.len as usize];
+        let entry = record::decode_entry(payload)
+            .map_err(|why| Error::corruption(Path::new("last segment"), loc.offset, why))?;
+        bytes += payload.len();
+        entries.push(entry);
+        index -= 1;
+    }
+    entries.reverse();
+    log.fill_cache(entries);
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! End-to-end WAL behaviour on real files: append, group commit, overwrite, cut, release, reopen.
+
+mod common;
+
+use common::{all_entries, entry, open, run, small_options};
+use keel_engine::Error;
+use keel_engine::wal::{Metadata, RecordRef, SnapshotMarker, WalOptions};
+use raft::eraftpb::HardState;
+
+#[test]
+fn appends_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        metadata: Metadata {
+            cluster_id: 7,
+            member_id: 3,
+        },
+        ..small_options()
+    };
+    run(async {
+        let (wal, rec) = open(dir.path(), options.clone()).await;
+        assert_eq!((rec.first_index, rec.last_index), (1, 0));
+        let entries: Vec<_> = (1..=200).map(|i| entry(i, 1)).collect();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.vote = 3;
+        hs.commit = 150;
+        for chunk in entries.chunks(10) {
+            wal.save(chunk, Some(&hs)).await.unwrap();
+        }
+        assert_eq!(all_entries(&wal), entries);
+        wal.close().await.unwrap();
+
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(
+            rec.metadata,
+            Metadata {
+                cluster_id: 7,
+                member_id: 3
+            }
+        );
+        assert_eq!(rec.hard_state, hs);
+        assert_eq!((rec.first_index, rec.last_index), (1, 200));
+        assert!(rec.truncated.is_none());
+        assert_eq!(all_entries(&wal), entries);
+        assert!(wal.stats().syncs == 0);
+        wal.close().await.unwrap();
+    });
+}
+
+#[test]
+fn group_commit_batches_concurrent_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), WalOptions::default()).await;
+        let futures: Vec<_> = (1..=1000).map(|i| wal.save(&[entry(i, 1)], None)).collect();
+        for f in futures {
+            f.await.unwrap();
+        }
+        let stats = wal.stats();
+        assert_eq!(
+            stats.records,
+            1000 + 2,
+            "entries plus the first segment's metadata and hard state"
+        );
+        assert!(
+            stats.batches < 10,
+            "1000 appends issued together took {} batches",
+            stats.batches
+        );
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), WalOptions::default()).await;
+        assert_eq!(rec.last_index, 1000);
+        assert_eq!(
+            all_entries(&wal),
+            (1..=1000).map(|i| entry(i, 1)).collect::<Vec<_>>()
+        );
+    });
+}
+
+#[test]
+fn overwrite_discards_conflicting_suffix_on_disk_too() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        let first: Vec<_> = (1..=50).map(|i| entry(i, 1)).collect();
+        wal.save(&first, None).await.unwrap();
+        let second: Vec<_> = (30..=40).map(|i| entry(i, 2)).collect();
+        wal.save(&second, None).await.unwrap();
+        let mut expected: Vec<_> = (1..30).map(|i| entry(i, 1)).collect();
+        expected.extend(second.clone());
+        assert_eq!(all_entries(&wal), expected);
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(rec.last_index, 40);
+        assert_eq!(all_entries(&wal), expected);
+    });
+}
+
+#[test]
+fn segments_are_cut_released_and_recycled() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        for i in 1..=2000 {
+            wal.save(&[entry(i, 1)], None).await.unwrap();
+        }
+        assert!(
+            wal.stats().segments_cut > 5,
+            "cut {} segments",
+            wal.stats().segments_cut
+        );
+        let (segments_before, _) = wal.file_counts();
+
+        // Releasing needs a durable snapshot marker.
+        assert!(matches!(
+            wal.release(1500).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        let marker = SnapshotMarker {
+            index: 1500,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(&[RecordRef::Snapshot(&marker)]).await.unwrap();
+        let released = wal.release(1501).await.unwrap();
+        assert!(released > 0);
+        let (segments_after, spares) = wal.file_counts();
+        assert_eq!(segments_after, segments_before - released);
+        assert!(spares >= 1, "released segments are kept as spares");
+        assert_eq!(wal.first_index(), 1501);
+        assert!(matches!(
+            wal.entries(1400, 1501),
+            Err(Error::InvalidArgument(_))
+        ));
+
+        // Recycled spares are reused for new segments; stale records in them stay invisible.
+        for i in 2001..=4000 {
+            wal.save(&[entry(i, 1)], None).await.unwrap();
+        }
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(rec.snapshot.index, 1500);
+        assert_eq!((rec.first_index, rec.last_index), (1501, 4000));
+        assert_eq!(
+            all_entries(&wal),
+            (1501..=4000).map(|i| entry(i, 1)).collect::<Vec<_>>()
+        );
+    });
+}
+
+#[test]
+fn refused_appends_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        wal.save(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), None)
+            .await
+            .unwrap();
+
+        let mut big = entry(6, 1);
+        big.data = vec![0u8; 20 << 10].into();
+        let err = wal.save(&[entry(6, 1), big], None).await.unwrap_err();
+        assert!(
+            matches!(err, Error::RecordTooLarge { max: 16384, .. }),
+            "{err}"
+        );
+
+        let err = wal.save(&[entry(8, 1)], None).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::IndexGap {
+                    expected: 6,
+                    got: 8
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("gap"), "{err}");
+
+        let err = wal
+            .save(&[entry(6, 1), entry(8, 1)], None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::IndexGap {
+                    expected: 7,
+                    got: 8
+                }
+            ),
+            "{err}"
+        );
+
+        let marker = SnapshotMarker {
+            index: 3,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(&[RecordRef::Snapshot(&marker)]).await.unwrap();
+        let err = wal.save(&[entry(2, 1)], None).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let older = SnapshotMarker {
+            index: 2,
+            term: 1,
+            ..Default::default()
+        };
+        let err = wal
+            .append(&[RecordRef::Snapshot(&older)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+        assert_eq!(wal.last_index(), 5);
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!((rec.first_index, rec.last_index), (4, 5));
+        assert_eq!(all_entries(&wal), vec![entry(4, 1), entry(5, 1)]);
+        let err = wal.save(&[entry(1, 1)], None).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    });
+}
+
+#[test]
+fn invalid_options_are_refused() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = WalOptions {
+            segment_size: 10_000,
+            ..WalOptions::default()
+        };
+        assert!(matches!(
+            keel_engine::wal::Wal::open(dir.path(), bad).await,
+            Err(Error::InvalidArgument(_))
+        ));
+    });
+}
