@@ -237,3 +237,43 @@ fn invalid_options_are_refused() {
         ));
     });
 }
+
+/// Regression (found by the model test): after release, the first remaining segment held an
+/// overwrite reaching below its own first entry, and recovery called it corruption.
+#[test]
+fn overwrite_below_the_first_remaining_segment_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        let mut i = 1;
+        // Fill until a segment is cut, then overwrite two entries back into the new segment.
+        while wal.stats().segments_cut < 2 {
+            wal.save(&[entry(i, 1)], None).await.unwrap();
+            i += 1;
+        }
+        let last = wal.last_index();
+        wal.save(&[entry(last - 2, 2), entry(last - 1, 2)], None)
+            .await
+            .unwrap();
+        for j in last..last + 20 {
+            wal.save(&[entry(j, 2)], None).await.unwrap();
+        }
+        let marker = SnapshotMarker {
+            index: last + 5,
+            term: 2,
+            ..Default::default()
+        };
+        wal.append(&[RecordRef::Snapshot(&marker)]).await.unwrap();
+        assert_eq!(wal.release(last + 6).await.unwrap(), 1);
+        wal.close().await.unwrap();
+
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!((rec.first_index, rec.last_index), (last + 6, last + 19));
+        assert_eq!(
+            all_entries(&wal),
+            (last + 6..last + 20)
+                .map(|j| entry(j, 2))
+                .collect::<Vec<_>>()
+        );
+    });
+}

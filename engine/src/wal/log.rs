@@ -190,6 +190,13 @@ impl LogState {
         }
     }
 
+    /// Drops every entry and restarts the log after `marker`, whatever it held.
+    pub fn reset(&mut self, marker: SnapshotMarker) {
+        self.locs.clear();
+        self.clear_cache();
+        self.snapshot = marker;
+    }
+
     /// Applies a snapshot marker. Entries up to its index are dropped. Entries after it are kept
     /// only if the log agrees with the marker's term at its index (a local compaction); otherwise
     /// (a snapshot received from a leader over a diverging log) the whole log is dropped, as raft

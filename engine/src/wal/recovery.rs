@@ -17,8 +17,16 @@
 //!   fdatasync'd before the next one is cut, so an invalid record there is **corruption**.
 //!
 //! Across segments, sequence numbers must be consecutive and entry indexes must continue the log
-//! (an index gap is corruption). The first segment may start mid-log after older segments were
-//! released; a snapshot marker must then cover the entries before it.
+//! (an index gap is corruption).
+//!
+//! # A log whose start was released
+//! After `release`, the first remaining segment starts mid-log. Its first entry then fixes an
+//! *implicit base* (the log is taken to start right after it), and until a snapshot marker at or
+//! past that base is met: an overwrite reaching below the base moves the base down (an overwrite
+//! truncates everything after it anyway), and older markers are ignored (they compact nothing
+//! recovery holds). `release` only runs once a marker covering every released entry is durable,
+//! and every segment repeats the current marker in its first records, so such a marker is always
+//! found; if none is, recovery fails as corruption rather than guess the log's start.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -112,6 +120,7 @@ pub(crate) fn recover(dir: &Path, segment_size: u64, cache_limit: usize) -> Resu
     // Set while the log's start was inferred from the first entry of the first segment (older
     // segments released) and no snapshot marker has covered it yet.
     let mut implicit_base: Option<u64> = None;
+    let mut seen_entry = false;
     let mut tail = None;
     let mut truncated = None;
     let mut last_buf = Vec::new();
@@ -130,27 +139,34 @@ pub(crate) fn recover(dir: &Path, segment_size: u64, cache_limit: usize) -> Resu
                         RecordType::Entry => {
                             let (index, term) =
                                 record::entry_index_term(r.payload).map_err(corrupt)?;
-                            if index > log.last_index() + 1 {
-                                if i == 0 && log.last_index() == log.snapshot.index {
-                                    // The log's start lives in released segments.
-                                    log.apply_snapshot(SnapshotMarker {
-                                        index: index - 1,
-                                        ..Default::default()
-                                    });
-                                    implicit_base = Some(index - 1);
-                                } else {
-                                    return Err(corrupt(&format!(
-                                        "entry index {index} leaves a gap after {}",
-                                        log.last_index()
-                                    )));
-                                }
-                            }
-                            if index <= log.snapshot.index {
+                            let rebase = if !seen_entry && index > log.last_index() + 1 {
+                                // The first entry found: the log before it lives in released
+                                // segments, covered by a marker recovery has yet to meet.
+                                true
+                            } else {
+                                // An overwrite reaching below the first visible entry.
+                                implicit_base.is_some() && index <= log.snapshot.index
+                            };
+                            if rebase {
+                                let conf_state = log.snapshot.conf_state.clone();
+                                log.reset(SnapshotMarker {
+                                    index: index - 1,
+                                    term: 0,
+                                    conf_state,
+                                });
+                                implicit_base = Some(index - 1);
+                            } else if index > log.last_index() + 1 {
+                                return Err(corrupt(&format!(
+                                    "entry index {index} leaves a gap after {}",
+                                    log.last_index()
+                                )));
+                            } else if index <= log.snapshot.index {
                                 return Err(corrupt(&format!(
                                     "entry index {index} is at or below the snapshot index {}",
                                     log.snapshot.index
                                 )));
                             }
+                            seen_entry = true;
                             let loc = EntryLoc {
                                 term,
                                 seq: seg.seq,
@@ -167,10 +183,20 @@ pub(crate) fn recover(dir: &Path, segment_size: u64, cache_limit: usize) -> Resu
                         }
                         RecordType::Snapshot => {
                             let marker = record::decode_snapshot(r.payload).map_err(corrupt)?;
-                            if implicit_base.is_some_and(|b| marker.index >= b) {
-                                implicit_base = None;
+                            match implicit_base {
+                                // Older than the visible log: it compacts nothing recovery holds.
+                                Some(base) if marker.index < base => {}
+                                // Exactly the inferred start: it supplies the start's term.
+                                Some(base) if marker.index == base => {
+                                    log.snapshot = marker;
+                                    implicit_base = None;
+                                }
+                                Some(_) => {
+                                    log.apply_snapshot(marker);
+                                    implicit_base = None;
+                                }
+                                None => log.apply_snapshot(marker),
                             }
-                            log.apply_snapshot(marker);
                         }
                         RecordType::Metadata => {
                             log.metadata = record::decode_metadata(r.payload).map_err(corrupt)?;

@@ -26,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 
-use glommio::io::{DmaFile, OpenOptions};
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 
 use crate::error::{Error, Result};
 
@@ -155,24 +155,43 @@ pub async fn open_dma(path: &Path) -> Result<DmaFile> {
         .map_err(glommio_io("opening", path))
 }
 
+/// Writes all of `buf` (block-aligned length) at the block-aligned `pos` of `file` (`path`).
+///
+/// A short write (the kernel wrote only part, as it does at a file-size limit or when space runs
+/// out mid-write) is continued with the rest, so that the error finally returned is the OS's own
+/// (`ENOSPC`, `EFBIG`, ...) rather than a bare "short write".
+pub async fn write_all(file: &DmaFile, path: &Path, buf: DmaBuffer, pos: u64) -> Result<()> {
+    debug_assert_eq!(pos % BLOCK, 0);
+    let len = buf.len();
+    let buf = std::rc::Rc::new(buf);
+    let mut done = file
+        .write_rc_at(buf.clone(), pos)
+        .await
+        .map_err(glommio_io("writing", path))?;
+    while done < len {
+        if done == 0 || done as u64 % BLOCK != 0 {
+            return Err(Error::io(
+                "writing",
+                path,
+                std::io::Error::other(format!("short write: {done} of {len} bytes")),
+            ));
+        }
+        let mut rest = file.alloc_dma_buffer(len - done);
+        rest.as_bytes_mut().copy_from_slice(&buf.as_bytes()[done..]);
+        done += file
+            .write_at(rest, pos + done as u64)
+            .await
+            .map_err(glommio_io("writing", path))?;
+    }
+    Ok(())
+}
+
 /// Writes `data` (a multiple of [`BLOCK`] long) at `pos` of `file`, which is `path`.
 pub async fn write_block_aligned(file: &DmaFile, path: &Path, data: &[u8], pos: u64) -> Result<()> {
     debug_assert_eq!(data.len() as u64 % BLOCK, 0);
-    debug_assert_eq!(pos % BLOCK, 0);
     let mut buf = file.alloc_dma_buffer(data.len());
     buf.as_bytes_mut().copy_from_slice(data);
-    let written = file
-        .write_at(buf, pos)
-        .await
-        .map_err(glommio_io("writing", path))?;
-    if written != data.len() {
-        return Err(Error::io(
-            "writing",
-            path,
-            std::io::Error::other(format!("short write: {written} of {} bytes", data.len())),
-        ));
-    }
-    Ok(())
+    write_all(file, path, buf, pos).await
 }
 
 /// fdatasync of `file`, which is `path`.

@@ -161,18 +161,7 @@ impl Writer {
         bytes[..prefix].copy_from_slice(&active.partial_block);
         bytes[prefix..prefix + chunk.data.len()].copy_from_slice(&chunk.data);
         bytes[prefix + chunk.data.len()..].fill(0);
-        let written = active
-            .file
-            .write_at(buf, write_pos)
-            .await
-            .map_err(|e| Error::io("writing", &active.path, std::io::Error::from(e)))?;
-        if written != len {
-            return Err(Error::io(
-                "writing",
-                &active.path,
-                std::io::Error::other(format!("short write: {written} of {len} bytes")),
-            ));
-        }
+        segment::write_all(&active.file, &active.path, buf, write_pos).await?;
         segment::fdatasync(&active.file, &active.path).await?;
         // Remember the bytes of the block holding the new end, for the next write to rewrite.
         let tail_start = end - end % BLOCK;
