@@ -5,10 +5,12 @@
 //! ```
 //! - `raw`: O_DIRECT `DmaFile` write of the block(s) a 256-byte entry record lands in, then
 //!   fdatasync, into a pre-zeroed file, advancing as the WAL does (the physical floor).
-//! - `wal 1 writer`: one appender, 256-byte entries, each awaited before the next.
+//! - `wal 1 writer`: one appender, 256-byte entries, each awaited before the next. Raw and WAL
+//!   samples alternate in four rounds, after the WAL's spare segment is ready.
 //! - `wal N appenders`: N concurrent appenders for S seconds: entries/s and entries per fdatasync.
-//! - `recovery`: opening a WAL holding G GiB of 256-byte entries (page cache warm, and cold when
-//!   `/proc/sys/vm/drop_caches` is writable).
+//! - `recovery`: opening a WAL holding G GiB of 256-byte entries: the first open after writing
+//!   (O_DIRECT writes leave the page cache empty), after dropping caches (when
+//!   `/proc/sys/vm/drop_caches` is writable), and with the page cache warm.
 //!
 //! `--dir` defaults to a temporary directory under the current directory (not /tmp, which may be
 //! a tmpfs on some machines): the numbers are only meaningful on the disk being measured.
@@ -68,64 +70,98 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 /// The physical reference: the same blocks a 256-byte-entry WAL writes, without the WAL.
-async fn raw_reference(dir: &Path, samples: usize) -> Histogram<u64> {
-    let path = dir.join("raw.bin");
-    let size: u64 = 64 << 20;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .dma_open(&path)
-        .await
-        .unwrap();
-    file.pre_allocate(size, false).await.unwrap();
-    let zeros = file.alloc_dma_buffer(1 << 20);
-    let zeros = Rc::new(zeros);
-    for pos in (0..size).step_by(1 << 20) {
-        file.write_rc_at(zeros.clone(), pos).await.unwrap();
-    }
-    file.fdatasync().await.unwrap();
-    // A framed 256-byte entry record is 24 + 24 + 256 = 304 bytes.
-    let record = 304u64;
-    let mut h = Histogram::<u64>::new(3).unwrap();
-    let mut end = 4096u64;
-    for _ in 0..samples {
-        let start = end;
-        end += record;
-        let pos = start - start % 4096;
-        let len = (end.next_multiple_of(4096) - pos) as usize;
-        let mut buf = file.alloc_dma_buffer(len);
-        buf.as_bytes_mut().fill(0xab);
-        let t = Instant::now();
-        file.write_at(buf, pos).await.unwrap();
-        file.fdatasync().await.unwrap();
-        h.record(t.elapsed().as_nanos() as u64).unwrap();
-    }
-    file.close().await.unwrap();
-    std::fs::remove_file(path).unwrap();
-    h
+struct Raw {
+    path: PathBuf,
+    file: DmaFile,
+    end: u64,
 }
 
-async fn one_writer(dir: &Path, samples: usize) -> Histogram<u64> {
+impl Raw {
+    async fn new(dir: &Path) -> Raw {
+        let path = dir.join("raw.bin");
+        let size: u64 = 64 << 20;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path)
+            .await
+            .unwrap();
+        file.pre_allocate(size, false).await.unwrap();
+        let zeros = Rc::new(file.alloc_dma_buffer(1 << 20));
+        for pos in (0..size).step_by(1 << 20) {
+            file.write_rc_at(zeros.clone(), pos).await.unwrap();
+        }
+        file.fdatasync().await.unwrap();
+        Raw {
+            path,
+            file,
+            end: 4096,
+        }
+    }
+
+    async fn sample(&mut self, samples: usize, h: &mut Histogram<u64>) {
+        // A framed 256-byte entry record is 24 + 24 + 256 = 304 bytes.
+        let record = 304u64;
+        for _ in 0..samples {
+            let start = self.end;
+            self.end += record;
+            let pos = start - start % 4096;
+            let len = (self.end.next_multiple_of(4096) - pos) as usize;
+            let mut buf = self.file.alloc_dma_buffer(len);
+            buf.as_bytes_mut().fill(0xab);
+            let t = Instant::now();
+            self.file.write_at(buf, pos).await.unwrap();
+            self.file.fdatasync().await.unwrap();
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+
+    async fn remove(self) {
+        self.file.close().await.unwrap();
+        std::fs::remove_file(self.path).unwrap();
+    }
+}
+
+/// Opens a WAL, appends one entry (the first append cuts the first segment) and waits until the
+/// background spare preparation is done, so it does not disturb what is measured.
+async fn ready_wal(dir: &Path) -> Wal {
     let (wal, _) = Wal::open(dir, WalOptions::default()).await.unwrap();
-    // Warm up: the first append cuts the first segment.
     wal.save(&[entry(1)], None).await.unwrap();
-    let mut h = Histogram::<u64>::new(3).unwrap();
-    for i in 2..samples as u64 + 2 {
-        let e = entry(i);
-        let t = Instant::now();
-        wal.save(std::slice::from_ref(&e), None).await.unwrap();
-        h.record(t.elapsed().as_nanos() as u64).unwrap();
+    while wal.file_counts().1 == 0 {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    wal
+}
+
+/// Raw and WAL one-writer latency, measured in alternating rounds (A B A B) so that drift of the
+/// disk affects both alike.
+async fn one_writer_vs_raw(dir: &Path, samples: usize) -> (Histogram<u64>, Histogram<u64>) {
+    const ROUNDS: usize = 4;
+    let mut raw = Raw::new(dir).await;
+    let wal = ready_wal(&dir.join("one")).await;
+    let mut raw_h = Histogram::<u64>::new(3).unwrap();
+    let mut wal_h = Histogram::<u64>::new(3).unwrap();
+    let mut next = 2u64;
+    for _ in 0..ROUNDS {
+        raw.sample(samples / ROUNDS, &mut raw_h).await;
+        for _ in 0..samples / ROUNDS {
+            let e = entry(next);
+            next += 1;
+            let t = Instant::now();
+            wal.save(std::slice::from_ref(&e), None).await.unwrap();
+            wal_h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
     }
     wal.close().await.unwrap();
-    h
+    raw.remove().await;
+    (raw_h, wal_h)
 }
 
 /// Entries/s and entries per fdatasync with `appenders` concurrent appenders.
 async fn concurrent(dir: &Path, appenders: usize, seconds: f64) -> (f64, f64) {
-    let (wal, _) = Wal::open(dir, WalOptions::default()).await.unwrap();
-    wal.save(&[entry(1)], None).await.unwrap();
+    let wal = ready_wal(dir).await;
     let next = Rc::new(Cell::new(2u64));
     let done = Rc::new(Cell::new(0u64));
     let stop = Rc::new(Cell::new(false));
@@ -163,7 +199,7 @@ fn drop_caches() -> bool {
 }
 
 /// Writes `gib` GiB of 256-byte entries, then times opening the WAL (warm and cold cache).
-async fn recovery(dir: &Path, gib: f64) -> (u64, u64, f64, Option<f64>) {
+async fn recovery(dir: &Path, gib: f64) -> (u64, u64, f64, Option<f64>, f64) {
     let target = (gib * (1u64 << 30) as f64) as u64;
     {
         let (wal, _) = Wal::open(dir, WalOptions::default()).await.unwrap();
@@ -185,21 +221,24 @@ async fn recovery(dir: &Path, gib: f64) -> (u64, u64, f64, Option<f64>) {
         .filter(|e| e.path().extension().is_some_and(|x| x == "wal"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    let t = Instant::now();
-    let (wal, rec) = Wal::open(dir, WalOptions::default()).await.unwrap();
-    let warm = t.elapsed().as_secs_f64();
-    let entries = rec.last_index;
-    wal.close().await.unwrap();
+    // Written with O_DIRECT, so the page cache does not hold it: the first open reads the disk.
+    let (first, entries) = timed_open(dir).await;
     let cold = if drop_caches() {
-        let t = Instant::now();
-        let (wal, _) = Wal::open(dir, WalOptions::default()).await.unwrap();
-        let cold = t.elapsed().as_secs_f64();
-        wal.close().await.unwrap();
-        Some(cold)
+        Some(timed_open(dir).await.0)
     } else {
         None
     };
-    (bytes, entries, warm, cold)
+    // Recovery reads through the page cache, so now it is warm.
+    let (warm, _) = timed_open(dir).await;
+    (bytes, entries, first, cold, warm)
+}
+
+async fn timed_open(dir: &Path) -> (f64, u64) {
+    let t = Instant::now();
+    let (wal, rec) = Wal::open(dir, WalOptions::default()).await.unwrap();
+    let seconds = t.elapsed().as_secs_f64();
+    wal.close().await.unwrap();
+    (seconds, rec.last_index)
 }
 
 fn main() {
@@ -223,8 +262,7 @@ fn main() {
         };
         println!("WAL benchmark: 256-byte entries, storage executor pinned to CPU {core}");
         println!("data directory: {}", base_path.display());
-        let raw = raw_reference(&base_path, args.samples).await;
-        let wal = one_writer(&dir("one"), args.samples).await;
+        let (raw, wal) = one_writer_vs_raw(&base_path, args.samples).await;
         let (raw_p50, raw_p99) = (us(&raw, 0.5), us(&raw, 0.99));
         let (wal_p50, wal_p99) = (us(&wal, 0.5), us(&wal, 0.99));
         println!();
@@ -250,12 +288,13 @@ fn main() {
             );
         }
         if args.recovery_gib > 0.0 {
-            let (bytes, entries, warm, cold) = recovery(&dir("recovery"), args.recovery_gib).await;
+            let (bytes, entries, first, cold, warm) =
+                recovery(&dir("recovery"), args.recovery_gib).await;
             println!();
-            println!("| recovery | segment bytes | entries | warm cache s | cold cache s |");
+            println!("| recovery of | entries | first open after writing, s | after drop_caches, s | page cache warm, s |");
             println!("|---|---|---|---|---|");
             println!(
-                "| open + verify + index | {:.2} GiB | {entries} | {warm:.2} | {} |",
+                "| {:.2} GiB of segments | {entries} | {first:.2} | {} | {warm:.2} |",
                 bytes as f64 / (1u64 << 30) as f64,
                 cold.map_or("n/a (cannot drop caches)".into(), |c| format!("{c:.2}"))
             );

@@ -221,7 +221,7 @@ impl Wal {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating directory", &dir, e))?;
-        let rec = recovery::recover(&dir, options.segment_size, options.cache_bytes)?;
+        let rec = recovery::recover(&dir, options.segment_size, options.cache_bytes).await?;
         let mut log = rec.log;
         let recovery = Recovery {
             hard_state: log.hard_state.clone(),

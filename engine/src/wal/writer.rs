@@ -11,7 +11,7 @@
 //! unchanged (`partial_block`): sector writes are atomic, and a sector rewritten with identical
 //! bytes cannot lose what it held.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -38,8 +38,10 @@ struct Active {
 pub(super) struct Writer {
     shared: Rc<RefCell<Shared>>,
     active: Option<Active>,
-    /// A spare being prepared in the background, if any.
-    preparing: Option<glommio::task::JoinHandle<Result<PathBuf>>>,
+    /// A spare being prepared in the background, if any (it adds itself to `Shared::spares`).
+    preparing: Option<glommio::task::JoinHandle<()>>,
+    /// True while that task runs.
+    preparing_now: Rc<Cell<bool>>,
 }
 
 impl Writer {
@@ -66,6 +68,7 @@ impl Writer {
             shared,
             active,
             preparing: None,
+            preparing_now: Rc::new(Cell::new(false)),
         };
         writer.maybe_prepare_spare();
         Ok(writer)
@@ -112,9 +115,7 @@ impl Writer {
             let _ = active.file.close().await;
         }
         if let Some(task) = self.preparing.take() {
-            if let Some(Ok(path)) = task.await {
-                self.shared.borrow_mut().spares.push(path);
-            }
+            task.await;
         }
     }
 
@@ -229,10 +230,9 @@ impl Writer {
             return Ok(spare);
         }
         if let Some(task) = self.preparing.take() {
-            match task.await {
-                Some(Ok(path)) => return Ok(path),
-                Some(Err(e)) => tracing::warn!(error = %e, "background spare preparation failed"),
-                None => {}
+            task.await;
+            if let Some(spare) = self.shared.borrow_mut().spares.pop() {
+                return Ok(spare);
             }
         }
         let (dir, n, size) = self.next_spare_params();
@@ -247,13 +247,23 @@ impl Writer {
     }
 
     /// Starts preparing a spare in the background when none is ready, so cutting a segment does
-    /// not wait for 64 MiB of zeroes.
+    /// not wait for 64 MiB of zeroes. The task adds the spare to the pool itself; a failure (disk
+    /// full) is logged here and surfaces as an error only if a cut then needs the spare.
     fn maybe_prepare_spare(&mut self) {
-        if self.preparing.is_some() || !self.shared.borrow().spares.is_empty() {
+        if self.preparing_now.get() || !self.shared.borrow().spares.is_empty() {
             return;
         }
         let (dir, n, size) = self.next_spare_params();
-        let task = glommio::spawn_local(async move { segment::prepare_spare(&dir, n, size).await });
+        let shared = self.shared.clone();
+        let preparing_now = self.preparing_now.clone();
+        preparing_now.set(true);
+        let task = glommio::spawn_local(async move {
+            match segment::prepare_spare(&dir, n, size).await {
+                Ok(path) => shared.borrow_mut().spares.push(path),
+                Err(e) => tracing::warn!(error = %e, "preparing a spare WAL segment failed"),
+            }
+            preparing_now.set(false);
+        });
         self.preparing = Some(task.detach());
     }
 }
