@@ -58,11 +58,13 @@ fn parse_args() -> Args {
 }
 
 fn entry(index: u64) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = 1;
-    e.data = vec![(index % 251) as u8; ENTRY_BYTES].into();
-    e
+    let data = vec![(index % 251) as u8; ENTRY_BYTES].into();
+    Entry {
+        index,
+        term: 1,
+        data,
+        ..Default::default()
+    }
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {

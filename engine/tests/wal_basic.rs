@@ -21,10 +21,12 @@ fn appends_survive_reopen() {
         let (wal, rec) = open(dir.path(), options.clone()).await;
         assert_eq!((rec.first_index, rec.last_index), (1, 0));
         let entries: Vec<_> = (1..=200).map(|i| entry(i, 1)).collect();
-        let mut hs = HardState::default();
-        hs.term = 1;
-        hs.vote = 3;
-        hs.commit = 150;
+        let hs = HardState {
+            term: 1,
+            vote: 3,
+            commit: 150,
+            ..Default::default()
+        };
         for chunk in entries.chunks(10) {
             wal.save(chunk, Some(&hs)).await.unwrap();
         }

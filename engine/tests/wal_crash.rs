@@ -98,7 +98,7 @@ fn kill9_rounds_lose_no_acknowledged_append() {
     let dir = tempfile::tempdir().unwrap();
     // Index -> term of every append a child reported durable.
     let mut acknowledged: BTreeMap<u64, u64> = BTreeMap::new();
-    let rounds = 6;
+    let rounds = 5;
     for term in 1..=rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -125,7 +125,7 @@ fn kill9_rounds_lose_no_acknowledged_append() {
             }
             durable
         });
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let durable = reader.join().unwrap();

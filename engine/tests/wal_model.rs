@@ -147,10 +147,12 @@ async fn apply(wal: &mut Wal, model: &mut Model, dir: &std::path::Path, op: &Op)
             }
         }
         Op::HardState { vote } => {
-            let mut hs = HardState::default();
-            hs.term = model.term;
-            hs.vote = vote;
-            hs.commit = model.last_index();
+            let hs = HardState {
+                term: model.term,
+                vote,
+                commit: model.last_index(),
+                ..Default::default()
+            };
             wal.save(&[], Some(&hs)).await.unwrap();
             model.hard_state = hs;
         }

@@ -45,8 +45,10 @@ fn raw_node_commits_through_the_wal_and_restarts_from_it() {
         let (wal, _) = open(dir.path(), small_options()).await;
         // Bootstrap membership the way a new single-member cluster does: a snapshot marker at
         // index 0 carrying the initial configuration.
-        let mut conf = ConfState::default();
-        conf.voters = vec![1];
+        let conf = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
         let marker = SnapshotMarker {
             index: 0,
             term: 0,

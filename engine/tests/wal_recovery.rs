@@ -256,3 +256,85 @@ fn fragments_of_a_torn_write_never_resurface() {
         assert_eq!(all_entries(&wal), expected);
     });
 }
+
+/// A crash can tear the very first write into a freshly cut segment, leaving it without the
+/// records that describe the log at its start (metadata, hard state, snapshot marker). Opening
+/// must write them again; otherwise, once the older segments are released, the metadata is lost.
+#[test]
+fn a_torn_first_write_of_a_new_segment_gets_its_start_records_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = keel_engine::wal::Metadata {
+        cluster_id: 9,
+        member_id: 4,
+    };
+    let options = WalOptions {
+        metadata,
+        ..small_options()
+    };
+    run(async {
+        let (wal, _) = open(dir.path(), options.clone()).await;
+        let mut i = 1;
+        while wal.stats().segments_cut < 2 {
+            wal.save(&[entry(i, 1)], None).await.unwrap();
+            i += 1;
+        }
+        wal.close().await.unwrap();
+        // Tear everything written into the new segment.
+        let last = segments(dir.path()).pop().unwrap();
+        patch(&last, |b| b[segment::DATA_START as usize..].fill(0));
+
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        let last_index = rec.last_index;
+        assert_eq!(last_index, i - 2, "the entry in the torn write is gone");
+        for j in last_index + 1..last_index + 50 {
+            wal.save(&[entry(j, 1)], None).await.unwrap();
+        }
+        let marker = keel_engine::wal::SnapshotMarker {
+            index: last_index + 10,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(&[keel_engine::wal::RecordRef::Snapshot(&marker)])
+            .await
+            .unwrap();
+        assert_eq!(wal.release(last_index + 11).await.unwrap(), 1);
+        wal.close().await.unwrap();
+
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(rec.metadata, metadata);
+        assert_eq!(
+            (rec.first_index, rec.last_index),
+            (last_index + 11, last_index + 49)
+        );
+        let expected: Vec<Entry> = (last_index + 11..last_index + 50)
+            .map(|j| entry(j, 1))
+            .collect();
+        assert_eq!(all_entries(&wal), expected);
+    });
+}
+
+/// The only segment's first write torn: the configured metadata still applies.
+#[test]
+fn a_torn_first_write_of_a_new_wal_keeps_the_configured_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = keel_engine::wal::Metadata {
+        cluster_id: 5,
+        member_id: 6,
+    };
+    let options = WalOptions {
+        metadata,
+        ..small_options()
+    };
+    run(async {
+        let (wal, _) = open(dir.path(), options.clone()).await;
+        wal.save(&[entry(1, 1)], None).await.unwrap();
+        wal.close().await.unwrap();
+        let only = segments(dir.path()).pop().unwrap();
+        patch(&only, |b| b[segment::DATA_START as usize..].fill(0));
+        let (wal, rec) = open(dir.path(), options.clone()).await;
+        assert_eq!(rec.last_index, 0);
+        wal.close().await.unwrap();
+        let (_, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(rec.metadata, metadata);
+    });
+}

@@ -238,11 +238,12 @@ mod tests {
     }
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![0; 100].into();
-        e
+        Entry {
+            index,
+            term,
+            data: vec![0; 100].into(),
+            ..Default::default()
+        }
     }
 
     fn push(log: &mut LogState, index: u64, term: u64) {

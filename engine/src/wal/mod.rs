@@ -83,7 +83,7 @@ impl Default for WalOptions {
 impl WalOptions {
     fn validate(&self) -> Result<()> {
         let min_segment = DATA_START + BLOCK + 2 * self.max_record_size as u64;
-        if self.segment_size % BLOCK != 0 || self.segment_size < min_segment {
+        if !self.segment_size.is_multiple_of(BLOCK) || self.segment_size < min_segment {
             return Err(Error::InvalidArgument(format!(
                 "segment size {} must be a multiple of {BLOCK} and at least {min_segment} \
                  (header block plus twice the maximum record size)",
@@ -245,7 +245,13 @@ impl Wal {
         // A new WAL starts "full" at segment 0, so the first append cuts segment 1 (which writes
         // the metadata).
         let (tail_seq, tail_offset, writer_tail) = match (segments.back(), rec.tail) {
-            (Some(last), Some(tail)) => (last.seq, tail.offset, Some((last.path.clone(), tail))),
+            (Some(last), Some(tail)) => {
+                // No metadata record survived (the only segment's first write was torn).
+                if log.metadata == Metadata::default() {
+                    log.metadata = options.metadata;
+                }
+                (last.seq, tail.offset, Some((last.path.clone(), tail)))
+            }
             _ => {
                 log.metadata = options.metadata;
                 (0, options.segment_size, None)
@@ -269,15 +275,21 @@ impl Wal {
             stats: WalStats::default(),
             options,
         }));
+        let last_segment_empty = writer_tail
+            .as_ref()
+            .is_some_and(|(_, t)| t.offset == DATA_START);
         let writer = writer::Writer::start(shared.clone(), writer_tail).await?;
         let handle = glommio::spawn_local(writer.run()).detach();
-        Ok((
-            Wal {
-                shared,
-                writer: Rc::new(RefCell::new(Some(handle))),
-            },
-            recovery,
-        ))
+        let wal = Wal {
+            shared,
+            writer: Rc::new(RefCell::new(Some(handle))),
+        };
+        if last_segment_empty {
+            // A crash tore the first write of a new segment: write its start records again, so
+            // that every segment describes the log's state at its start (release relies on it).
+            wal.write_start_records().await?;
+        }
+        Ok((wal, recovery))
     }
 
     /// Appends `records` in order. They are validated and placed in the log immediately (so the
@@ -363,6 +375,25 @@ impl Wal {
             segment::sync_dir(&dir).await?;
         }
         Ok(count)
+    }
+
+    async fn write_start_records(&self) -> Result<()> {
+        let (metadata, hard_state, snapshot) = {
+            let s = self.shared.borrow();
+            (
+                s.log.metadata,
+                s.log.hard_state.clone(),
+                s.log.snapshot.clone(),
+            )
+        };
+        let mut records = vec![
+            RecordRef::Metadata(&metadata),
+            RecordRef::HardState(&hard_state),
+        ];
+        if snapshot.index > 0 {
+            records.push(RecordRef::Snapshot(&snapshot));
+        }
+        self.append(&records).await
     }
 
     /// Entries `[low, high)`, from the tail cache or read back from their segments.
@@ -453,13 +484,13 @@ impl Shared {
                     max: self.options.max_record_size,
                 });
             }
-            if let RecordRef::Snapshot(m) = r {
-                if m.index < self.log.snapshot.index {
-                    return Err(Error::InvalidArgument(format!(
-                        "snapshot marker at index {} is older than the current one at {}",
-                        m.index, self.log.snapshot.index
-                    )));
-                }
+            if let RecordRef::Snapshot(m) = r
+                && m.index < self.log.snapshot.index
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot marker at index {} is older than the current one at {}",
+                    m.index, self.log.snapshot.index
+                )));
             }
         }
         self.log

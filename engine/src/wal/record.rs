@@ -44,7 +44,7 @@ use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
 pub const HEADER_LEN: usize = 24;
 /// Records start at multiples of this within a segment.
 pub const RECORD_ALIGN: usize = 8;
-const _: () = assert!(HEADER_LEN % RECORD_ALIGN == 0);
+const _: () = assert!(HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
 /// Fixed part of an entry payload (index, term, type, reserved, context length).
 const ENTRY_FIXED_LEN: usize = 24;
@@ -293,13 +293,14 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, &'static str> {
     if context_len > rest.len() {
         return Err("entry context length runs past the record");
     }
-    let mut entry = Entry::default();
-    entry.index = index;
-    entry.term = term;
-    entry.set_entry_type(entry_type);
-    entry.context = rest[..context_len].to_vec().into();
-    entry.data = rest[context_len..].to_vec().into();
-    Ok(entry)
+    Ok(Entry {
+        index,
+        term,
+        entry_type,
+        context: rest[..context_len].to_vec().into(),
+        data: rest[context_len..].to_vec().into(),
+        ..Default::default()
+    })
 }
 
 /// Decodes a hard state payload.
@@ -307,11 +308,12 @@ pub fn decode_hard_state(payload: &[u8]) -> Result<HardState, &'static str> {
     if payload.len() != HARD_STATE_LEN {
         return Err("hard state record has the wrong length");
     }
-    let mut hs = HardState::default();
-    hs.term = u64_at(payload, 0);
-    hs.vote = u64_at(payload, 8);
-    hs.commit = u64_at(payload, 16);
-    Ok(hs)
+    Ok(HardState {
+        term: u64_at(payload, 0),
+        vote: u64_at(payload, 8),
+        commit: u64_at(payload, 16),
+        ..Default::default()
+    })
 }
 
 /// Decodes a snapshot marker payload.
@@ -344,11 +346,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn one(rec: RecordRef<'_>) -> Vec<u8> {
@@ -390,18 +393,22 @@ mod tests {
 
     #[test]
     fn hard_state_snapshot_metadata_round_trip() {
-        let mut hs = HardState::default();
-        hs.term = 5;
-        hs.vote = 2;
-        hs.commit = 99;
+        let hs = HardState {
+            term: 5,
+            vote: 2,
+            commit: 99,
+            ..Default::default()
+        };
         let buf = one(RecordRef::HardState(&hs));
         let (t, p) = payload(&buf);
         assert_eq!(t, RecordType::HardState);
         assert_eq!(decode_hard_state(p).unwrap(), hs);
 
-        let mut cs = ConfState::default();
-        cs.voters = vec![1, 2, 3];
-        cs.learners = vec![4];
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+            ..Default::default()
+        };
         let snap = SnapshotMarker {
             index: 1000,
             term: 4,

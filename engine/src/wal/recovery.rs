@@ -297,14 +297,14 @@ fn later_records(buf: &[u8], from: usize, salt: u32) -> Vec<Later> {
     let salt_bytes = salt.to_le_bytes();
     let mut p = from + RECORD_ALIGN;
     while p + HEADER_LEN <= buf.len() {
-        if buf[p + 12..p + 16] == salt_bytes {
-            if let Scan::Record(r) = record::scan(buf, p, salt) {
-                found.push(Later {
-                    offset: p,
-                    batch_start: r.batch_start as usize,
-                    end: r.next,
-                });
-            }
+        if buf[p + 12..p + 16] == salt_bytes
+            && let Scan::Record(r) = record::scan(buf, p, salt)
+        {
+            found.push(Later {
+                offset: p,
+                batch_start: r.batch_start as usize,
+                end: r.next,
+            });
         }
         p += RECORD_ALIGN;
     }

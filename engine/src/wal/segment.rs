@@ -169,7 +169,7 @@ pub async fn write_all(file: &DmaFile, path: &Path, buf: DmaBuffer, pos: u64) ->
         .await
         .map_err(glommio_io("writing", path))?;
     while done < len {
-        if done == 0 || done as u64 % BLOCK != 0 {
+        if done == 0 || !(done as u64).is_multiple_of(BLOCK) {
             return Err(Error::io(
                 "writing",
                 path,

@@ -19,14 +19,15 @@ pub fn run<F: Future>(f: F) -> F::Output {
 
 /// Deterministic entry content for `index`: its size varies so records straddle blocks.
 pub fn entry(index: u64, term: u64) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
     let len = (index * 37 % 700) as usize;
     let mut data = format!("entry-{index}-term-{term}-").into_bytes();
     data.resize(data.len() + len, (index % 251) as u8);
-    e.data = data.into();
-    e
+    Entry {
+        index,
+        term,
+        data: data.into(),
+        ..Default::default()
+    }
 }
 
 /// Small segments so tests cut, seal and recycle segments often.
