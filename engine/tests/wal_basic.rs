@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{all_entries, entry, open, run, small_options};
+use common::{all_entries, entries, entry, fill_until_cut, open, run, small_options};
 use keel_engine::Error;
 use keel_engine::wal::{Metadata, RecordRef, SnapshotMarker, WalOptions};
 use raft::eraftpb::HardState;
@@ -20,7 +20,7 @@ fn appends_survive_reopen() {
     run(async {
         let (wal, rec) = open(dir.path(), options.clone()).await;
         assert_eq!((rec.first_index, rec.last_index), (1, 0));
-        let entries: Vec<_> = (1..=200).map(|i| entry(i, 1)).collect();
+        let entries = entries(1..=200, 1);
         let hs = HardState {
             term: 1,
             vote: 3,
@@ -73,10 +73,7 @@ fn group_commit_batches_concurrent_appends() {
         wal.close().await.unwrap();
         let (wal, rec) = open(dir.path(), WalOptions::default()).await;
         assert_eq!(rec.last_index, 1000);
-        assert_eq!(
-            all_entries(&wal),
-            (1..=1000).map(|i| entry(i, 1)).collect::<Vec<_>>()
-        );
+        assert_eq!(all_entries(&wal), entries(1..=1000, 1));
     });
 }
 
@@ -85,11 +82,11 @@ fn overwrite_discards_conflicting_suffix_on_disk_too() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (wal, _) = open(dir.path(), small_options()).await;
-        let first: Vec<_> = (1..=50).map(|i| entry(i, 1)).collect();
+        let first = entries(1..=50, 1);
         wal.save(&first, None).await.unwrap();
-        let second: Vec<_> = (30..=40).map(|i| entry(i, 2)).collect();
+        let second = entries(30..=40, 2);
         wal.save(&second, None).await.unwrap();
-        let mut expected: Vec<_> = (1..30).map(|i| entry(i, 1)).collect();
+        let mut expected = entries(1..30, 1);
         expected.extend(second.clone());
         assert_eq!(all_entries(&wal), expected);
         wal.close().await.unwrap();
@@ -144,10 +141,7 @@ fn segments_are_cut_released_and_recycled() {
         let (wal, rec) = open(dir.path(), small_options()).await;
         assert_eq!(rec.snapshot.index, 1500);
         assert_eq!((rec.first_index, rec.last_index), (1501, 4000));
-        assert_eq!(
-            all_entries(&wal),
-            (1501..=4000).map(|i| entry(i, 1)).collect::<Vec<_>>()
-        );
+        assert_eq!(all_entries(&wal), entries(1501..=4000, 1));
     });
 }
 
@@ -156,9 +150,7 @@ fn refused_appends_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (wal, _) = open(dir.path(), small_options()).await;
-        wal.save(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), None)
-            .await
-            .unwrap();
+        wal.save(&entries(1..=5, 1), None).await.unwrap();
 
         let mut big = entry(6, 1);
         big.data = vec![0u8; 20 << 10].into();
@@ -247,12 +239,8 @@ fn overwrite_below_the_first_remaining_segment_recovers() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (wal, _) = open(dir.path(), small_options()).await;
-        let mut i = 1;
         // Fill until a segment is cut, then overwrite two entries back into the new segment.
-        while wal.stats().segments_cut < 2 {
-            wal.save(&[entry(i, 1)], None).await.unwrap();
-            i += 1;
-        }
+        fill_until_cut(&wal, 1, 2).await;
         let last = wal.last_index();
         wal.save(&[entry(last - 2, 2), entry(last - 1, 2)], None)
             .await
@@ -271,11 +259,6 @@ fn overwrite_below_the_first_remaining_segment_recovers() {
 
         let (wal, rec) = open(dir.path(), small_options()).await;
         assert_eq!((rec.first_index, rec.last_index), (last + 6, last + 19));
-        assert_eq!(
-            all_entries(&wal),
-            (last + 6..last + 20)
-                .map(|j| entry(j, 2))
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(all_entries(&wal), entries(last + 6..last + 20, 2));
     });
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{entry, open, run, small_options};
+use common::{entries, entry, open, run, small_options};
 use keel_engine::Error;
 
 const DIR_ENV: &str = "KEEL_FULL_DIR";
@@ -113,10 +113,7 @@ fn appends_fail_cleanly_when_the_disk_is_full() {
     run(async {
         let (wal, rec) = open(dir.path(), small_options()).await;
         assert_eq!(rec.last_index, last_durable);
-        assert_eq!(
-            common::all_entries(&wal),
-            (1..=last_durable).map(|i| entry(i, 1)).collect::<Vec<_>>()
-        );
+        assert_eq!(common::all_entries(&wal), entries(1..=last_durable, 1));
         // With space back, appending resumes.
         wal.save(&[entry(last_durable + 1, 1)], None).await.unwrap();
         wal.close().await.unwrap();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{entry, open, run, small_options};
+use common::{entries, entry, open, run, small_options};
 use keel_engine::wal::{RecordRef, SnapshotMarker, Wal};
 use proptest::prelude::*;
 use raft::Storage;
@@ -128,9 +128,7 @@ async fn apply(wal: &mut Wal, model: &mut Model, dir: &std::path::Path, op: &Op)
                 model.term += 1;
             }
             let first = model.last_index() + 1 - back;
-            let entries: Vec<Entry> = (first..first + count)
-                .map(|i| entry(i, model.term))
-                .collect();
+            let entries = entries(first..first + count, model.term);
             wal.save(&entries, None).await.unwrap();
             model.append(&entries);
         }

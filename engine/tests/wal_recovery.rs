@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{all_entries, entry, open, run, small_options};
+use common::{all_entries, entries, entry, fill_until_cut, open, run, small_options};
 use keel_engine::Error;
 use keel_engine::wal::record::{self, Scan};
 use keel_engine::wal::segment;
@@ -63,7 +63,7 @@ async fn open_err(dir: &Path, options: WalOptions) -> Error {
 /// boundary, each in its own group-commit write.
 async fn build_wal(dir: &Path) -> Vec<Entry> {
     let (wal, _) = open(dir, small_options()).await;
-    let mut entries: Vec<Entry> = (1..=19).map(|i| entry(i, 1)).collect();
+    let mut entries = entries(1..=19, 1);
     for e in &entries {
         wal.save(std::slice::from_ref(e), None).await.unwrap();
     }
@@ -227,13 +227,9 @@ fn fragments_of_a_torn_write_never_resurface() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let (wal, _) = open(dir.path(), small_options()).await;
-        wal.save(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), None)
-            .await
-            .unwrap();
+        wal.save(&entries(1..=5, 1), None).await.unwrap();
         // One write carrying entries 6, 7, 8.
-        wal.save(&(6..=8).map(|i| entry(i, 1)).collect::<Vec<_>>(), None)
-            .await
-            .unwrap();
+        wal.save(&entries(6..=8, 1), None).await.unwrap();
         wal.close().await.unwrap();
         let seg = segments(dir.path()).pop().unwrap();
         let recs = records(&seg);
@@ -251,7 +247,7 @@ fn fragments_of_a_torn_write_never_resurface() {
         let (wal, rec) = open(dir.path(), small_options()).await;
         assert_eq!(rec.last_index, 6);
         assert!(rec.truncated.is_none());
-        let mut expected: Vec<_> = (1..=5).map(|i| entry(i, 1)).collect();
+        let mut expected = entries(1..=5, 1);
         expected.push(short);
         assert_eq!(all_entries(&wal), expected);
     });
@@ -273,11 +269,7 @@ fn a_torn_first_write_of_a_new_segment_gets_its_start_records_back() {
     };
     run(async {
         let (wal, _) = open(dir.path(), options.clone()).await;
-        let mut i = 1;
-        while wal.stats().segments_cut < 2 {
-            wal.save(&[entry(i, 1)], None).await.unwrap();
-            i += 1;
-        }
+        let i = fill_until_cut(&wal, 1, 2).await;
         wal.close().await.unwrap();
         // Tear everything written into the new segment.
         let last = segments(dir.path()).pop().unwrap();
@@ -306,9 +298,7 @@ fn a_torn_first_write_of_a_new_segment_gets_its_start_records_back() {
             (rec.first_index, rec.last_index),
             (last_index + 11, last_index + 49)
         );
-        let expected: Vec<Entry> = (last_index + 11..last_index + 50)
-            .map(|j| entry(j, 1))
-            .collect();
+        let expected = entries(last_index + 11..last_index + 50, 1);
         assert_eq!(all_entries(&wal), expected);
     });
 }

@@ -54,3 +54,19 @@ pub fn all_entries(wal: &Wal) -> Vec<Entry> {
     wal.entries(wal.first_index(), wal.last_index() + 1)
         .expect("entries")
 }
+
+/// `entry(i, term)` for every `i` in `indexes`.
+pub fn entries(indexes: impl IntoIterator<Item = u64>, term: u64) -> Vec<Entry> {
+    indexes.into_iter().map(|i| entry(i, term)).collect()
+}
+
+/// Appends entries one by one from `first` until the WAL has cut `cuts` segments; returns the
+/// next index to append.
+pub async fn fill_until_cut(wal: &Wal, first: u64, cuts: u64) -> u64 {
+    let mut i = first;
+    while wal.stats().segments_cut < cuts {
+        wal.save(&[entry(i, 1)], None).await.expect("append");
+        i += 1;
+    }
+    i
+}
