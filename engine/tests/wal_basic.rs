@@ -262,3 +262,71 @@ fn overwrite_below_the_first_remaining_segment_recovers() {
         assert_eq!(all_entries(&wal), entries(last + 6..last + 20, 2));
     });
 }
+
+/// Review finding: entries after a snapshot marker in one append were validated against the log
+/// before the marker and could panic. They are refused, and nothing changes.
+#[test]
+fn entries_after_a_marker_in_one_append_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        wal.save(&entries(1..=100, 1), None).await.unwrap();
+        let marker = SnapshotMarker {
+            index: 100,
+            term: 1,
+            ..Default::default()
+        };
+        let e = entry(90, 1);
+        let err = wal
+            .append(&[RecordRef::Snapshot(&marker), RecordRef::Entry(&e)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let e0 = entry(0, 1);
+        let err = wal.append(&[RecordRef::Entry(&e0)]).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert_eq!((wal.first_index(), wal.last_index()), (1, 100));
+        wal.close().await.unwrap();
+    });
+}
+
+/// Review finding: `release` must not drop a segment while its successor's first write (the
+/// records describing the log: metadata, hard state, snapshot marker) is not yet durable.
+#[test]
+fn release_waits_for_the_successors_start_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = |index: u64| {
+        let mut e = entry(index, 1);
+        e.data = vec![1u8; 15000].into();
+        e
+    };
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        // Four 15 kB entries nearly fill the first 64 KiB segment; the fifth cannot fit.
+        for i in 1..=4 {
+            wal.save(&[big(i)], None).await.unwrap();
+        }
+        let marker = SnapshotMarker {
+            index: 4,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(&[RecordRef::Snapshot(&marker)]).await.unwrap();
+        assert_eq!(wal.stats().segments_cut, 1);
+        // Queue the fifth (it cuts segment 2) without letting the writer run yet.
+        let pending = wal.save(&[big(5)], None);
+        assert_eq!(
+            wal.release(5).await.unwrap(),
+            0,
+            "successor's start is not durable yet"
+        );
+        pending.await.unwrap();
+        assert_eq!(wal.stats().segments_cut, 2);
+        assert_eq!(wal.release(5).await.unwrap(), 1);
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), small_options()).await;
+        assert_eq!(rec.snapshot.index, 4);
+        assert_eq!((rec.first_index, rec.last_index), (5, 5));
+        assert_eq!(all_entries(&wal), vec![big(5)]);
+    });
+}

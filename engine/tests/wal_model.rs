@@ -183,7 +183,11 @@ async fn apply(wal: &mut Wal, model: &mut Model, dir: &std::path::Path, op: &Op)
         Op::Reopen => {
             wal.close().await.unwrap();
             let (reopened, rec) = open(dir, small_options()).await;
-            assert!(rec.truncated.is_none(), "a clean close leaves no torn tail");
+            assert!(
+                rec.truncated.is_none(),
+                "a clean close leaves no torn tail: {:?}",
+                rec.truncated
+            );
             *wal = reopened;
         }
     }

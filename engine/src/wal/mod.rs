@@ -147,6 +147,10 @@ struct SegmentInfo {
     file: Option<std::fs::File>,
     /// Highest entry index written into it.
     max_entry_index: u64,
+    /// Its first write (the start records describing the log: metadata, hard state, snapshot
+    /// marker) is durable. Until then the previous segment may not be released: it may hold the
+    /// only durable copy of those records.
+    start_durable: bool,
 }
 
 /// One contiguous run of encoded records destined for one segment.
@@ -240,6 +244,7 @@ impl Wal {
                 path: meta.path,
                 file: Some(file),
                 max_entry_index: meta.max_entry_index,
+                start_durable: true,
             });
         }
         // A new WAL starts "full" at segment 0, so the first append cuts segment 1 (which writes
@@ -294,7 +299,8 @@ impl Wal {
 
     /// Appends `records` in order. They are validated and placed in the log immediately (so the
     /// order of calls is the order on disk, and later calls see these entries); the returned
-    /// future resolves once they are durable.
+    /// future resolves once they are durable. An empty append resolves at once: it is not a
+    /// barrier for earlier appends.
     ///
     /// Refused without any effect: a record larger than `max_record_size`
     /// ([`Error::RecordTooLarge`]), entries that leave a gap ([`Error::IndexGap`]) or reach at or
@@ -339,16 +345,20 @@ impl Wal {
                 )));
             }
             let mut victims = Vec::new();
-            // A segment is sealed once the writer has created its successor.
+            // A segment may go once its successor's start records are durable.
             while s.segments.len() >= 2
-                && s.segments[1].file.is_some()
+                && s.segments[1].start_durable
                 && s.segments[0].max_entry_index < index
             {
                 victims.push(s.segments.pop_front().expect("len checked"));
             }
             (victims, s.dir.clone())
         };
+        // Victims are out of `segments` already: if a step fails midway, the files left behind
+        // are only read again by the next open, which handles a longer prefix of segments (and
+        // removes half-prepared `.tmp` files).
         let count = victims.len();
+        let size = self.shared.borrow().options.segment_size;
         for victim in victims {
             drop(victim.file);
             let recycle = {
@@ -356,15 +366,16 @@ impl Wal {
                 if s.spares.len() < s.options.max_spares {
                     let n = s.next_spare;
                     s.next_spare += 1;
-                    Some(dir.join(segment::spare_name(n)))
+                    Some(n)
                 } else {
                     None
                 }
             };
             match recycle {
-                Some(spare) => {
-                    std::fs::rename(&victim.path, &spare)
-                        .map_err(|e| Error::io("renaming", &victim.path, e))?;
+                // Zeroed again: stale records must never be read as log (see `recovery.rs`).
+                // Rewriting allocated blocks keeps the speed advantage of a written file.
+                Some(n) => {
+                    let spare = segment::prepare_spare(&dir, n, size, Some(&victim.path)).await?;
                     self.shared.borrow_mut().spares.push(spare);
                 }
                 None => std::fs::remove_file(&victim.path)
@@ -476,6 +487,7 @@ impl Shared {
         if records.is_empty() {
             return Ok(None);
         }
+        let mut seen_marker = false;
         for r in records {
             let size = record::framed_len(r.payload_len());
             if size > self.options.max_record_size {
@@ -484,13 +496,32 @@ impl Shared {
                     max: self.options.max_record_size,
                 });
             }
-            if let RecordRef::Snapshot(m) = r
-                && m.index < self.log.snapshot.index
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "snapshot marker at index {} is older than the current one at {}",
-                    m.index, self.log.snapshot.index
-                )));
+            match r {
+                RecordRef::Snapshot(m) => {
+                    if m.index < self.log.snapshot.index || m.index == u64::MAX {
+                        return Err(Error::InvalidArgument(format!(
+                            "snapshot marker at index {} is older than the current one at {} \
+                             (or out of range)",
+                            m.index, self.log.snapshot.index
+                        )));
+                    }
+                    seen_marker = true;
+                }
+                RecordRef::Entry(e) => {
+                    // Entries are validated against the log before this call's marker applies.
+                    if seen_marker {
+                        return Err(Error::InvalidArgument(
+                            "entries must come before a snapshot marker in one append".into(),
+                        ));
+                    }
+                    if e.index == 0 || e.index == u64::MAX {
+                        return Err(Error::InvalidArgument(format!(
+                            "entry index {} is out of range",
+                            e.index
+                        )));
+                    }
+                }
+                _ => {}
             }
         }
         self.log
@@ -591,6 +622,7 @@ impl Shared {
                 .join(segment::segment_name(self.tail_seq, first_index)),
             file: None,
             max_entry_index: 0,
+            start_durable: false,
         });
         let batch = self.queue.back_mut().expect("open batch");
         batch.chunks.push(Chunk {

@@ -3,21 +3,21 @@
 //!
 //! # Where the log ends, and what is corruption
 //! Records are read in order until one is not a valid record of this segment (see
-//! [`record::scan`]). Call that offset the stop point. Then the rest of the segment is searched
-//! for valid records (this segment's salt, good CRC) whose write began after the stop point
-//! (`batch_start > stop`):
-//! - If one exists, a later write was issued, which only happens after the write holding the stop
+//! [`record::scan`]). Call that offset the stop point. Segments and spares are zeroed before use
+//! and every write pads its last block with zeros, so past the end of the log there are only
+//! zeros; what else is found there decides:
+//! - A valid record of this segment whose write began *after* the stop point (`batch_start >
+//!   stop`) proves a later write was issued, which only happens once the write holding the stop
 //!   point was durable: the damage hit acknowledged data. That is **corruption**, reported with the
 //!   file and offset, in any segment.
-//! - Otherwise, in the **last** segment, the stop point is the end of the log. If what lies there
-//!   is not zeros or stale bytes of a recycled file, it is the **torn tail** of a write that never
-//!   completed: it is logged and truncated (zeroed where needed, so that a valid-looking fragment
-//!   of the torn write can never be read as log later).
-//! - In an earlier segment, the stop point must be clean (zeros or stale bytes): a segment is
-//!   fdatasync'd before the next one is cut, so an invalid record there is **corruption**.
+//! - Otherwise, in the **last** segment, the stop point is the end of the log. Any non-zero byte
+//!   after it is the **torn tail** of a write that never completed: it is logged and zeroed (so no
+//!   fragment of it can ever be read as log, even once the segment is sealed by a cut).
+//! - In an earlier segment any non-zero byte after the stop point is **corruption**: a segment is
+//!   fdatasync'd before the next one is cut, so it ends cleanly.
 //!
-//! Across segments, sequence numbers must be consecutive and entry indexes must continue the log
-//! (an index gap is corruption).
+//! Across segments, sequence numbers must be consecutive, entry indexes must continue the log (an
+//! index gap is corruption), and each segment's name must give the index its predecessor ends at.
 //!
 //! # A log whose start was released
 //! After `release`, the first remaining segment starts mid-log. Its first entry then fixes an
@@ -129,6 +129,7 @@ pub(crate) async fn recover(
     let mut truncated = None;
     let mut last_buf = None;
     let count = segments.len();
+    let next_first_index: Vec<u64> = segments.iter().skip(1).map(|s| s.first_index).collect();
     for (i, seg) in segments.iter_mut().enumerate() {
         let is_last = i + 1 == count;
         let buf = read_segment(&seg.path).await?;
@@ -143,6 +144,11 @@ pub(crate) async fn recover(
                         RecordType::Entry => {
                             let (index, term) =
                                 record::entry_index_term(r.payload).map_err(corrupt)?;
+                            if index == 0 || index == u64::MAX {
+                                return Err(corrupt(&format!(
+                                    "entry index {index} is out of range"
+                                )));
+                            }
                             let rebase = if !seen_entry && index > log.last_index() + 1 {
                                 // The first entry found: the log before it lives in released
                                 // segments, covered by a marker recovery has yet to meet.
@@ -187,6 +193,9 @@ pub(crate) async fn recover(
                         }
                         RecordType::Snapshot => {
                             let marker = record::decode_snapshot(r.payload).map_err(corrupt)?;
+                            if marker.index == u64::MAX {
+                                return Err(corrupt("snapshot marker index is out of range"));
+                            }
                             match implicit_base {
                                 // Older than the visible log: it compacts nothing recovery holds.
                                 Some(base) if marker.index < base => {}
@@ -223,18 +232,21 @@ pub(crate) async fn recover(
                 ),
             ));
         }
+        // Past the end of the log a segment holds only zeros (segments and spares are zeroed
+        // before use, and writes pad their last block with zeros), so any other byte there was
+        // left by a write that did not complete.
+        let junk_end = last_nonzero(&buf[off..]).map(|n| off + n + 1);
         if is_last {
-            let junk_end = later.iter().map(|l| l.end).max();
-            if matches!(stop, Scan::Invalid(_)) || junk_end.is_some() {
+            if let Some(end) = junk_end {
                 tracing::warn!(
                     path = %seg.path.display(),
                     offset = off,
                     "truncating torn WAL tail ({})",
                     describe(stop)
                 );
-                if let Some(end) = junk_end {
-                    zero_range(&seg.path, &buf, off, end)?;
-                }
+                // Zeroed, so no fragment of the torn write can ever be read as log later (for
+                // instance once this segment is sealed by a cut).
+                zero_range(&seg.path, &buf, off, end)?;
                 truncated = Some((seg.path.clone(), off as u64));
             }
             let block_start = off - off % BLOCK as usize;
@@ -242,12 +254,31 @@ pub(crate) async fn recover(
                 offset: off as u64,
                 partial_block: buf[block_start..off].to_vec(),
             });
-        } else if let Scan::Invalid(why) = stop {
-            return Err(Error::corruption(
-                &seg.path,
-                off as u64,
-                format!("{why} in a sealed segment (only the last segment can have a torn tail)"),
-            ));
+        } else {
+            // A sealed segment was fdatasync'd whole before its successor was cut: it must end
+            // cleanly, with zeros after the end.
+            if junk_end.is_some() {
+                return Err(Error::corruption(
+                    &seg.path,
+                    off as u64,
+                    format!(
+                        "{} in a sealed segment (only the last segment can have a torn tail)",
+                        describe(stop)
+                    ),
+                ));
+            }
+            // The next segment was named after the index the log expected when it was cut.
+            let next = &next_first_index[i];
+            if *next != log.last_index() + 1 {
+                return Err(Error::corruption(
+                    &seg.path,
+                    off as u64,
+                    format!(
+                        "this segment ends the log at index {} but the next one starts at {next}",
+                        log.last_index()
+                    ),
+                ));
+            }
         }
         if is_last {
             last_buf = Some(buf);
@@ -277,7 +308,7 @@ fn describe(stop: Scan<'_>) -> &'static str {
     match stop {
         Scan::Invalid(why) => why,
         Scan::Zero => "zeroed record header",
-        Scan::Stale => "record of another segment",
+        Scan::Stale => "bytes that are not a record of this segment",
         Scan::Record(_) => "valid record",
     }
 }
@@ -287,11 +318,10 @@ fn describe(stop: Scan<'_>) -> &'static str {
 struct Later {
     offset: usize,
     batch_start: usize,
-    end: usize,
 }
 
 /// Every valid record of this segment (its salt, a good CRC) at an aligned offset after `from`.
-/// Only offsets whose salt bytes match are fully checked, so this is a cheap pass over the buffer.
+/// Only offsets whose salt bytes match are fully checked: a cheap pass.
 fn later_records(buf: &[u8], from: usize, salt: u32) -> Vec<Later> {
     let mut found = Vec::new();
     let salt_bytes = salt.to_le_bytes();
@@ -303,12 +333,28 @@ fn later_records(buf: &[u8], from: usize, salt: u32) -> Vec<Later> {
             found.push(Later {
                 offset: p,
                 batch_start: r.batch_start as usize,
-                end: r.next,
             });
         }
         p += RECORD_ALIGN;
     }
     found
+}
+
+/// Index of the last non-zero byte of `bytes`, if any. Runs over up to a segment of zeros at
+/// every open, so whole 8-byte words are tested first.
+fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    let whole = bytes.len() - bytes.len() % 8;
+    if let Some(i) = bytes[whole..].iter().rposition(|&b| b != 0) {
+        return Some(whole + i);
+    }
+    let word = bytes[..whole]
+        .chunks_exact(8)
+        .rposition(|w| w != [0u8; 8])?;
+    let base = word * 8;
+    bytes[base..base + 8]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map(|i| base + i)
 }
 
 /// Zeroes `[from, to)` of the segment at `path` (whose current bytes are `buf`), rounding to whole
@@ -403,4 +449,28 @@ fn fill_cache(log: &mut LogState, seq: u64, path: &Path, buf: &[u8]) -> Result<(
     entries.reverse();
     log.fill_cache(entries);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_nonzero;
+
+    #[test]
+    fn last_nonzero_finds_the_last_byte_in_any_position() {
+        assert_eq!(last_nonzero(&[]), None);
+        assert_eq!(last_nonzero(&[0; 100]), None);
+        for len in [1usize, 7, 8, 9, 64, 67] {
+            for at in 0..len {
+                let mut v = vec![0u8; len];
+                v[at] = 3;
+                assert_eq!(last_nonzero(&v), Some(at), "len {len} at {at}");
+                v[0] = 1;
+                assert_eq!(
+                    last_nonzero(&v),
+                    Some(at),
+                    "len {len} at {at} with byte 0 set"
+                );
+            }
+        }
+    }
 }

@@ -214,18 +214,28 @@ pub async fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(glommio_io("closing directory", dir))
 }
 
-/// Creates a pre-allocated, zeroed spare file of `size` bytes at `dir/{n}.spare`.
+/// Makes a zeroed spare file of `size` bytes at `dir/{n}.spare`: a new pre-allocated file, or,
+/// with `recycle`, a released segment whose blocks are already allocated and written.
 ///
 /// The file is filled under a `.tmp` name, made durable, then renamed, so a `.spare` file is
-/// always complete.
-pub async fn prepare_spare(dir: &Path, n: u64, size: u64) -> Result<PathBuf> {
+/// always complete and all zeros: past the end of the log a segment holds nothing but zeros, which
+/// is what lets recovery call any other byte there a torn write (or corruption).
+pub async fn prepare_spare(
+    dir: &Path,
+    n: u64,
+    size: u64,
+    recycle: Option<&Path>,
+) -> Result<PathBuf> {
     const CHUNK: u64 = 1 << 20;
     let tmp = dir.join(format!("{n:016x}.tmp"));
+    if let Some(old) = recycle {
+        std::fs::rename(old, &tmp).map_err(|e| Error::io("renaming", old, e))?;
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(recycle.is_none())
         .dma_open(&tmp)
         .await
         .map_err(glommio_io("creating", &tmp))?;

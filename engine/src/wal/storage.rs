@@ -57,7 +57,8 @@ impl raft::Storage for WalStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max = max_size.into().unwrap_or(u64::MAX);
-        let mut entries = s.read_entries(low, high, u64::MAX).map_err(other)?;
+        // Stop reading once past the limit; raft's own accounting then trims exactly.
+        let mut entries = s.read_entries(low, high, max).map_err(other)?;
         raft::util::limit_size(&mut entries, Some(max));
         Ok(entries)
     }

@@ -141,6 +141,15 @@ impl Writer {
                 self.create_segment(chunk.seq, first_index).await?;
             }
             self.write_chunk(chunk).await?;
+            if chunk.create.is_some() {
+                let mut s = self.shared.borrow_mut();
+                let info = s
+                    .segments
+                    .iter_mut()
+                    .find(|i| i.seq == chunk.seq)
+                    .expect("registered");
+                info.start_durable = true;
+            }
         }
         Ok(())
     }
@@ -236,7 +245,7 @@ impl Writer {
             }
         }
         let (dir, n, size) = self.next_spare_params();
-        segment::prepare_spare(&dir, n, size).await
+        segment::prepare_spare(&dir, n, size, None).await
     }
 
     fn next_spare_params(&self) -> (PathBuf, u64, u64) {
@@ -258,7 +267,7 @@ impl Writer {
         let preparing_now = self.preparing_now.clone();
         preparing_now.set(true);
         let task = glommio::spawn_local(async move {
-            match segment::prepare_spare(&dir, n, size).await {
+            match segment::prepare_spare(&dir, n, size, None).await {
                 Ok(path) => shared.borrow_mut().spares.push(path),
                 Err(e) => tracing::warn!(error = %e, "preparing a spare WAL segment failed"),
             }
