@@ -67,6 +67,36 @@ pub enum Error {
     /// The WAL was closed.
     #[error("the WAL is closed")]
     Closed,
+    /// A page of the backend file failed validation.
+    #[error("corrupt backend page {page}: {reason}")]
+    CorruptPage {
+        /// The page number.
+        page: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key exceeds what the backend can store.
+    #[error("key of {size} bytes exceeds the maximum of {max} bytes")]
+    KeyTooLarge {
+        /// The key's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value exceeds the configured maximum.
+    #[error("value of {size} bytes exceeds the maximum of {max} bytes")]
+    ValueTooLarge {
+        /// The value's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The named bucket does not exist.
+    #[error("bucket {0:?} does not exist")]
+    BucketNotFound(String),
+    /// The database file is locked by another process (or another open handle).
+    #[error("{} is locked by another process", .0.display())]
+    Locked(PathBuf),
 }
 
 impl Error {

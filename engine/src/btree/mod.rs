@@ -1,0 +1,762 @@
+//! Keel's backend: one file holding a copy-on-write B+tree per named bucket, read through mmap.
+//!
+//! # Layout
+//! - [`page`]: the on-disk formats (meta, branch, leaf, overflow, free list, catalog).
+//! - `mmap`: the read-only map; the only `unsafe` here, with the invariant that makes it sound.
+//! - `node`: tree nodes as a transaction sees them (clean pages or dirty in-memory nodes), lookup
+//!   and cursors.
+//! - `write`: the write transaction: copy-on-write path copying, splits, merges, spilling pages.
+//! - `check`: the consistency checker. `defrag`: compaction into a new file.
+//!
+//! # Versions, readers and the writer
+//! Every commit publishes a new immutable [`Version`] (txid, catalog, bucket roots, page count,
+//! map). A [`ReadTxn`] pins one: it reads through the map without locks and never blocks the
+//! writer or other readers. One [`WriteTxn`] at a time copies the pages it changes (never writing
+//! a page of a live version), then `commit` writes the new pages with `pwrite` and publishes.
+//!
+//! # Durability: deferred commits and `sync`
+//! `commit(sync = false)` makes a version visible in memory only; its pages may or may not reach
+//! the disk. [`Backend::sync`] makes the latest version durable: fdatasync of the pages, then the
+//! free list is written and synced, then a meta page is written into the slot that does *not* hold
+//! the newest durable meta, then fdatasync. So a crash at any point leaves the previous durable
+//! meta intact, and the pages it references are intact too: a page freed after the durable version
+//! is not reused until the next `sync` (the durable version counts as a reader).
+//! `commit(sync = true)` is `commit` then `sync`. The MVCC layer defers: the WAL is Keel's
+//! durability point, and the backend is synced at checkpoints.
+//!
+//! # Page reuse
+//! Pages a commit replaces were visible in the versions before it. They wait in `pending` under
+//! the txid of the commit that freed them, and move to the free set once every live reader and the
+//! durable version are at least that new.
+
+mod check;
+mod defrag;
+mod mmap;
+mod node;
+pub mod page;
+mod write;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use self::check::CheckReport;
+pub use self::defrag::DefragReport;
+use self::mmap::Map;
+pub use self::node::RangeIter;
+use self::page::{HEADER, Kind, Meta, PageView, StoredValue, corrupt};
+pub use self::write::WriteTxn;
+use crate::error::{Error, Result};
+
+/// etcd's bucket names, created by [`Backend::create_etcd_buckets`].
+pub const ETCD_BUCKETS: &[&str] = &[
+    "key",
+    "meta",
+    "lease",
+    "members",
+    "members_removed",
+    "auth",
+    "authUsers",
+    "authRoles",
+    "alarm",
+    "cluster",
+];
+
+/// Backend settings.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Page size of a new file (an existing file keeps its own). Default 4096.
+    pub page_size: usize,
+    /// Largest value accepted. Default 16 MiB (etcd requests are at most 1.5 MiB).
+    pub max_value_size: usize,
+    /// The file grows in steps of at least this many bytes (doubling up to 1 GiB steps).
+    /// Default 16 MiB.
+    pub min_grow_bytes: u64,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            page_size: 4096,
+            max_value_size: 16 << 20,
+            min_grow_bytes: 16 << 20,
+        }
+    }
+}
+
+/// One bucket in a version: its root page (0 = empty) and number of entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BucketRoot {
+    pub root: u64,
+    pub count: u64,
+}
+
+/// An immutable, committed state of the database.
+#[derive(Debug)]
+pub(crate) struct Version {
+    pub txid: u64,
+    pub catalog: u64,
+    pub page_count: u64,
+    pub page_size: usize,
+    pub buckets: BTreeMap<Vec<u8>, BucketRoot>,
+    pub map: Arc<Map>,
+}
+
+impl Version {
+    /// Pages `[id, id + pages)`, bounds-checked against the version and the map.
+    pub fn run(&self, id: u64, pages: u64) -> Result<&[u8]> {
+        let end = id
+            .checked_add(pages)
+            .ok_or_else(|| corrupt(id, "page run overflows"))?;
+        if id < 2 || end > self.page_count {
+            return Err(corrupt(
+                id,
+                format!(
+                    "page run of {pages} lies outside the file ({} pages)",
+                    self.page_count
+                ),
+            ));
+        }
+        let p = self.page_size;
+        self.map
+            .bytes(id as usize * p, pages as usize * p)
+            .ok_or_else(|| corrupt(id, "page lies beyond the mapped file"))
+    }
+
+    /// One page.
+    pub fn page(&self, id: u64) -> Result<&[u8]> {
+        self.run(id, 1)
+    }
+
+    /// A validated view of a tree page.
+    pub fn view(&self, id: u64) -> Result<PageView<'_>> {
+        PageView::new(id, self.page(id)?)
+    }
+
+    /// The whole run of an overflow or free-list page starting at `id`.
+    pub fn whole_run(&self, id: u64, kind: Kind) -> Result<&[u8]> {
+        let first = self.page(id)?;
+        if first[4] != kind as u8 {
+            return Err(corrupt(id, format!("expected a {kind:?} page")));
+        }
+        let extra = page::u32_at(first, 8) as u64;
+        self.run(id, 1 + extra)
+    }
+
+    /// The bytes of a value stored in an overflow run.
+    pub fn overflow(&self, first: u64, len: u32) -> Result<&[u8]> {
+        let run = self.whole_run(first, Kind::Overflow)?;
+        run.get(HEADER..HEADER + len as usize).ok_or_else(|| {
+            corrupt(
+                first,
+                format!("overflow run shorter than its {len}-byte value"),
+            )
+        })
+    }
+
+    /// Resolves a stored value to its bytes.
+    pub fn resolve<'a>(&'a self, v: StoredValue<'a>) -> Result<&'a [u8]> {
+        match v {
+            StoredValue::Inline(b) => Ok(b),
+            StoredValue::Overflow(first, len) => self.overflow(first, len),
+        }
+    }
+}
+
+/// State only the writer touches (behind the writer mutex).
+pub(crate) struct WriterState {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub file_len: u64,
+    /// Pages free to reuse now.
+    pub free: BTreeSet<u64>,
+    /// Pages freed by the commit with this txid, reusable once no reader or durable version is
+    /// older than it.
+    pub pending: BTreeMap<u64, Vec<u64>>,
+    /// Newest durable txid, its meta slot, and the pages holding its free list.
+    pub durable_txid: u64,
+    pub durable_slot: u64,
+    pub durable_freelist: Vec<u64>,
+    /// Pages `[0, high_water)` are in use or free: the largest page count any version or the
+    /// durable free list has used. New pages are allocated from here.
+    pub high_water: u64,
+    /// The newest map of the file (remade whenever the file grows).
+    pub map: Arc<Map>,
+    pub options: BackendOptions,
+    /// Test hook: sees every write (offset, bytes) before it is issued.
+    pub observer: Option<WriteObserver>,
+}
+
+impl std::fmt::Debug for WriterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterState")
+            .field("path", &self.path)
+            .field("file_len", &self.file_len)
+            .field("high_water", &self.high_water)
+            .field("durable_txid", &self.durable_txid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the observer sees: each write, and each fdatasync.
+#[derive(Debug, Clone, Copy)]
+pub enum IoEvent<'a> {
+    /// `bytes` are about to be written at byte `offset`.
+    Write(u64, &'a [u8]),
+    /// An fdatasync is about to be issued.
+    Sync,
+}
+
+/// A callback that sees every write and fdatasync the backend issues, for fault-injection tests.
+pub type WriteObserver = Box<dyn FnMut(IoEvent<'_>) + Send>;
+
+/// The current version and the reader table, under one lock so that registering a reader and
+/// reading the current version are atomic.
+#[derive(Debug)]
+pub(crate) struct Readers {
+    pub current: Arc<Version>,
+    /// txid -> number of live read transactions on it.
+    pub live: BTreeMap<u64, usize>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub writer: Mutex<WriterState>,
+    pub readers: Mutex<Readers>,
+    /// Held for the lifetime of the backend: the exclusive flock.
+    _lock: Arc<File>,
+}
+
+/// The backend: cheap to clone, `Send + Sync`; readers may live on any thread.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves consistent state (every mutation is a whole
+    // assignment), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |e| Error::io(op, path, e)
+}
+
+impl Backend {
+    /// Opens (or creates) the backend file at `path`, locking it exclusively.
+    pub fn open(path: impl AsRef<Path>, options: BackendOptions) -> Result<Backend> {
+        open_file(path.as_ref(), options, 0)
+    }
+
+    /// Starts a read transaction on the latest committed version. Never blocks on the writer.
+    pub fn begin_read(&self) -> ReadTxn {
+        let mut r = lock(&self.shared.readers);
+        let version = r.current.clone();
+        *r.live.entry(version.txid).or_default() += 1;
+        ReadTxn {
+            version,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Starts the write transaction, waiting for the previous one to finish.
+    pub fn begin_write(&self) -> Result<WriteTxn<'_>> {
+        let mut w = lock(&self.shared.writer);
+        let base = {
+            let r = lock(&self.shared.readers);
+            let oldest = r.live.keys().next().copied().unwrap_or(u64::MAX);
+            let limit = oldest.min(w.durable_txid);
+            // Pages freed by commit `t` were last visible in version `t - 1`.
+            let ready: Vec<u64> = w.pending.range(..=limit).map(|(t, _)| *t).collect();
+            for t in ready {
+                let pages = w.pending.remove(&t).expect("listed");
+                w.free.extend(pages);
+            }
+            r.current.clone()
+        };
+        Ok(WriteTxn::new(self, w, base))
+    }
+
+    /// Makes the latest committed version durable (see the module docs for the protocol).
+    pub fn sync(&self) -> Result<()> {
+        let mut w = lock(&self.shared.writer);
+        let current = lock(&self.shared.readers).current.clone();
+        sync_locked(&mut w, &current)
+    }
+
+    /// Creates every bucket etcd uses, if missing, and commits durably.
+    pub fn create_etcd_buckets(&self) -> Result<()> {
+        let mut txn = self.begin_write()?;
+        for name in ETCD_BUCKETS {
+            txn.create_bucket(name.as_bytes())?;
+        }
+        txn.commit(true)
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_size(&self) -> u64 {
+        lock(&self.shared.writer).file_len
+    }
+
+    /// Bytes in use: the high-water mark minus free pages (etcd's "size in use").
+    pub fn size_in_use(&self) -> u64 {
+        let w = lock(&self.shared.writer);
+        let r = lock(&self.shared.readers);
+        let p = r.current.page_size as u64;
+        let free = w.free.len() + w.pending.values().map(Vec::len).sum::<usize>();
+        (r.current.page_count - free as u64) * p
+    }
+
+    /// The txid of the latest committed version.
+    pub fn txid(&self) -> u64 {
+        lock(&self.shared.readers).current.txid
+    }
+
+    /// The txid of the newest durable version.
+    pub fn durable_txid(&self) -> u64 {
+        lock(&self.shared.writer).durable_txid
+    }
+
+    /// Installs a callback that sees every write before it is issued (fault-injection tests).
+    pub fn set_write_observer(&self, observer: Option<WriteObserver>) {
+        lock(&self.shared.writer).observer = observer;
+    }
+}
+
+/// Opens or creates the file; a new file's first version gets txid `base + 1`.
+pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Result<Backend> {
+    let path = path.to_path_buf();
+    if !page::valid_page_size(options.page_size) {
+        return Err(Error::InvalidArgument(format!(
+            "page size {} must be a power of two between 1 KiB and 32 KiB",
+            options.page_size
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("opening", &path))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: flock on a valid open descriptor; no memory is involved.
+    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Locked(path));
+    }
+    let mut file_len = file.metadata().map_err(io("stat", &path))?.len();
+    if file_len == 0 {
+        init_file(&file, &path, options.page_size, base)?;
+        file_len = file.metadata().map_err(io("stat", &path))?.len();
+    }
+    let (meta, slot) = read_metas(&file, &path, file_len)?;
+    let p = meta.page_size as usize;
+    let needed = meta.page_count * p as u64;
+    if file_len < needed {
+        return Err(Error::CorruptPage {
+            page: meta.page_count - 1,
+            reason: format!(
+                "file is truncated: meta txid {} needs {} pages ({needed} bytes), the file has \
+                 {file_len} bytes",
+                meta.txid, meta.page_count
+            ),
+        });
+    }
+    let map = Arc::new(Map::new(&file, file_len as usize).map_err(io("mapping", &path))?);
+    let mut version = Version {
+        txid: meta.txid,
+        catalog: meta.catalog,
+        page_count: meta.page_count,
+        page_size: p,
+        buckets: BTreeMap::new(),
+        map,
+    };
+    version.buckets = load_catalog(&version)?;
+    let (free, durable_freelist) = load_freelist(&version, meta.freelist)?;
+    let file = Arc::new(file);
+    let high_water = version
+        .page_count
+        .max(durable_freelist.iter().max().map_or(0, |m| m + 1));
+    let writer = WriterState {
+        high_water,
+        map: version.map.clone(),
+        file: file.clone(),
+        path,
+        file_len,
+        free,
+        pending: BTreeMap::new(),
+        durable_txid: meta.txid,
+        durable_slot: slot,
+        durable_freelist,
+        options,
+        observer: None,
+    };
+    let readers = Readers {
+        current: Arc::new(version),
+        live: BTreeMap::new(),
+    };
+    Ok(Backend {
+        shared: Arc::new(Shared {
+            writer: Mutex::new(writer),
+            readers: Mutex::new(readers),
+            _lock: file,
+        }),
+    })
+}
+
+/// Writes two meta pages describing an empty database, at txids `base` and `base + 1`.
+fn init_file(file: &File, path: &Path, page_size: usize, base: u64) -> Result<()> {
+    let mut buf = vec![0u8; 2 * page_size];
+    for slot in 0..2 {
+        let meta = Meta {
+            page_size: page_size as u32,
+            txid: base + slot as u64,
+            catalog: 0,
+            freelist: 0,
+            page_count: 2,
+        };
+        meta.encode(&mut buf[slot * page_size..(slot + 1) * page_size]);
+    }
+    file.write_all_at(&buf, 0).map_err(io("writing", path))?;
+    file.sync_all().map_err(io("fsync", path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads both meta pages and returns the newest valid one and its slot.
+fn read_metas(file: &File, path: &Path, file_len: u64) -> Result<(Meta, u64)> {
+    let mut head = vec![0u8; 64];
+    let read = |offset: u64, buf: &mut [u8]| -> Result<bool> {
+        if offset + buf.len() as u64 > file_len {
+            return Ok(false);
+        }
+        file.read_exact_at(buf, offset)
+            .map_err(io("reading", path))?;
+        Ok(true)
+    };
+    let mut found: Vec<(Meta, u64)> = Vec::new();
+    let mut reasons = Vec::new();
+    if read(0, &mut head)? {
+        match Meta::decode(&head) {
+            Ok(m) => found.push((m, 0)),
+            Err(e) => reasons.push(format!("page 0: {e}")),
+        }
+    } else {
+        reasons.push("page 0: file too short".into());
+    }
+    // Page 1's offset depends on the page size: use page 0's if it is valid, else try each.
+    let sizes: Vec<u64> = match found.first() {
+        Some((m, _)) => vec![m.page_size as u64],
+        None => (10..=15).map(|s| 1u64 << s).collect(),
+    };
+    let mut page1 = None;
+    for size in sizes {
+        if read(size, &mut head)? {
+            match Meta::decode(&head) {
+                Ok(m) if m.page_size as u64 == size => {
+                    page1 = Some(m);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !found.is_empty() {
+                        reasons.push(format!("page 1: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(m) = page1 {
+        found.push((m, 1));
+    } else if found.is_empty() {
+        reasons.push("page 1: no valid meta at any page size".into());
+    }
+    if let [(a, _), (b, _)] = found.as_slice()
+        && a.page_size != b.page_size
+    {
+        return Err(Error::CorruptPage {
+            page: 1,
+            reason: "meta pages disagree on the page size".into(),
+        });
+    }
+    found
+        .into_iter()
+        .max_by_key(|(m, _)| m.txid)
+        .ok_or_else(|| Error::CorruptPage {
+            page: 0,
+            reason: format!("no valid meta page ({})", reasons.join("; ")),
+        })
+}
+
+fn load_catalog(version: &Version) -> Result<BTreeMap<Vec<u8>, BucketRoot>> {
+    let mut buckets = BTreeMap::new();
+    if version.catalog == 0 {
+        return Ok(buckets);
+    }
+    let bytes = version.page(version.catalog)?;
+    if !page::checksum_ok(bytes) {
+        return Err(corrupt(version.catalog, "catalog checksum mismatch"));
+    }
+    let view = PageView::new(version.catalog, bytes)?;
+    if view.kind() != Kind::Catalog {
+        return Err(corrupt(version.catalog, "expected the bucket catalog"));
+    }
+    for i in 0..view.len() {
+        let name = view.key(i)?.to_vec();
+        let StoredValue::Inline(v) = view.value(i)? else {
+            return Err(corrupt(
+                version.catalog,
+                "catalog entry with an overflow value",
+            ));
+        };
+        if v.len() != 16 {
+            return Err(corrupt(version.catalog, "catalog entry of the wrong size"));
+        }
+        let root = BucketRoot {
+            root: page::u64_at(v, 0),
+            count: page::u64_at(v, 8),
+        };
+        if root.root == 1 || root.root >= version.page_count {
+            return Err(corrupt(
+                version.catalog,
+                format!("bucket root {} outside the file", root.root),
+            ));
+        }
+        buckets.insert(name, root);
+    }
+    Ok(buckets)
+}
+
+/// Reads the free list: the free pages and the pages holding the list itself.
+fn load_freelist(version: &Version, first: u64) -> Result<(BTreeSet<u64>, Vec<u64>)> {
+    let mut free = BTreeSet::new();
+    if first == 0 {
+        return Ok((free, Vec::new()));
+    }
+    let run = version.whole_run(first, Kind::Freelist)?;
+    if !page::checksum_ok(run) {
+        return Err(corrupt(first, "free list checksum mismatch"));
+    }
+    let pages = (run.len() / version.page_size) as u64;
+    let count = page::u64_at(run, HEADER) as usize;
+    let ids = run.get(HEADER + 8..HEADER + 8 + count * 8).ok_or_else(|| {
+        corrupt(
+            first,
+            format!("free list of {count} entries overflows its pages"),
+        )
+    })?;
+    for chunk in ids.chunks_exact(8) {
+        let id = page::u64_at(chunk, 0);
+        if id < 2 || id >= version.page_count || (first..first + pages).contains(&id) {
+            return Err(corrupt(
+                first,
+                format!("free list names page {id}, which cannot be free"),
+            ));
+        }
+        if !free.insert(id) {
+            return Err(corrupt(first, format!("free list names page {id} twice")));
+        }
+    }
+    Ok((free, (first..first + pages).collect()))
+}
+
+/// Grows the file (and remaps it) to hold `pages` pages if needed.
+pub(crate) fn ensure_len(w: &mut WriterState, pages: u64, page_size: usize) -> Result<()> {
+    let needed = pages * page_size as u64;
+    if needed <= w.file_len {
+        return Ok(());
+    }
+    let step = w.file_len.clamp(w.options.min_grow_bytes, 1 << 30);
+    let new_len = needed
+        .max(w.file_len + step)
+        .next_multiple_of(page_size as u64);
+    w.file.set_len(new_len).map_err(io("growing", &w.path))?;
+    w.file_len = new_len;
+    let map = Map::new(&w.file, new_len as usize).map_err(io("mapping", &w.path))?;
+    w.map = Arc::new(map);
+    Ok(())
+}
+
+/// Writes `bytes` at `offset`, through the observer.
+pub(crate) fn write_at(w: &mut WriterState, offset: u64, bytes: &[u8]) -> Result<()> {
+    if let Some(obs) = w.observer.as_mut() {
+        obs(IoEvent::Write(offset, bytes));
+    }
+    w.file
+        .write_all_at(bytes, offset)
+        .map_err(io("writing", &w.path))
+}
+
+fn fdatasync(w: &mut WriterState) -> Result<()> {
+    if let Some(obs) = w.observer.as_mut() {
+        obs(IoEvent::Sync);
+    }
+    w.file.sync_data().map_err(io("fdatasync", &w.path))
+}
+
+/// The sync protocol: data, then free list, then meta (see the module docs).
+pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> {
+    if current.txid == w.durable_txid {
+        return Ok(());
+    }
+    let p = current.page_size;
+    fdatasync(w)?;
+    // The free list lists every page free or pending: after a restart there are no readers.
+    // So do the pages of the previous durable list: once the new meta is durable they are free.
+    // (In memory they are reused only after that, so the old meta stays intact if this sync tears.)
+    let mut listed: Vec<u64> = w.free.iter().copied().collect();
+    listed.extend(w.pending.values().flatten().copied());
+    listed.extend(w.durable_freelist.iter().copied());
+    // Pages for the list itself: taken from the free pages (not listed) or from the end.
+    // Enough pages for the whole list (taking them from the list only shortens it).
+    let pages = (HEADER + 8 + listed.len() * 8).div_ceil(p) as u64;
+    let mut list_pages: Vec<u64> = Vec::new();
+    let mut page_count = w.high_water;
+    // A contiguous run: the first `pages` consecutive free pages, else new pages at the end.
+    if let Some(start) = find_run(&w.free, pages) {
+        list_pages.extend(start..start + pages);
+    } else {
+        list_pages.extend(page_count..page_count + pages);
+        page_count += pages;
+    }
+    listed.retain(|id| !list_pages.contains(id));
+    listed.sort_unstable();
+    let mut buf = vec![0u8; pages as usize * p];
+    buf[HEADER..HEADER + 8].copy_from_slice(&(listed.len() as u64).to_le_bytes());
+    for (i, id) in listed.iter().enumerate() {
+        buf[HEADER + 8 + i * 8..HEADER + 16 + i * 8].copy_from_slice(&id.to_le_bytes());
+    }
+    page::seal(&mut buf, Kind::Freelist, 0, (pages - 1) as u32);
+    ensure_len(w, page_count, p)?;
+    let first = list_pages[0];
+    write_at(w, first * p as u64, &buf)?;
+    fdatasync(w)?;
+    let meta = Meta {
+        page_size: p as u32,
+        txid: current.txid,
+        catalog: current.catalog,
+        freelist: first,
+        page_count,
+    };
+    let slot = 1 - w.durable_slot;
+    let mut mbuf = vec![0u8; p];
+    meta.encode(&mut mbuf);
+    write_at(w, slot * p as u64, &mbuf)?;
+    fdatasync(w)?;
+    // The new list's pages leave the free set; the old list's pages become free; pages past the
+    // version's high-water mark used for the list are accounted as in use by the durable meta.
+    for id in &list_pages {
+        w.free.remove(id);
+    }
+    let old = std::mem::replace(&mut w.durable_freelist, list_pages);
+    w.free.extend(old);
+    w.durable_txid = current.txid;
+    w.durable_slot = slot;
+    w.high_water = page_count;
+    Ok(())
+}
+
+/// First page of `n` consecutive free pages, if any.
+pub(crate) fn find_run(free: &BTreeSet<u64>, n: u64) -> Option<u64> {
+    if n == 1 {
+        return free.first().copied();
+    }
+    let mut start = None;
+    let mut len = 0;
+    let mut prev = 0;
+    for &id in free {
+        if start.is_some() && id == prev + 1 {
+            len += 1;
+        } else {
+            start = Some(id);
+            len = 1;
+        }
+        if len == n {
+            return start;
+        }
+        prev = id;
+    }
+    None
+}
+
+/// A read transaction: a pinned version, read without locks. `Send`: it may move between
+/// threads. Dropping it lets the pages it could see be reused.
+#[derive(Debug)]
+pub struct ReadTxn {
+    version: Arc<Version>,
+    shared: Arc<Shared>,
+}
+
+impl ReadTxn {
+    /// The version's txid.
+    pub fn txid(&self) -> u64 {
+        self.version.txid
+    }
+
+    /// The value of `key` in `bucket`.
+    pub fn get(&self, bucket: &[u8], key: &[u8]) -> Result<Option<&[u8]>> {
+        let root = bucket_root(&self.version, bucket)?;
+        node::get(&self.version, node::Source::Pages, root, key)
+    }
+
+    /// Entries of `bucket` with `start <= key < end` (`end = None`: to the last key), in order.
+    pub fn range<'t>(
+        &'t self,
+        bucket: &[u8],
+        start: &[u8],
+        end: Option<&'t [u8]>,
+    ) -> Result<RangeIter<'t>> {
+        let root = bucket_root(&self.version, bucket)?;
+        RangeIter::new(&self.version, node::Source::Pages, root, start, end)
+    }
+
+    /// Number of entries in `bucket`.
+    pub fn count(&self, bucket: &[u8]) -> Result<u64> {
+        self.version
+            .buckets
+            .get(bucket)
+            .map(|b| b.count)
+            .ok_or_else(|| Error::BucketNotFound(String::from_utf8_lossy(bucket).into_owned()))
+    }
+
+    /// Bucket names.
+    pub fn buckets(&self) -> Vec<Vec<u8>> {
+        self.version.buckets.keys().cloned().collect()
+    }
+}
+
+fn bucket_root(version: &Version, bucket: &[u8]) -> Result<node::ChildRef> {
+    let b = version
+        .buckets
+        .get(bucket)
+        .ok_or_else(|| Error::BucketNotFound(String::from_utf8_lossy(bucket).into_owned()))?;
+    Ok(if b.root == 0 {
+        node::ChildRef::Empty
+    } else {
+        node::ChildRef::Page(b.root)
+    })
+}
+
+impl Drop for ReadTxn {
+    fn drop(&mut self) {
+        let mut r = lock(&self.shared.readers);
+        let txid = self.version.txid;
+        if let Some(n) = r.live.get_mut(&txid) {
+            *n -= 1;
+            if *n == 0 {
+                r.live.remove(&txid);
+            }
+        }
+    }
+}

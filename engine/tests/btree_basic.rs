@@ -1,0 +1,230 @@
+//! The B+tree backend on real files: buckets, get/put/delete/range, overflow values, readers
+//! isolated from the writer, durability across reopen, limits, defragmentation.
+
+use std::collections::BTreeMap;
+
+use keel_engine::Error;
+use keel_engine::btree::{Backend, BackendOptions};
+
+fn small() -> BackendOptions {
+    BackendOptions {
+        page_size: 1024,
+        min_grow_bytes: 64 << 10,
+        ..BackendOptions::default()
+    }
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{i:08}").into_bytes()
+}
+
+fn value(i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i as usize + j) as u8).collect()
+}
+
+fn contents(b: &Backend, bucket: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let r = b.begin_read();
+    r.range(bucket, b"", None)
+        .unwrap()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn put_get_delete_range_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut model = BTreeMap::new();
+    {
+        let b = Backend::open(&path, small()).unwrap();
+        b.create_etcd_buckets().unwrap();
+        let mut txn = b.begin_write().unwrap();
+        for i in 0..5000u64 {
+            let v = value(i, (i % 300) as usize);
+            txn.put(b"key", &key(i), &v).unwrap();
+            model.insert(key(i), v);
+        }
+        // A few large values: overflow runs.
+        for i in [7u64, 1234, 4999] {
+            let v = value(i, 10_000 + i as usize);
+            txn.put(b"key", &key(i), &v).unwrap();
+            model.insert(key(i), v);
+        }
+        assert_eq!(
+            txn.get(b"key", &key(1234)).unwrap().unwrap(),
+            &model[&key(1234)][..]
+        );
+        txn.commit(true).unwrap();
+        let report = b.check().unwrap();
+        assert_eq!(report.entries, 5000);
+        assert!(
+            report.depth >= 3,
+            "1 KiB pages make a deep tree: {report:?}"
+        );
+
+        let mut txn = b.begin_write().unwrap();
+        for i in (0..5000u64).step_by(3) {
+            assert!(txn.delete(b"key", &key(i)).unwrap());
+            model.remove(&key(i));
+        }
+        assert!(!txn.delete(b"key", b"missing").unwrap());
+        txn.commit(true).unwrap();
+        b.check().unwrap();
+        let r = b.begin_read();
+        let got: Vec<_> = r
+            .range(b"key", &key(100), Some(&key(200)))
+            .unwrap()
+            .map(|kv| kv.unwrap().0.to_vec())
+            .collect();
+        let want: Vec<_> = model
+            .range(key(100)..key(200))
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(r.count(b"key").unwrap(), model.len() as u64);
+    }
+    let b = Backend::open(&path, small()).unwrap();
+    assert_eq!(contents(&b, b"key"), model.into_iter().collect::<Vec<_>>());
+    b.check().unwrap();
+}
+
+#[test]
+fn readers_keep_their_version_while_the_writer_churns() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::open(dir.path().join("db"), small()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    for i in 0..2000 {
+        txn.put(b"key", &key(i), &value(i, 50)).unwrap();
+    }
+    txn.commit(false).unwrap();
+    let reader = b.begin_read();
+    let before = contents(&b, b"key");
+    // Rewrite everything many times: freed pages must not be reused under the reader.
+    for round in 0..20u64 {
+        let mut txn = b.begin_write().unwrap();
+        for i in 0..2000 {
+            txn.put(b"key", &key(i), &value(i + round, 60)).unwrap();
+        }
+        txn.commit(round % 5 == 0).unwrap();
+    }
+    let seen: Vec<_> = reader
+        .range(b"key", b"", None)
+        .unwrap()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+        .collect();
+    assert_eq!(seen, before);
+    drop(reader);
+    b.check().unwrap();
+    // Readers can live on other threads.
+    let r = b.begin_read();
+    let handle = std::thread::spawn(move || r.get(b"key", &key(5)).unwrap().map(<[u8]>::to_vec));
+    assert_eq!(handle.join().unwrap().unwrap(), value(5 + 19, 60));
+}
+
+#[test]
+fn aborted_transactions_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::open(dir.path().join("db"), small()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    txn.put(b"key", b"a", b"1").unwrap();
+    txn.commit(true).unwrap();
+    let mut txn = b.begin_write().unwrap();
+    for i in 0..1000 {
+        txn.put(b"key", &key(i), b"x").unwrap();
+    }
+    txn.delete(b"key", b"a").unwrap();
+    drop(txn);
+    assert_eq!(contents(&b, b"key"), vec![(b"a".to_vec(), b"1".to_vec())]);
+    b.check().unwrap();
+}
+
+#[test]
+fn limits_and_missing_buckets_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::open(
+        dir.path().join("db"),
+        BackendOptions {
+            max_value_size: 1 << 20,
+            ..small()
+        },
+    )
+    .unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    let err = txn.put(b"key", &vec![b'k'; 5000], b"v").unwrap_err();
+    assert!(matches!(err, Error::KeyTooLarge { .. }), "{err}");
+    let err = txn.put(b"key", b"k", &vec![0; (1 << 20) + 1]).unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
+    // 1.5 MiB is an etcd request's limit: with the default maximum it is stored.
+    let err = txn.put(b"nope", b"k", b"v").unwrap_err();
+    assert!(matches!(err, Error::BucketNotFound(_)), "{err}");
+    drop(txn);
+    let b2 = Backend::open(dir.path().join("db2"), BackendOptions::default()).unwrap();
+    b2.create_etcd_buckets().unwrap();
+    let mut txn = b2.begin_write().unwrap();
+    let big = vec![3u8; 1536 * 1024];
+    txn.put(b"key", b"big", &big).unwrap();
+    txn.commit(true).unwrap();
+    assert_eq!(
+        b2.begin_read().get(b"key", b"big").unwrap().unwrap(),
+        &big[..]
+    );
+    b2.check().unwrap();
+    // A second open of a locked file is refused.
+    let err = Backend::open(dir.path().join("db2"), BackendOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+}
+
+#[test]
+fn defrag_shrinks_the_file_while_a_reader_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let b = Backend::open(&path, BackendOptions::default()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    for chunk in 0..10u64 {
+        let mut txn = b.begin_write().unwrap();
+        for i in chunk * 5000..(chunk + 1) * 5000 {
+            txn.put(b"key", &key(i), &value(i, 200)).unwrap();
+        }
+        txn.commit(true).unwrap();
+    }
+    let mut txn = b.begin_write().unwrap();
+    for i in 0..50_000u64 {
+        if i % 10 != 0 {
+            txn.delete(b"key", &key(i)).unwrap();
+        }
+    }
+    txn.commit(true).unwrap();
+    let reader = b.begin_read();
+    let expected = contents(&b, b"key");
+    let report = b.defrag().unwrap();
+    // 10% of the data is left: the copy needs about a tenth of the pages (the file itself grows
+    // in 16 MiB steps).
+    assert!(report.size_after < report.size_before, "{report:?}");
+    assert!(
+        report.size_after <= report.in_use_before / 5 + (16 << 20),
+        "{report:?}"
+    );
+    // The reader still sees its version through the old file.
+    assert_eq!(
+        reader.range(b"key", b"", None).unwrap().count(),
+        expected.len()
+    );
+    drop(reader);
+    assert_eq!(contents(&b, b"key"), expected);
+    b.check().unwrap();
+    // Writes go on in the new file, and it reopens.
+    let mut txn = b.begin_write().unwrap();
+    txn.put(b"key", b"after", b"defrag").unwrap();
+    txn.commit(true).unwrap();
+    drop(b);
+    let b = Backend::open(&path, BackendOptions::default()).unwrap();
+    assert_eq!(
+        b.begin_read().get(b"key", b"after").unwrap().unwrap(),
+        b"defrag"
+    );
+    b.check().unwrap();
+}
