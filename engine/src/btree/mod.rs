@@ -17,9 +17,9 @@
 //! # Durability: deferred commits and `sync`
 //! `commit(sync = false)` makes a version visible in memory only; its pages may or may not reach
 //! the disk. [`Backend::sync`] makes the latest version durable: fdatasync of the pages, then the
-//! free list is written and synced, then a meta page is written into the slot that does *not* hold
-//! the newest durable meta, then fdatasync. So a crash at any point leaves the previous durable
-//! meta intact, and the pages it references are intact too: a page freed after the durable version
+//! free list is written, both are made durable by one fdatasync, then a meta page is written into
+//! the slot that does *not* hold the newest durable meta, then fdatasync: two syncs in all. So a
+//! crash at any point leaves the previous durable meta intact, and the pages it references are intact too: a page freed after the durable version
 //! is not reused until the next `sync` (the durable version counts as a reader).
 //! `commit(sync = true)` is `commit` then `sync`. The MVCC layer defers: the WAL is Keel's
 //! durability point, and the backend is synced at checkpoints.
@@ -611,7 +611,6 @@ pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> 
         return Ok(());
     }
     let p = current.page_size;
-    fdatasync(w)?;
     // The free list lists every page free or pending: after a restart there are no readers.
     // So do the pages of the previous durable list: once the new meta is durable they are free.
     // (In memory they are reused only after that, so the old meta stays intact if this sync tears.)
@@ -640,6 +639,8 @@ pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> 
     page::seal(&mut buf, Kind::Freelist, 0, (pages - 1) as u32);
     ensure_len(w, page_count, p)?;
     let first = list_pages[0];
+    // One fdatasync covers the version's pages and the free list: both lie in pages no durable
+    // meta references yet.
     write_at(w, first * p as u64, &buf)?;
     fdatasync(w)?;
     let meta = Meta {
