@@ -97,6 +97,30 @@ pub enum Error {
     /// The database file is locked by another process (or another open handle).
     #[error("{} is locked by another process", .0.display())]
     Locked(PathBuf),
+    /// A read or compaction below the compacted revision (etcd's `mvcc.ErrCompacted`).
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    /// A read or compaction above the current revision (etcd's `mvcc.ErrFutureRev`).
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    /// A request that needs an existing key found none (etcd's `ErrKeyNotFound`).
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// A request without a key (etcd's `ErrEmptyKey`).
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// `ignore_value` with a value (etcd's `ErrValueProvided`).
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// `ignore_lease` with a lease (etcd's `ErrLeaseProvided`).
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// A txn writes one key twice, or writes a key it deletes (etcd's `ErrDuplicateKey`).
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// A txn with more operations than allowed (etcd's `ErrTooManyOps`).
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
 }
 
 impl Error {

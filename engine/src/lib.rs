@@ -5,12 +5,15 @@
 //!   raft-rs `Storage` over it. Runs on a glommio executor: the storage core.
 //! - [`btree`]: the backend: an mmap'd copy-on-write B+tree file with named buckets, lock-free
 //!   readers, deferred durability and defragmentation.
+//! - [`mvcc`]: etcd's multi-version store on the backend: revisions, key index, range/put/
+//!   delete/txn/compact with etcd's semantics, Hash and HashKV.
 //! - [`error`]: the engine's error type (I/O, corruption and bad input kept apart).
 //!
-//! The B+tree backend, the MVCC store and leases join this crate in later steps.
+//! Leases join this crate in a later step.
 
 pub mod btree;
 pub mod error;
+pub mod mvcc;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -85,8 +85,8 @@ fn commit_child() {
             }
         }
         // Every third commit is deferred, then made durable by the next one's sync.
-        txn.commit(n % 3 != 0).unwrap();
-        if n % 3 != 0 {
+        txn.commit(!n.is_multiple_of(3)).unwrap();
+        if !n.is_multiple_of(3) {
             println!("SYNCED {n}");
         }
     }

@@ -99,7 +99,11 @@ fn crash_images_open_to_the_last_durable_state() {
             .filter(|(_, e)| matches!(e, Event::Sync))
             .map(|(i, _)| i)
             .collect();
-        assert_eq!(syncs.len(), 2, "a sync is two fdatasyncs: data and free list, then meta");
+        assert_eq!(
+            syncs.len(),
+            2,
+            "a sync is two fdatasyncs: data and free list, then meta"
+        );
         // Crash after each number of completed fdatasyncs (0 = none completed).
         for completed in 0..=syncs.len() {
             let durable_upto = if completed == 0 {

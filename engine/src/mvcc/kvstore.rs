@@ -1,0 +1,569 @@
+//! The MVCC key-value store: etcd's `mvcc` store (`kvstore.go`, `kvstore_txn.go`,
+//! `kvstore_compaction.go`, `hash.go`) on Keel's backend.
+//!
+//! # Layout on disk
+//! - bucket `key`: revision key (17 bytes, 18 with the tombstone marker; see [`revision`]) ->
+//!   `mvccpb.KeyValue` in protobuf encoding. A delete stores `KeyValue { key }` under a tombstone
+//!   revision. So the bucket is the full history, as in etcd.
+//! - bucket `meta`: `consistent_index` and `term` (8-byte big-endian, written in the same backend
+//!   transaction as the data they describe), `scheduledCompactRev` and `finishedCompactRev`
+//!   (17-byte revision keys `{rev, 0}`), as in etcd.
+//!
+//! # Concurrency
+//! One writer (the storage core) and any number of readers on any thread. Readers never wait for
+//! the writer beyond the short index lock. The ordering that makes this safe:
+//! - A write transaction updates the index in place with revisions `current + 1`, which no reader
+//!   at `<= current` can see; at the end it commits the backend *and then* publishes
+//!   `current + 1`. A reader loads the current revision, then pins a backend version, which
+//!   therefore holds every revision up to it.
+//! - A compaction publishes the new compacted revision *before* it compacts the index or deletes
+//!   anything, and a read checks the compacted revision *after* it read the index: a read that
+//!   could miss history fails with `ErrCompacted` instead.
+//!
+//! [`revision`]: super::revision
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use prost::Message as _;
+
+use super::index::TreeIndex;
+use super::kv::KeyValue;
+use super::revision::Revision;
+use crate::btree::{self, Backend, BackendOptions};
+use crate::error::{Error, Result};
+
+/// The bucket of revisions.
+pub const KEY_BUCKET: &[u8] = b"key";
+/// The bucket of store metadata.
+pub const META_BUCKET: &[u8] = b"meta";
+const CONSISTENT_INDEX: &[u8] = b"consistent_index";
+const TERM: &[u8] = b"term";
+const SCHEDULED_COMPACT: &[u8] = b"scheduledCompactRev";
+const FINISHED_COMPACT: &[u8] = b"finishedCompactRev";
+/// Keys deleted per backend transaction during a physical compaction (etcd's default).
+const COMPACTION_BATCH: usize = 1000;
+
+/// Options of a store-level range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeOptions {
+    /// Most keys to return (0 or negative: no limit).
+    pub limit: i64,
+    /// Revision to read at (0 or negative: current).
+    pub rev: i64,
+    /// Count only, return no keys.
+    pub count: bool,
+}
+
+/// A store-level range result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RangeResult {
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+    /// Keys live in the range at the revision, before the limit.
+    pub count: usize,
+    /// The store's current revision (etcd answers with it, whatever revision was read).
+    pub rev: i64,
+}
+
+/// A change made by a write transaction (the input of watch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The key's new state (for a delete: only the key and `mod_revision`).
+    pub kv: KeyValue,
+    /// True for a delete.
+    pub delete: bool,
+}
+
+/// etcd's HashKV answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashKv {
+    /// CRC-32C of the `key` bucket's content up to the revision (see [`Store::hash_kv`]).
+    pub hash: u32,
+    /// The compacted revision (-1 if never compacted).
+    pub compact_revision: i64,
+    /// The store's current revision.
+    pub revision: i64,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    backend: Backend,
+    index: RwLock<TreeIndex>,
+    current_rev: AtomicI64,
+    compact_rev: AtomicI64,
+}
+
+fn read_index(lock: &RwLock<TreeIndex>) -> RwLockReadGuard<'_, TreeIndex> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_index(lock: &RwLock<TreeIndex>) -> RwLockWriteGuard<'_, TreeIndex> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[allow(
+    clippy::big_endian_bytes,
+    reason = "etcd stores these meta values big-endian"
+)]
+fn u64_be(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
+#[allow(
+    clippy::big_endian_bytes,
+    reason = "etcd stores these meta values big-endian"
+)]
+fn be_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+fn corrupt_kv(rev: Revision, what: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "key bucket entry at revision {}/{}: {what}",
+        rev.main, rev.sub
+    ))
+}
+
+impl Store {
+    /// Opens (or creates) the store's backend file and rebuilds the index from it.
+    pub fn open(path: impl AsRef<Path>, options: BackendOptions) -> Result<Store> {
+        let backend = Backend::open(path, options)?;
+        backend.create_etcd_buckets()?;
+        let mut index = TreeIndex::default();
+        let mut last = 1i64;
+        let (finished, scheduled) = {
+            let r = backend.begin_read();
+            for kv in r.range(KEY_BUCKET, b"", None)? {
+                let (k, v) = kv?;
+                let (rev, tombstone) = Revision::from_bytes(k)?;
+                let kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
+                if tombstone {
+                    index.restore_tombstone(&kv.key, rev);
+                } else {
+                    let created = Revision::new(kv.create_revision, 0);
+                    index.restore_put(&kv.key, created, rev, kv.version);
+                }
+                last = last.max(rev.main);
+            }
+            let meta_rev = |key: &[u8]| -> Result<Option<i64>> {
+                r.get(META_BUCKET, key)?
+                    .map(|v| Revision::from_bytes(v).map(|(r, _)| r.main))
+                    .transpose()
+            };
+            (meta_rev(FINISHED_COMPACT)?, meta_rev(SCHEDULED_COMPACT)?)
+        };
+        let compact = finished.unwrap_or(-1);
+        let current = last.max(compact).max(scheduled.unwrap_or(-1));
+        let store = Store {
+            backend,
+            index: RwLock::new(index),
+            current_rev: AtomicI64::new(current),
+            compact_rev: AtomicI64::new(compact),
+        };
+        // An interrupted compaction is finished before anything else.
+        if let Some(s) = scheduled
+            && s > compact
+        {
+            store.compact_rev.store(s, Ordering::SeqCst);
+            let keep = write_index(&store.index).compact(s);
+            store.delete_compacted(s, &keep)?;
+        }
+        Ok(store)
+    }
+
+    /// The backend (for checkpoints, defragmentation, snapshots).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The current revision.
+    pub fn current_revision(&self) -> i64 {
+        self.current_rev.load(Ordering::SeqCst)
+    }
+
+    /// The compacted revision (-1 if never compacted).
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_rev.load(Ordering::SeqCst)
+    }
+
+    /// The applied raft index and term recorded with the data (0, 0 if none).
+    pub fn consistent_index(&self) -> Result<(u64, u64)> {
+        let r = self.backend.begin_read();
+        let get =
+            |k: &[u8]| -> Result<u64> { Ok(r.get(META_BUCKET, k)?.and_then(u64_be).unwrap_or(0)) };
+        Ok((get(CONSISTENT_INDEX)?, get(TERM)?))
+    }
+
+    /// A read view at the current revision. It pins a backend version: hold it briefly.
+    pub fn read(&self) -> ReadView<'_> {
+        let rev = self.current_revision();
+        let txn = self.backend.begin_read();
+        ReadView {
+            store: self,
+            txn,
+            rev,
+        }
+    }
+
+    /// Starts the write transaction (one at a time).
+    pub fn write(&self) -> Result<WriteTxn<'_>> {
+        let txn = self.backend.begin_write()?;
+        let begin_rev = self.current_revision();
+        Ok(WriteTxn {
+            store: self,
+            txn,
+            begin_rev,
+            changes: Vec::new(),
+        })
+    }
+
+    /// Compacts the history at `rev`: reads below it fail with `ErrCompacted` from now on, and
+    /// every revision no read at or after `rev` needs is deleted.
+    pub fn compact(&self, rev: i64) -> Result<()> {
+        let mut txn = self.backend.begin_write()?;
+        if rev <= self.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        if rev > self.current_revision() {
+            return Err(Error::FutureRev);
+        }
+        txn.put(
+            META_BUCKET,
+            SCHEDULED_COMPACT,
+            &Revision::new(rev, 0).to_bytes(false),
+        )?;
+        txn.commit(false)?;
+        // Published first: a read that started before now and could miss history fails.
+        self.compact_rev.store(rev, Ordering::SeqCst);
+        let keep = write_index(&self.index).compact(rev);
+        self.delete_compacted(rev, &keep)
+    }
+
+    /// Deletes the revisions at or below `rev` not in `keep` (what the index compaction kept), in
+    /// batches, then records the compaction as finished.
+    fn delete_compacted(&self, rev: i64, keep: &HashSet<Revision>) -> Result<()> {
+        let end = Revision::main_prefix(rev + 1);
+        let mut from = Vec::new();
+        loop {
+            let mut txn = self.backend.begin_write()?;
+            let mut victims = Vec::new();
+            let mut next = None;
+            for kv in txn.range(KEY_BUCKET, &from, Some(&end))? {
+                let (k, _) = kv?;
+                if victims.len() == COMPACTION_BATCH {
+                    next = Some(k.to_vec());
+                    break;
+                }
+                let (r, _) = Revision::from_bytes(k)?;
+                if !keep.contains(&r) {
+                    victims.push(k.to_vec());
+                }
+            }
+            for k in &victims {
+                txn.delete(KEY_BUCKET, k)?;
+            }
+            if next.is_none() {
+                txn.put(
+                    META_BUCKET,
+                    FINISHED_COMPACT,
+                    &Revision::new(rev, 0).to_bytes(false),
+                )?;
+            }
+            txn.commit(false)?;
+            match next {
+                Some(k) => from = k,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// etcd's HashKV: CRC-32C (Castagnoli) of the bucket name `key`, then of every revision key
+    /// and value up to `rev` (0: current) that a compaction at `rev` would keep, skipping a
+    /// tombstone at exactly the compacted revision. Matches etcd given the same history.
+    pub fn hash_kv(&self, rev: i64) -> Result<HashKv> {
+        let view = self.read();
+        let compact = self.compact_revision();
+        if rev > 0 && rev < compact {
+            return Err(Error::Compacted);
+        }
+        if rev > 0 && rev > view.rev {
+            return Err(Error::FutureRev);
+        }
+        let at = if rev == 0 { view.rev } else { rev };
+        let keep = read_index(&self.index).keep(at);
+        let mut hash = crc32c::crc32c(KEY_BUCKET);
+        let end = Revision::main_prefix(at + 1);
+        for kv in view.txn.range(KEY_BUCKET, b"", Some(&end))? {
+            let (k, v) = kv?;
+            let (r, tombstone) = Revision::from_bytes(k)?;
+            if r.main <= compact && !keep.is_empty() && !keep.contains(&r) {
+                continue;
+            }
+            if r.main == compact && tombstone {
+                continue;
+            }
+            hash = crc32c::crc32c_append(hash, k);
+            hash = crc32c::crc32c_append(hash, v);
+        }
+        Ok(HashKv {
+            hash,
+            compact_revision: compact,
+            revision: view.rev,
+        })
+    }
+
+    /// etcd's Hash: CRC-32C over every bucket's name and entries, except the meta bucket's
+    /// `consistent_index` and `term`.
+    pub fn hash(&self) -> Result<u32> {
+        let r = self.backend.begin_read();
+        let mut hash = 0u32;
+        for bucket in r.buckets() {
+            hash = crc32c::crc32c_append(hash, &bucket);
+            for kv in r.range(&bucket, b"", None)? {
+                let (k, v) = kv?;
+                if bucket == META_BUCKET && (k == CONSISTENT_INDEX || k == TERM) {
+                    continue;
+                }
+                hash = crc32c::crc32c_append(hash, k);
+                hash = crc32c::crc32c_append(hash, v);
+            }
+        }
+        Ok(hash)
+    }
+
+    /// Makes everything committed durable in the backend (a checkpoint).
+    pub fn sync(&self) -> Result<()> {
+        self.backend.sync()
+    }
+}
+
+/// Reads at the store's revision when the view was made. `Send`: readers can be on any thread.
+#[derive(Debug)]
+pub struct ReadView<'s> {
+    store: &'s Store,
+    txn: btree::ReadTxn,
+    rev: i64,
+}
+
+/// Fetches the values of `revs` (in key order) from the backend.
+fn fetch(
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
+    revs: &[(Vec<u8>, Revision)],
+) -> Result<Vec<KeyValue>> {
+    let mut kvs = Vec::with_capacity(revs.len());
+    for (key, rev) in revs {
+        let bytes = get(&rev.to_bytes(false))?.ok_or_else(|| {
+            corrupt_kv(
+                *rev,
+                &format!("missing value of key {:?}", String::from_utf8_lossy(key)),
+            )
+        })?;
+        kvs.push(KeyValue::decode(bytes.as_slice()).map_err(|e| corrupt_kv(*rev, &e.to_string()))?);
+    }
+    Ok(kvs)
+}
+
+/// A key and the revision holding its value.
+type KeyRevision = (Vec<u8>, Revision);
+
+/// The index part of a range: validates the revision, returns the revisions to fetch.
+fn index_range(
+    store: &Store,
+    key: &[u8],
+    end: Option<&[u8]>,
+    current: i64,
+    opts: RangeOptions,
+) -> Result<(Vec<KeyRevision>, usize)> {
+    if opts.rev > current {
+        return Err(Error::FutureRev);
+    }
+    let rev = if opts.rev <= 0 { current } else { opts.rev };
+    if rev < store.compact_revision() {
+        return Err(Error::Compacted);
+    }
+    let index = read_index(&store.index);
+    let result = if opts.count {
+        (Vec::new(), index.count(key, end, rev))
+    } else {
+        let limit = if opts.limit > 0 {
+            opts.limit as usize
+        } else {
+            0
+        };
+        let (live, total) = index.revisions(key, end, rev, limit);
+        (
+            live.into_iter()
+                .map(|(k, f)| (k.to_vec(), f.modified))
+                .collect(),
+            total,
+        )
+    };
+    drop(index);
+    // Checked again after reading the index: a compaction that began meanwhile may have removed
+    // history this read needs.
+    if rev < store.compact_revision() {
+        return Err(Error::Compacted);
+    }
+    Ok(result)
+}
+
+impl ReadView<'_> {
+    /// The revision this view reads at by default.
+    pub fn rev(&self) -> i64 {
+        self.rev
+    }
+
+    /// The compacted revision.
+    pub fn compact_revision(&self) -> i64 {
+        self.store.compact_revision()
+    }
+
+    /// Keys in the range (see [`super::index`] for `end`).
+    pub fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
+        let (revs, count) = index_range(self.store, key, end, self.rev, opts)?;
+        let kvs = fetch(
+            |k| Ok(self.txn.get(KEY_BUCKET, k)?.map(<[u8]>::to_vec)),
+            &revs,
+        )?;
+        Ok(RangeResult {
+            kvs,
+            count,
+            rev: self.rev,
+        })
+    }
+}
+
+/// The write transaction: every write in it gets the revision `begin + 1`, with increasing subs.
+pub struct WriteTxn<'s> {
+    store: &'s Store,
+    txn: btree::WriteTxn<'s>,
+    begin_rev: i64,
+    changes: Vec<Change>,
+}
+
+impl WriteTxn<'_> {
+    /// The revision reads in this transaction see: `begin + 1` once it has written.
+    pub fn rev(&self) -> i64 {
+        if self.changes.is_empty() {
+            self.begin_rev
+        } else {
+            self.begin_rev + 1
+        }
+    }
+
+    /// The compacted revision.
+    pub fn compact_revision(&self) -> i64 {
+        self.store.compact_revision()
+    }
+
+    /// The changes so far.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// Keys in the range, seeing this transaction's writes.
+    pub fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
+        let current = self.rev();
+        let (revs, count) = index_range(self.store, key, end, current, opts)?;
+        let kvs = fetch(
+            |k| Ok(self.txn.get(KEY_BUCKET, k)?.map(<[u8]>::to_vec)),
+            &revs,
+        )?;
+        Ok(RangeResult {
+            kvs,
+            count,
+            rev: current,
+        })
+    }
+
+    /// Puts `key` = `value` with `lease` (0: none). Returns the revision.
+    pub fn put(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<i64> {
+        let rev = self.begin_rev + 1;
+        let found = read_index(&self.store.index).get(key, rev);
+        let (created, version) = match found {
+            Some(f) => (f.created.main, f.version),
+            None => (rev, 0),
+        };
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: created,
+            mod_revision: rev,
+            version: version + 1,
+            value: value.to_vec(),
+            lease,
+        };
+        let revision = Revision::new(rev, self.changes.len() as i64);
+        self.txn
+            .put(KEY_BUCKET, &revision.to_bytes(false), &kv.encode_to_vec())?;
+        write_index(&self.store.index).put(key, revision);
+        self.changes.push(Change { kv, delete: false });
+        Ok(rev)
+    }
+
+    /// Deletes the keys live in the range. Returns how many, and the revision (unchanged if
+    /// nothing was deleted and nothing written before in this transaction).
+    pub fn delete_range(&mut self, key: &[u8], end: Option<&[u8]>) -> Result<(i64, i64)> {
+        let at = self.rev();
+        let keys: Vec<Vec<u8>> = {
+            let index = read_index(&self.store.index);
+            index
+                .revisions(key, end, at, 0)
+                .0
+                .into_iter()
+                .map(|(k, _)| k.to_vec())
+                .collect()
+        };
+        let rev = self.begin_rev + 1;
+        for k in &keys {
+            let revision = Revision::new(rev, self.changes.len() as i64);
+            let kv = KeyValue {
+                key: k.clone(),
+                mod_revision: rev,
+                ..KeyValue::default()
+            };
+            let stored = KeyValue {
+                key: k.clone(),
+                ..KeyValue::default()
+            };
+            self.txn.put(
+                KEY_BUCKET,
+                &revision.to_bytes(true),
+                &stored.encode_to_vec(),
+            )?;
+            write_index(&self.store.index).tombstone(k, revision);
+            self.changes.push(Change { kv, delete: true });
+        }
+        let n = keys.len() as i64;
+        Ok((
+            n,
+            if n != 0 || !self.changes.is_empty() {
+                rev
+            } else {
+                self.begin_rev
+            },
+        ))
+    }
+
+    /// Commits (without syncing: the WAL is the durability point) and publishes the new
+    /// revision. `applied` = (raft index, term) is recorded with the data. Returns the changes.
+    pub fn end(mut self, applied: Option<(u64, u64)>) -> Result<Vec<Change>> {
+        if let Some((index, term)) = applied {
+            self.txn
+                .put(META_BUCKET, CONSISTENT_INDEX, &be_u64(index))?;
+            if term > 0 {
+                self.txn.put(META_BUCKET, TERM, &be_u64(term))?;
+            }
+        }
+        self.txn.commit(false)?;
+        if !self.changes.is_empty() {
+            self.store
+                .current_rev
+                .store(self.begin_rev + 1, Ordering::SeqCst);
+        }
+        Ok(self.changes)
+    }
+}
