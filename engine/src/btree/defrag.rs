@@ -3,14 +3,15 @@
 //!
 //! The copy is made from a pinned version while the writer lock is held: writes wait (as in etcd),
 //! readers do not. Keys are inserted in order, and splits at the end of a node leave full pages
-//! behind, so the new file is dense. The copy is synced, renamed over the original, and becomes
+//! behind, so the new file is dense; it is cut to exactly its pages at the end. The copy is synced, renamed over the original, and becomes
 //! the backend's file; read transactions begun before keep reading the old file through their
 //! own map (its inode lives until they finish), so they never see the switch.
 
 use std::sync::Arc;
 
+use super::mmap::Map;
 use super::node::{ChildRef, RangeIter, Source};
-use super::{Backend, BackendOptions, lock, open_file};
+use super::{Backend, BackendOptions, Version, lock, open_file};
 use crate::error::{Error, Result};
 
 /// Sizes before and after a defragmentation.
@@ -77,11 +78,32 @@ impl Backend {
             .writer
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
-        let new_current = shared
+        let copied = shared
             .readers
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .current;
+        // The copy grew in steps; cut it to exactly its pages. Nothing else maps it yet (its only
+        // version is `copied`, remade here with a map of the new length), so shrinking is safe.
+        let exact = new_writer.high_water * copied.page_size as u64;
+        new_writer
+            .file
+            .set_len(exact)
+            .map_err(|e| Error::io("truncating", &tmp, e))?;
+        new_writer
+            .file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", &tmp, e))?;
+        new_writer.file_len = exact;
+        let map = Map::new(&new_writer.file, exact as usize)
+            .map_err(|e| Error::io("mapping", &tmp, e))?;
+        new_writer.map = Arc::new(map);
+        let copied = Arc::try_unwrap(copied)
+            .map_err(|_| Error::InvalidArgument("defrag copy version still in use".into()))?;
+        let new_current = Arc::new(Version {
+            map: new_writer.map.clone(),
+            ..copied
+        });
         std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming", &tmp, e))?;
         if let Some(dir) = path.parent() {
             let dir = if dir.as_os_str().is_empty() {

@@ -707,8 +707,10 @@ impl ReadTxn {
 
     /// The value of `key` in `bucket`.
     pub fn get(&self, bucket: &[u8], key: &[u8]) -> Result<Option<&[u8]>> {
-        let root = bucket_root(&self.version, bucket)?;
-        node::get(&self.version, node::Source::Pages, root, key)
+        match bucket_root(&self.version, bucket)? {
+            node::ChildRef::Page(root) => node::get_clean(&self.version, root, key),
+            _ => Ok(None),
+        }
     }
 
     /// Entries of `bucket` with `start <= key < end` (`end = None`: to the last key), in order.

@@ -113,6 +113,18 @@ impl<'a> NodeRef<'a> {
         }
     }
 
+    /// Key and value `i` of a leaf, the value resolved to its bytes.
+    #[inline]
+    pub(crate) fn entry(&self, version: &'a Version, i: usize) -> Result<(&'a [u8], &'a [u8])> {
+        match self {
+            NodeRef::Page(p) => {
+                let (k, v) = p.entry(i)?;
+                Ok((k, version.resolve(v)?))
+            }
+            NodeRef::Dirty(_) => Ok((self.key(i)?, self.value(version, i)?)),
+        }
+    }
+
     /// Value `i` of a leaf, resolved to its bytes.
     pub(crate) fn value(&self, version: &'a Version, i: usize) -> Result<&'a [u8]> {
         match self {
@@ -183,6 +195,29 @@ pub(crate) fn get<'a>(
         page_id(r),
         format!("tree deeper than {MAX_DEPTH} levels"),
     ))
+}
+
+/// `get` for read transactions: clean pages only, so no dirty-node dispatch on the hot path.
+pub(crate) fn get_clean<'a>(
+    version: &'a Version,
+    root: u64,
+    key: &[u8],
+) -> Result<Option<&'a [u8]>> {
+    let mut id = root;
+    for _ in 0..MAX_DEPTH {
+        let view = version.view(id)?;
+        match view.kind() {
+            Kind::Leaf => {
+                return match view.search(key)? {
+                    Ok(i) => version.resolve(view.entry(i)?.1).map(Some),
+                    Err(_) => Ok(None),
+                };
+            }
+            Kind::Branch => id = view.child(view.child_index(key)?),
+            _ => return Err(corrupt(id, "catalog page inside a tree")),
+        }
+    }
+    Err(corrupt(id, format!("tree deeper than {MAX_DEPTH} levels")))
 }
 
 /// An in-order iterator over `[start, end)` of one tree.
@@ -272,12 +307,11 @@ impl<'a> RangeIter<'a> {
                 return Ok(None);
             };
             if i < leaf.len() {
-                let key = leaf.key(i)?;
+                let (key, value) = leaf.entry(self.version, i)?;
                 if self.end.is_some_and(|end| key >= end) {
                     self.done = true;
                     return Ok(None);
                 }
-                let value = leaf.value(self.version, i)?;
                 self.stack.last_mut().expect("non-empty").1 += 1;
                 return Ok(Some((key, value)));
             }

@@ -204,6 +204,9 @@ pub struct PageView<'a> {
     /// The page's number (for error messages).
     pub id: u64,
     bytes: &'a [u8],
+    /// The slot table (`count` slots of `slot` bytes), validated to lie inside the page.
+    slots: &'a [u8],
+    slot: usize,
     kind: Kind,
     count: usize,
 }
@@ -214,6 +217,12 @@ pub fn corrupt(id: u64, what: impl std::fmt::Display) -> Error {
         page: id,
         reason: what.to_string(),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn outside(id: u64, what: &str, i: usize) -> Error {
+    corrupt(id, format!("{what} {i} lies outside the page"))
 }
 
 impl<'a> PageView<'a> {
@@ -227,15 +236,17 @@ impl<'a> PageView<'a> {
             Kind::Leaf | Kind::Catalog => LEAF_SLOT,
             _ => return Err(corrupt(id, format!("expected a tree page, found {kind:?}"))),
         };
-        if HEADER + count * slot > bytes.len() {
-            return Err(corrupt(id, format!("{count} slots do not fit in the page")));
-        }
+        let slots = bytes
+            .get(HEADER..HEADER + count * slot)
+            .ok_or_else(|| corrupt(id, format!("{count} slots do not fit in the page")))?;
         if kind == Kind::Branch && count == 0 {
             return Err(corrupt(id, "branch page without children"));
         }
         Ok(PageView {
             id,
             bytes,
+            slots,
+            slot,
             kind,
             count,
         })
@@ -256,58 +267,72 @@ impl<'a> PageView<'a> {
         self.count == 0
     }
 
-    fn slot_at(&self, i: usize) -> usize {
-        let slot = if self.kind == Kind::Branch {
-            BRANCH_SLOT
-        } else {
-            LEAF_SLOT
-        };
-        HEADER + i * slot
+    /// Slot `i`'s bytes (`i < count`, checked by the slice).
+    #[inline]
+    fn slot(&self, i: usize) -> &'a [u8] {
+        &self.slots[i * self.slot..(i + 1) * self.slot]
+    }
+
+    #[inline]
+    fn key_of(&self, slot: &[u8]) -> Option<&'a [u8]> {
+        let off = u16_at(slot, 0) as usize;
+        let len = u16_at(slot, 2) as usize;
+        self.bytes.get(off..off + len)
     }
 
     /// Key `i`.
+    #[inline]
     pub fn key(&self, i: usize) -> Result<&'a [u8]> {
-        let s = self.slot_at(i);
-        let off = u16_at(self.bytes, s) as usize;
-        let len = u16_at(self.bytes, s + 2) as usize;
-        self.bytes
-            .get(off..off + len)
-            .ok_or_else(|| corrupt(self.id, format!("key {i} lies outside the page")))
+        self.key_of(self.slot(i))
+            .ok_or_else(|| outside(self.id, "key", i))
     }
 
-    /// Value `i` of a leaf.
-    pub fn value(&self, i: usize) -> Result<StoredValue<'a>> {
-        let s = self.slot_at(i);
-        let off = u16_at(self.bytes, s) as usize + u16_at(self.bytes, s + 2) as usize;
-        let v = u32_at(self.bytes, s + 4);
-        if v & OVERFLOW_FLAG == 0 {
-            let len = v as usize;
-            let bytes = self
-                .bytes
-                .get(off..off + len)
-                .ok_or_else(|| corrupt(self.id, format!("value {i} lies outside the page")))?;
-            Ok(StoredValue::Inline(bytes))
+    /// Key and stored value `i` of a leaf, reading the slot once.
+    #[inline]
+    pub fn entry(&self, i: usize) -> Result<(&'a [u8], StoredValue<'a>)> {
+        let slot = self.slot(i);
+        let key = self
+            .key_of(slot)
+            .ok_or_else(|| outside(self.id, "key", i))?;
+        let off = u16_at(slot, 0) as usize + key.len();
+        let v = u32_at(slot, 4);
+        let value = if v & OVERFLOW_FLAG == 0 {
+            StoredValue::Inline(
+                self.bytes
+                    .get(off..off + v as usize)
+                    .ok_or_else(|| outside(self.id, "value", i))?,
+            )
         } else {
             let r = self
                 .bytes
                 .get(off..off + OVERFLOW_REF)
-                .ok_or_else(|| corrupt(self.id, format!("value {i} lies outside the page")))?;
-            Ok(StoredValue::Overflow(u64_at(r, 0), u32_at(r, 8)))
-        }
+                .ok_or_else(|| outside(self.id, "value", i))?;
+            StoredValue::Overflow(u64_at(r, 0), u32_at(r, 8))
+        };
+        Ok((key, value))
+    }
+
+    /// Value `i` of a leaf.
+    pub fn value(&self, i: usize) -> Result<StoredValue<'a>> {
+        Ok(self.entry(i)?.1)
     }
 
     /// Child `i` of a branch.
     pub fn child(&self, i: usize) -> u64 {
-        u64_at(self.bytes, self.slot_at(i) + 4)
+        u64_at(self.slot(i), 4)
     }
 
     /// For a branch: the child that may hold `key`. For a leaf: `Ok(i)` if entry `i` has `key`,
     /// `Err(i)` where it would be inserted.
+    #[inline]
     pub fn search(&self, key: &[u8]) -> Result<std::result::Result<usize, usize>> {
         let (mut lo, mut hi) = (0, self.count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            match self.key(mid)?.cmp(key) {
+            let k = self
+                .key_of(self.slot(mid))
+                .ok_or_else(|| outside(self.id, "key", mid))?;
+            match k.cmp(key) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return Ok(Ok(mid)),
