@@ -157,6 +157,7 @@ impl Version {
     }
 
     /// Resolves a stored value to its bytes.
+    #[inline]
     pub fn resolve<'a>(&'a self, v: StoredValue<'a>) -> Result<&'a [u8]> {
         match v {
             StoredValue::Inline(b) => Ok(b),

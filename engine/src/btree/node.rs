@@ -224,10 +224,19 @@ pub(crate) fn get_clean<'a>(
 pub struct RangeIter<'a> {
     version: &'a Version,
     source: Source<'a>,
-    /// Path from the root: each node and the index of the entry/child being visited.
-    stack: Vec<(NodeRef<'a>, usize)>,
+    /// Branches from the root to the current leaf, with the child taken in each.
+    path: Vec<(NodeRef<'a>, usize)>,
+    /// The current leaf (kept out of `path` so the per-entry step touches only these fields),
+    /// the next entry in it, and its length.
+    leaf: Option<NodeRef<'a>>,
+    idx: usize,
+    len: usize,
     end: Option<&'a [u8]>,
     done: bool,
+}
+
+fn too_deep(r: ChildRef) -> crate::error::Error {
+    corrupt(page_id(r), format!("tree deeper than {MAX_DEPTH} levels"))
 }
 
 impl<'a> RangeIter<'a> {
@@ -242,80 +251,83 @@ impl<'a> RangeIter<'a> {
         let mut it = RangeIter {
             version,
             source,
-            stack: Vec::new(),
+            path: Vec::new(),
+            leaf: None,
+            idx: 0,
+            len: 0,
             end,
             done: false,
         };
         let mut r = root;
         loop {
-            if it.stack.len() >= MAX_DEPTH {
-                return Err(corrupt(
-                    page_id(r),
-                    format!("tree deeper than {MAX_DEPTH} levels"),
-                ));
+            if it.path.len() >= MAX_DEPTH {
+                return Err(too_deep(r));
             }
             let Some(node) = NodeRef::get(version, source, r)? else {
                 it.done = true;
                 return Ok(it);
             };
             if node.is_leaf() {
-                let i = match node.search(start)? {
+                it.idx = match node.search(start)? {
                     Ok(i) | Err(i) => i,
                 };
-                it.stack.push((node, i));
+                it.len = node.len();
+                it.leaf = Some(node);
                 return Ok(it);
             }
             let i = node.child_index(start)?;
-            it.stack.push((node, i));
+            it.path.push((node, i));
             r = node.child(i);
         }
     }
 
-    /// Moves to the leftmost leaf after the current leaf is exhausted. `false` at the end.
-    fn advance_leaf(&mut self) -> Result<bool> {
-        loop {
-            self.stack.pop();
-            let Some((node, i)) = self.stack.last_mut() else {
+    /// Moves to the next leaf. `false` at the end of the tree.
+    fn next_leaf(&mut self) -> Result<bool> {
+        let mut r = loop {
+            let Some((node, i)) = self.path.last_mut() else {
                 return Ok(false);
             };
             *i += 1;
             if *i < node.len() {
-                break;
+                break node.child(*i);
             }
-        }
-        // Descend to the leftmost leaf under the new position.
+            self.path.pop();
+        };
+        // Descend to the leftmost leaf below.
         loop {
-            let (node, i) = *self.stack.last().expect("non-empty");
+            if self.path.len() >= MAX_DEPTH {
+                return Err(too_deep(r));
+            }
+            let node = NodeRef::get(self.version, self.source, r)?
+                .ok_or_else(|| corrupt(0, "branch with an empty child"))?;
             if node.is_leaf() {
+                self.leaf = Some(node);
+                self.idx = 0;
+                self.len = node.len();
                 return Ok(true);
             }
-            if self.stack.len() >= MAX_DEPTH {
-                return Err(corrupt(0, format!("tree deeper than {MAX_DEPTH} levels")));
-            }
-            let child = NodeRef::get(self.version, self.source, node.child(i))?
-                .ok_or_else(|| corrupt(0, "branch with an empty child"))?;
-            self.stack.push((child, 0));
+            self.path.push((node, 0));
+            r = node.child(0);
         }
     }
 
+    #[inline]
     fn next_entry(&mut self) -> Result<Option<(&'a [u8], &'a [u8])>> {
         if self.done {
             return Ok(None);
         }
         loop {
-            let Some(&(leaf, i)) = self.stack.last() else {
-                return Ok(None);
-            };
-            if i < leaf.len() {
-                let (key, value) = leaf.entry(self.version, i)?;
+            if self.idx < self.len {
+                let leaf = self.leaf.as_ref().expect("a leaf while entries remain");
+                let (key, value) = leaf.entry(self.version, self.idx)?;
                 if self.end.is_some_and(|end| key >= end) {
                     self.done = true;
                     return Ok(None);
                 }
-                self.stack.last_mut().expect("non-empty").1 += 1;
+                self.idx += 1;
                 return Ok(Some((key, value)));
             }
-            if !self.advance_leaf()? {
+            if !self.next_leaf()? {
                 self.done = true;
                 return Ok(None);
             }
@@ -326,6 +338,7 @@ impl<'a> RangeIter<'a> {
 impl<'a> Iterator for RangeIter<'a> {
     type Item = Result<(&'a [u8], &'a [u8])>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         match self.next_entry() {
             Ok(Some(kv)) => Some(Ok(kv)),

@@ -611,6 +611,21 @@ fn run_write(
     })
 }
 
+/// A Txn inside an open write transaction (a batch): its writes share the transaction's current
+/// revision; call [`WriteTxn::finish_revision`] after it. Read-only txns write nothing.
+pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest) -> Result<TxnResponse> {
+    let mut path = Vec::new();
+    txn_path(w, t, &mut path);
+    check_path(w, t, &mut path.iter())?;
+    let mut resp = if is_read_only(t) {
+        run_read(w, t, &mut path.iter())?
+    } else {
+        run_write(w, t, &mut path.iter())?
+    };
+    resp.revision = w.rev();
+    Ok(resp)
+}
+
 /// A whole Txn, as etcd applies it. Read-only txns run on a read view and never bump the
 /// revision; others run in one write transaction (one revision for all their writes) recorded
 /// with `applied` (raft index, term). Returns the response and the changes made.
@@ -629,11 +644,7 @@ pub fn txn(
         return Ok((resp, Vec::new()));
     }
     let mut w = store.write()?;
-    let mut path = Vec::new();
-    txn_path(&w, t, &mut path);
-    check_path(&w, t, &mut path.iter())?;
-    let mut resp = run_write(&mut w, t, &mut path.iter())?;
-    resp.revision = w.rev();
+    let resp = txn_in(&mut w, t)?;
     let changes = w.end(applied)?;
     Ok((resp, changes))
 }

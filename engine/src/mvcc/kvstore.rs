@@ -548,8 +548,20 @@ impl WriteTxn<'_> {
         ))
     }
 
+    /// Closes the current revision and starts the next one in the same backend transaction, so
+    /// that a batch of requests (each its own revision, as in etcd) costs one backend commit.
+    /// Returns the changes of the closed revision. Readers see none of the batch until `end`.
+    pub fn finish_revision(&mut self) -> Vec<Change> {
+        let changes = std::mem::take(&mut self.changes);
+        if !changes.is_empty() {
+            self.begin_rev += 1;
+        }
+        changes
+    }
+
     /// Commits (without syncing: the WAL is the durability point) and publishes the new
-    /// revision. `applied` = (raft index, term) is recorded with the data. Returns the changes.
+    /// revision. `applied` = (raft index, term) is recorded with the data. Returns the changes of
+    /// the last revision (see [`WriteTxn::finish_revision`] for the earlier ones).
     pub fn end(mut self, applied: Option<(u64, u64)>) -> Result<Vec<Change>> {
         if let Some((index, term)) = applied {
             self.txn
@@ -559,10 +571,13 @@ impl WriteTxn<'_> {
             }
         }
         self.txn.commit(false)?;
-        if !self.changes.is_empty() {
-            self.store
-                .current_rev
-                .store(self.begin_rev + 1, Ordering::SeqCst);
+        let last = if self.changes.is_empty() {
+            self.begin_rev
+        } else {
+            self.begin_rev + 1
+        };
+        if last > self.store.current_revision() {
+            self.store.current_rev.store(last, Ordering::SeqCst);
         }
         Ok(self.changes)
     }
