@@ -349,24 +349,6 @@ pub struct ReadView<'s> {
     rev: i64,
 }
 
-/// Fetches the values of `revs` (in key order) from the backend.
-fn fetch(
-    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
-    revs: &[(Vec<u8>, Revision)],
-) -> Result<Vec<KeyValue>> {
-    let mut kvs = Vec::with_capacity(revs.len());
-    for (key, rev) in revs {
-        let bytes = get(&rev.to_bytes(false))?.ok_or_else(|| {
-            corrupt_kv(
-                *rev,
-                &format!("missing value of key {:?}", String::from_utf8_lossy(key)),
-            )
-        })?;
-        kvs.push(KeyValue::decode(bytes.as_slice()).map_err(|e| corrupt_kv(*rev, &e.to_string()))?);
-    }
-    Ok(kvs)
-}
-
 /// A key and the revision holding its value.
 type KeyRevision = (Vec<u8>, Revision);
 
@@ -411,6 +393,34 @@ fn index_range(
     Ok(result)
 }
 
+/// A range at `current` (the reader's revision): the index gives the revisions, `get` reads
+/// their values from the reader's backend view.
+fn range_with<'t>(
+    store: &Store,
+    key: &[u8],
+    end: Option<&[u8]>,
+    current: i64,
+    opts: RangeOptions,
+    get: impl Fn(&[u8]) -> Result<Option<&'t [u8]>>,
+) -> Result<RangeResult> {
+    let (revs, count) = index_range(store, key, end, current, opts)?;
+    let mut kvs = Vec::with_capacity(revs.len());
+    for (k, rev) in &revs {
+        let bytes = get(&rev.to_bytes(false))?.ok_or_else(|| {
+            corrupt_kv(
+                *rev,
+                &format!("missing value of key {:?}", String::from_utf8_lossy(k)),
+            )
+        })?;
+        kvs.push(KeyValue::decode(bytes).map_err(|e| corrupt_kv(*rev, &e.to_string()))?);
+    }
+    Ok(RangeResult {
+        kvs,
+        count,
+        rev: current,
+    })
+}
+
 impl ReadView<'_> {
     /// The revision this view reads at by default.
     pub fn rev(&self) -> i64 {
@@ -424,15 +434,8 @@ impl ReadView<'_> {
 
     /// Keys in the range (see [`super::index`] for `end`).
     pub fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
-        let (revs, count) = index_range(self.store, key, end, self.rev, opts)?;
-        let kvs = fetch(
-            |k| Ok(self.txn.get(KEY_BUCKET, k)?.map(<[u8]>::to_vec)),
-            &revs,
-        )?;
-        Ok(RangeResult {
-            kvs,
-            count,
-            rev: self.rev,
+        range_with(self.store, key, end, self.rev, opts, |k| {
+            self.txn.get(KEY_BUCKET, k)
         })
     }
 }
@@ -467,16 +470,8 @@ impl WriteTxn<'_> {
 
     /// Keys in the range, seeing this transaction's writes.
     pub fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
-        let current = self.rev();
-        let (revs, count) = index_range(self.store, key, end, current, opts)?;
-        let kvs = fetch(
-            |k| Ok(self.txn.get(KEY_BUCKET, k)?.map(<[u8]>::to_vec)),
-            &revs,
-        )?;
-        Ok(RangeResult {
-            kvs,
-            count,
-            rev: current,
+        range_with(self.store, key, end, self.rev(), opts, |k| {
+            self.txn.get(KEY_BUCKET, k)
         })
     }
 
