@@ -228,3 +228,50 @@ fn defrag_shrinks_the_file_while_a_reader_reads() {
     );
     b.check().unwrap();
 }
+
+/// Keys of very different lengths on small pages, deleted in runs of different widths: many
+/// leaf and branch merges with separators of different sizes; every commit must pass `check()`.
+/// (The exact branch-merge sizing case found in review is a unit test in `btree/write.rs`.)
+#[test]
+fn branch_merges_with_keys_of_varied_length_stay_within_a_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::open(dir.path().join("db"), small()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let k = |i: u64| {
+        // Long keys sort first in every group of 8 and become separators; short ones follow.
+        let mut key = format!("{:06}-{}", i / 8, i % 8).into_bytes();
+        if i.is_multiple_of(8) {
+            key.resize(200, b'~');
+        }
+        key
+    };
+    let n = 30_000u64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let mut txn = b.begin_write().unwrap();
+        for &i in chunk {
+            txn.put(b"key", &k(i), b"v").unwrap();
+        }
+        txn.commit(false).unwrap();
+    }
+    b.check().unwrap();
+    // Delete in runs of different widths and phases, committing often.
+    for (round, (width, phase)) in [(7u64, 1u64), (5, 3), (3, 0), (2, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut txn = b.begin_write().unwrap();
+        for i in 0..n {
+            if (i / width + phase).is_multiple_of(2) {
+                txn.delete(b"key", &k(i)).unwrap();
+            }
+            if i % 2000 == 1999 {
+                txn.commit(false).unwrap();
+                b.check()
+                    .unwrap_or_else(|e| panic!("round {round} at {i}: {e}"));
+                txn = b.begin_write().unwrap();
+            }
+        }
+        txn.commit(true).unwrap();
+        b.check().unwrap();
+    }
+}

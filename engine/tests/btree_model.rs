@@ -37,8 +37,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Keys of varied length (up to 205 bytes, near the limit for 1 KiB pages), so that splits and
+/// merges meet separators of different sizes.
 fn key(k: u16) -> Vec<u8> {
-    format!("k{k:05}").into_bytes()
+    let mut key = format!("k{k:05}").into_bytes();
+    if k.is_multiple_of(4) {
+        key.resize(6 + (k as usize * 37) % 200, b'~');
+    }
+    key
 }
 
 fn options() -> BackendOptions {

@@ -631,3 +631,145 @@ fn reads_at_a_revision_run_beside_the_writer() {
     );
     store.backend().check().unwrap();
 }
+
+/// Review finding: a txn whose later put (`ignore_value`) needs a key its own earlier delete
+/// removed used to fail half-applied, leaving tombstones in the index that never reached the
+/// backend. It is refused before it writes anything, and the store is unchanged.
+#[test]
+fn a_txn_that_would_fail_half_way_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("db"), options()).unwrap();
+    for k in ["a", "b", "c"] {
+        apply::put_request(
+            &store,
+            &PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    }
+    let before = apply::range(
+        &store.read(),
+        &RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let t = TxnRequest {
+        success: vec![
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                key: b"a".to_vec(),
+                range_end: vec![0],
+                ..Default::default()
+            }),
+            RequestOp::Put(PutRequest {
+                key: b"b".to_vec(),
+                ignore_value: true,
+                ..Default::default()
+            }),
+        ],
+        ..Default::default()
+    };
+    apply::check_txn(&t, 128).unwrap(); // etcd's duplicate-key rule lets it through
+    let err = apply::txn(&store, &t, None).unwrap_err();
+    assert_eq!(err.to_string(), "etcdserver: key not found");
+    let after = apply::range(
+        &store.read(),
+        &RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(after, before);
+    // The next writes see a consistent index (this used to panic on an out-of-order revision).
+    let (resp, _) = apply::put_request(
+        &store,
+        &PutRequest {
+            key: b"b".into(),
+            value: b"w".to_vec(),
+            prev_kv: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(resp.revision, 5);
+    assert_eq!(resp.prev_kv.unwrap().version, 1);
+    // A put after a delete of its key in the same txn, with a re-put in between, is fine.
+    let t = TxnRequest {
+        success: vec![
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                key: b"c".to_vec(),
+                ..Default::default()
+            }),
+            RequestOp::Txn(TxnRequest {
+                success: vec![RequestOp::Put(PutRequest {
+                    key: b"c".into(),
+                    value: b"new".to_vec(),
+                    ..Default::default()
+                })],
+                ..Default::default()
+            }),
+        ],
+        ..Default::default()
+    };
+    assert!(apply::txn(&store, &t, None).unwrap().0.succeeded);
+}
+
+/// A write transaction dropped without `end` leaves the index as it found it.
+#[test]
+fn a_dropped_write_transaction_undoes_its_index_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("db"), options()).unwrap();
+    apply::put_request(
+        &store,
+        &PutRequest {
+            key: b"a".into(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    {
+        let mut w = store.write().unwrap();
+        w.put(b"a", b"2", 0).unwrap();
+        w.put(b"new", b"x", 0).unwrap();
+        w.delete_range(b"a", None).unwrap();
+    }
+    let (resp, _) = apply::put_request(
+        &store,
+        &PutRequest {
+            key: b"a".into(),
+            value: b"3".to_vec(),
+            prev_kv: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(resp.revision, 3);
+    let prev = resp.prev_kv.unwrap();
+    assert_eq!((prev.value.as_slice(), prev.version), (&b"1"[..], 1));
+    let r = apply::range(
+        &store.read(),
+        &RangeRequest {
+            key: b"new".to_vec(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.kvs.is_empty());
+    let mut w = store.write().unwrap();
+    w.put(b"a", b"4", 0).unwrap();
+    w.fail();
+    assert!(w.end(None).is_err());
+    assert_eq!(store.current_revision(), 3);
+}

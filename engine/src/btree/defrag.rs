@@ -105,23 +105,26 @@ impl Backend {
             ..copied
         });
         std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming", &tmp, e))?;
-        if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                dir
-            };
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io("fsync of directory", dir, e))?;
-        }
-        new_writer.path = path;
+        // From the rename on, the path names the copy: switch to it before anything else can
+        // fail, so that no later write goes to the old, unlinked file.
+        new_writer.path = path.clone();
         new_writer.observer = w.observer.take();
         let size_after = new_writer.file_len;
         // The copy's file descriptor carries its flock; the old one is released with the old
         // state (its inode stays alive for readers mapping it).
         *w = new_writer;
         lock(&self.shared.readers).current = new_current;
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            let synced = std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("fsync of directory", dir, e));
+            super::poison_on_error(&mut w, synced)?;
+        }
         Ok(DefragReport {
             size_before,
             size_after,

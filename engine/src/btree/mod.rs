@@ -188,6 +188,10 @@ pub(crate) struct WriterState {
     pub options: BackendOptions,
     /// Test hook: sees every write (offset, bytes) before it is issued.
     pub observer: Option<WriteObserver>,
+    /// Set by the first failed commit or sync: what is on disk and in memory may disagree (for
+    /// instance, Linux may drop dirty pages after a failed fdatasync), so nothing more is written
+    /// until the backend is reopened, which recovers the last durable version.
+    pub poisoned: Option<String>,
 }
 
 impl std::fmt::Debug for WriterState {
@@ -266,6 +270,9 @@ impl Backend {
     /// Starts the write transaction, waiting for the previous one to finish.
     pub fn begin_write(&self) -> Result<WriteTxn<'_>> {
         let mut w = lock(&self.shared.writer);
+        if let Some(why) = &w.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
         let base = {
             let r = lock(&self.shared.readers);
             let oldest = r.live.keys().next().copied().unwrap_or(u64::MAX);
@@ -284,8 +291,12 @@ impl Backend {
     /// Makes the latest committed version durable (see the module docs for the protocol).
     pub fn sync(&self) -> Result<()> {
         let mut w = lock(&self.shared.writer);
+        if let Some(why) = &w.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
         let current = lock(&self.shared.readers).current.clone();
-        sync_locked(&mut w, &current)
+        let result = sync_locked(&mut w, &current);
+        poison_on_error(&mut w, result)
     }
 
     /// Creates every bucket etcd uses, if missing, and commits durably.
@@ -353,9 +364,21 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
         init_file(&file, &path, options.page_size, base)?;
         file_len = file.metadata().map_err(io("stat", &path))?.len();
     }
-    let (meta, slot) = read_metas(&file, &path, file_len)?;
+    let (meta, slot) = match read_metas(&file, &path, file_len) {
+        Ok(found) => found,
+        // No valid meta in a file no bigger than its two meta pages: its creation was torn by a
+        // crash before the first sync completed, and it holds no data. Create it again.
+        Err(_) if file_len <= 2 * options.page_size as u64 => {
+            tracing::warn!(path = %path.display(), "re-initialising a backend file whose creation was interrupted");
+            file.set_len(0).map_err(io("truncating", &path))?;
+            init_file(&file, &path, options.page_size, base)?;
+            file_len = file.metadata().map_err(io("stat", &path))?.len();
+            read_metas(&file, &path, file_len)?
+        }
+        Err(e) => return Err(e),
+    };
     let p = meta.page_size as usize;
-    let needed = meta.page_count * p as u64;
+    let needed = meta.page_count.saturating_mul(p as u64);
     if file_len < needed {
         return Err(Error::CorruptPage {
             page: meta.page_count - 1,
@@ -394,6 +417,7 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
         durable_freelist,
         options,
         observer: None,
+        poisoned: None,
     };
     let readers = Readers {
         current: Arc::new(version),
@@ -667,6 +691,15 @@ pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> 
     w.durable_slot = slot;
     w.high_water = page_count;
     Ok(())
+}
+
+/// Poisons the backend if `result` is an error (see `WriterState::poisoned`).
+pub(crate) fn poison_on_error<T>(w: &mut WriterState, result: Result<T>) -> Result<T> {
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "backend write failed; refusing further writes until reopened");
+        w.poisoned.get_or_insert_with(|| e.to_string());
+    }
+    result
 }
 
 /// First page of `n` consecutive free pages, if any.

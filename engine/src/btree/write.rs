@@ -233,12 +233,14 @@ impl<'b> WriteTxn<'b> {
         }
     }
 
-    /// Pages of the overflow run at `first` (for freeing it).
-    fn free_overflow(&mut self, first: u64) -> Result<()> {
-        let run = self.base.whole_run(first, Kind::Overflow)?;
-        let pages = (run.len() / self.page_size()) as u64;
-        self.freed.extend(first..first + pages);
-        Ok(())
+    /// The pages of the overflow run of a stored value, if it has one (read before any change,
+    /// so that a damaged run fails the operation before it has changed anything).
+    fn overflow_pages(&self, v: &Value) -> Result<Option<std::ops::Range<u64>>> {
+        let Value::Overflow(first, _) = v else {
+            return Ok(None);
+        };
+        let run = self.base.whole_run(*first, Kind::Overflow)?;
+        Ok(Some(*first..*first + (run.len() / self.page_size()) as u64))
     }
 
     /// Sets `key` to `value` in `bucket`.
@@ -257,15 +259,21 @@ impl<'b> WriteTxn<'b> {
             return Ok(());
         }
         let (leaf, path) = self.descend(bucket, key)?;
+        let Node::Leaf { keys, values } = &self.nodes[leaf] else {
+            unreachable!("descend ends at a leaf")
+        };
+        let found = keys.binary_search_by(|k| k.as_slice().cmp(key));
+        let old_run = match found {
+            Ok(i) => self.overflow_pages(&values[i])?,
+            Err(_) => None,
+        };
         let Node::Leaf { keys, values } = &mut self.nodes[leaf] else {
             unreachable!("descend ends at a leaf")
         };
-        let inserted_at = match keys.binary_search_by(|k| k.as_slice().cmp(key)) {
+        let inserted_at = match found {
             Ok(i) => {
-                let old = std::mem::replace(&mut values[i], value);
-                if let Value::Overflow(first, _) = old {
-                    self.free_overflow(first)?;
-                }
+                values[i] = value;
+                self.freed.extend(old_run.into_iter().flatten());
                 None
             }
             Err(i) => {
@@ -387,16 +395,19 @@ impl<'b> WriteTxn<'b> {
         }
         self.changed = true;
         let (leaf, path) = self.descend(bucket, key)?;
-        let Node::Leaf { keys, values } = &mut self.nodes[leaf] else {
+        let Node::Leaf { keys, values } = &self.nodes[leaf] else {
             unreachable!("descend ends at a leaf")
         };
         let i = keys
             .binary_search_by(|k| k.as_slice().cmp(key))
             .expect("present");
+        let old_run = self.overflow_pages(&values[i])?;
+        let Node::Leaf { keys, values } = &mut self.nodes[leaf] else {
+            unreachable!("descend ends at a leaf")
+        };
         keys.remove(i);
-        if let Value::Overflow(first, _) = values.remove(i) {
-            self.free_overflow(first)?;
-        }
+        values.remove(i);
+        self.freed.extend(old_run.into_iter().flatten());
         self.buckets.get_mut(bucket).expect("exists").1 -= 1;
         self.rebalance(bucket, leaf, path)
     }
@@ -451,7 +462,12 @@ impl<'b> WriteTxn<'b> {
                 children[l] = ChildRef::Dirty(li);
                 children[r] = ChildRef::Dirty(ri);
             }
-            if self.node_size(li) + self.node_size(ri) - HEADER > p {
+            // A branch merge replaces the right node's first key with the separator: size it so.
+            let mut merged = self.node_size(li) + self.node_size(ri) - HEADER;
+            if let Node::Branch { keys, .. } = &self.nodes[ri] {
+                merged = merged - keys[0].len() + separator.len();
+            }
+            if merged > p {
                 return Ok(true);
             }
             let right = std::mem::replace(
@@ -543,6 +559,10 @@ impl<'b> WriteTxn<'b> {
             ChildRef::Page(id) => return Ok(id),
             ChildRef::Dirty(i) => i,
         };
+        if self.node_size(i) > p {
+            // Splits and merges keep every node within a page; this is a bug, not input.
+            return Err(corrupt(0, "a node exceeds a page at commit"));
+        }
         let node = std::mem::replace(
             &mut self.nodes[i],
             Node::Leaf {
@@ -587,8 +607,14 @@ impl<'b> WriteTxn<'b> {
     }
 
     /// Commits: writes the new pages and publishes the version. With `sync`, also makes it
-    /// durable (see [`Backend::sync`]); without, durability waits for the next sync.
+    /// durable (see [`Backend::sync`]); without, durability waits for the next sync. An error
+    /// poisons the backend (see `WriterState::poisoned`): reopen to recover.
     pub fn commit(mut self, sync: bool) -> Result<()> {
+        let result = self.commit_inner(sync);
+        super::poison_on_error(&mut self.w, result)
+    }
+
+    fn commit_inner(&mut self, sync: bool) -> Result<()> {
         if !self.changed {
             if sync {
                 let current = lock(&self.backend.shared.readers).current.clone();
@@ -671,5 +697,64 @@ impl<'b> WriteTxn<'b> {
             sync_locked(&mut self.w, &version)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btree::BackendOptions;
+
+    /// Review finding: merging branch `P` into its left sibling replaces `P`'s first key with the
+    /// parent's separator. When `P`'s first child had been removed, its first key was a short
+    /// one while the separator is long; sizing the merge with the short key let the merged
+    /// branch exceed a page (and panic at commit).
+    #[test]
+    fn branch_merge_is_sized_with_the_parents_separator() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(
+            dir.path().join("db"),
+            BackendOptions {
+                page_size: 1024,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        b.create_etcd_buckets().unwrap();
+        let mut txn = b.begin_write().unwrap();
+        let p = txn.page_size();
+        let long = |c: u8, n: usize| vec![c; n];
+        // L: three 280-byte keys (16 + 3 * 292 = 892 bytes).
+        txn.nodes.push(Node::Branch {
+            keys: vec![long(b'a', 280), long(b'b', 280), long(b'c', 280)],
+            children: vec![ChildRef::Page(10), ChildRef::Page(11), ChildRef::Page(12)],
+        });
+        // P: one child left, keyed by a 1-byte key (29 bytes: under a quarter page).
+        txn.nodes.push(Node::Branch {
+            keys: vec![b"x".to_vec()],
+            children: vec![ChildRef::Page(13)],
+        });
+        // G: separator of P is 250 bytes long.
+        txn.nodes.push(Node::Branch {
+            keys: vec![Vec::new(), long(b'w', 250)],
+            children: vec![ChildRef::Dirty(0), ChildRef::Dirty(1)],
+        });
+        txn.buckets.insert(b"key".to_vec(), (ChildRef::Dirty(2), 0));
+        txn.rebalance(b"key", 1, vec![(2, 1)]).unwrap();
+        for i in 0..txn.nodes.len() {
+            assert!(
+                txn.node_size(i) <= p,
+                "node {i} is {} bytes",
+                txn.node_size(i)
+            );
+        }
+        let Node::Branch { children, .. } = &txn.nodes[2] else {
+            panic!()
+        };
+        assert_eq!(
+            children.len(),
+            2,
+            "892 + 12 + 250 bytes do not fit one page: no merge"
+        );
     }
 }

@@ -226,13 +226,14 @@ fn check_op(op: &RequestOp, max_ops: usize) -> Result<()> {
         RequestOp::Range(r) => check_range(r),
         RequestOp::Put(r) => check_put(r),
         RequestOp::DeleteRange(r) => check_delete(r),
-        RequestOp::Txn(t) => check_txn(t, max_ops),
+        RequestOp::Txn(t) => check_txn_request(t, max_ops),
         RequestOp::Empty => Err(Error::KeyNotFound),
     }
 }
 
-/// Validates a txn: size (`max_ops`, etcd's `--max-txn-ops`), keys, nested ops, duplicate keys.
-pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<()> {
+/// etcd's `checkTxnRequest`: size (`max_ops`, etcd's `--max-txn-ops`, shrinking for nested
+/// txns), compare keys, each op.
+fn check_txn_request(t: &TxnRequest, max_ops: usize) -> Result<()> {
     let ops = t.compare.len().max(t.success.len()).max(t.failure.len());
     if ops > max_ops {
         return Err(Error::TooManyOps);
@@ -243,6 +244,13 @@ pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<()> {
     for op in t.success.iter().chain(&t.failure) {
         check_op(op, max_ops - ops)?;
     }
+    Ok(())
+}
+
+/// Validates a txn as etcd's Txn handler does: the request checks, then the duplicate-key rule
+/// on each branch (which looks into nested txns itself).
+pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<()> {
+    check_txn_request(t, max_ops)?;
     check_intervals(&t.success)?;
     check_intervals(&t.failure)?;
     Ok(())
@@ -371,7 +379,7 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
         limit = 0;
     }
     if limit > 0 {
-        limit += 1;
+        limit = limit.saturating_add(1);
     }
     let opts = RangeOptions {
         limit,
@@ -523,9 +531,67 @@ fn txn_path(reader: &impl Reader, t: &TxnRequest, path: &mut Vec<bool>) {
     }
 }
 
-/// Checks the ops a txn will run before it writes anything: `ignore_*` puts need their key, and
-/// range revisions must be readable. `path` is consumed as the txn is walked.
-fn check_path(
+/// A write a txn makes, in order, for checking later ops before anything is written.
+enum Effect<'t> {
+    Put(&'t [u8]),
+    Delete(&'t [u8], &'t [u8]),
+}
+
+/// Whether `k` falls in the range of a request with `key` and `range_end` (etcd's conventions).
+fn covers(k: &[u8], key: &[u8], end: &[u8]) -> bool {
+    match range_end(end) {
+        None => k == key,
+        Some([]) => k >= key,
+        Some(end) => k >= key && k < end,
+    }
+}
+
+/// Whether `key` exists at this point of the txn: the txn's own latest write to it decides,
+/// else the state before the txn.
+fn exists(reader: &impl Reader, effects: &[Effect<'_>], key: &[u8]) -> Result<bool> {
+    for e in effects.iter().rev() {
+        match e {
+            Effect::Put(k) if *k == key => return Ok(true),
+            Effect::Delete(k, end) if covers(key, k, end) => return Ok(false),
+            _ => {}
+        }
+    }
+    Ok(!reader
+        .range(key, None, RangeOptions::default())?
+        .kvs
+        .is_empty())
+}
+
+/// First pass of the checks (etcd checks puts before ranges): a put with `ignore_value` or
+/// `ignore_lease` needs its key to exist *at its place in the txn*, so earlier deletes and puts
+/// of the same txn count. (etcd checks against the state before the txn and panics when an
+/// earlier delete removed the key; Keel refuses the txn instead.)
+fn check_puts<'t>(
+    reader: &impl Reader,
+    t: &'t TxnRequest,
+    path: &mut std::slice::Iter<'_, bool>,
+    effects: &mut Vec<Effect<'t>>,
+) -> Result<()> {
+    let ok = *path.next().expect("path covers the txn");
+    for op in if ok { &t.success } else { &t.failure } {
+        match op {
+            RequestOp::Put(p) => {
+                if (p.ignore_value || p.ignore_lease) && !exists(reader, effects, &p.key)? {
+                    return Err(Error::KeyNotFound);
+                }
+                effects.push(Effect::Put(&p.key));
+            }
+            RequestOp::DeleteRange(d) => effects.push(Effect::Delete(&d.key, &d.range_end)),
+            RequestOp::Txn(nested) => check_puts(reader, nested, path, effects)?,
+            RequestOp::Range(_) => {}
+            RequestOp::Empty => return Err(Error::KeyNotFound),
+        }
+    }
+    Ok(())
+}
+
+/// Second pass: range revisions must be readable.
+fn check_ranges(
     reader: &impl Reader,
     t: &TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
@@ -533,15 +599,6 @@ fn check_path(
     let ok = *path.next().expect("path covers the txn");
     for op in if ok { &t.success } else { &t.failure } {
         match op {
-            RequestOp::Put(p)
-                if (p.ignore_value || p.ignore_lease)
-                    && reader
-                        .range(&p.key, None, RangeOptions::default())?
-                        .kvs
-                        .is_empty() =>
-            {
-                return Err(Error::KeyNotFound);
-            }
             RequestOp::Range(r) if r.revision != 0 => {
                 if r.revision > reader.rev() {
                     return Err(Error::FutureRev);
@@ -550,11 +607,18 @@ fn check_path(
                     return Err(Error::Compacted);
                 }
             }
-            RequestOp::Txn(nested) => check_path(reader, nested, path)?,
+            RequestOp::Txn(nested) => check_ranges(reader, nested, path)?,
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Checks the ops a txn will run, before it writes anything: after these, applying it can only
+/// fail on I/O.
+fn check_path(reader: &impl Reader, t: &TxnRequest, path: &[bool]) -> Result<()> {
+    check_puts(reader, t, &mut path.iter(), &mut Vec::new())?;
+    check_ranges(reader, t, &mut path.iter())
 }
 
 fn is_read_only(t: &TxnRequest) -> bool {
@@ -616,11 +680,13 @@ fn run_write(
 pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest) -> Result<TxnResponse> {
     let mut path = Vec::new();
     txn_path(w, t, &mut path);
-    check_path(w, t, &mut path.iter())?;
+    check_path(w, t, &path)?;
     let mut resp = if is_read_only(t) {
         run_read(w, t, &mut path.iter())?
     } else {
-        run_write(w, t, &mut path.iter())?
+        // Checked above: a failure now is I/O or corruption, and the transaction must not commit
+        // half of this txn.
+        run_write(w, t, &mut path.iter()).inspect_err(|_| w.fail())?
     };
     resp.revision = w.rev();
     Ok(resp)
@@ -638,7 +704,7 @@ pub fn txn(
         let view = store.read();
         let mut path = Vec::new();
         txn_path(&view, t, &mut path);
-        check_path(&view, t, &mut path.iter())?;
+        check_path(&view, t, &path)?;
         let mut resp = run_read(&view, t, &mut path.iter())?;
         resp.revision = view.rev();
         return Ok((resp, Vec::new()));

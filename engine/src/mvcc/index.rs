@@ -94,6 +94,23 @@ impl TreeIndex {
         out
     }
 
+    /// One key's history (for a write transaction's undo log).
+    pub fn key_index(&self, key: &[u8]) -> Option<&KeyIndex> {
+        self.keys.get(key)
+    }
+
+    /// Puts back a key's history as it was (`None`: the key had none).
+    pub fn restore_key(&mut self, key: &[u8], before: Option<KeyIndex>) {
+        match before {
+            Some(ki) => {
+                self.keys.insert(key.to_vec(), ki);
+            }
+            None => {
+                self.keys.remove(key);
+            }
+        }
+    }
+
     /// Records a put.
     pub fn put(&mut self, key: &[u8], rev: Revision) {
         match self.keys.get_mut(key) {
@@ -111,26 +128,41 @@ impl TreeIndex {
         self.keys.get_mut(key).is_some_and(|ki| ki.tombstone(rev))
     }
 
-    /// Restore from disk: the oldest surviving revision of a key, or a later one.
-    pub fn restore_put(&mut self, key: &[u8], created: Revision, modified: Revision, version: i64) {
+    /// Restore from disk: the oldest surviving revision of a key, or a later one. `false` if
+    /// the revision is not newer than the key's last one (the bucket is corrupt).
+    pub fn restore_put(
+        &mut self,
+        key: &[u8],
+        created: Revision,
+        modified: Revision,
+        version: i64,
+    ) -> bool {
         match self.keys.get_mut(key) {
-            Some(ki) => ki.put(modified),
+            Some(ki) if modified <= ki.modified => false,
+            Some(ki) => {
+                ki.put(modified);
+                true
+            }
             None => {
                 self.keys
                     .insert(key.to_vec(), KeyIndex::restore(created, modified, version));
+                true
             }
         }
     }
 
-    /// Restore from disk: a tombstone.
-    pub fn restore_tombstone(&mut self, key: &[u8], rev: Revision) {
+    /// Restore from disk: a tombstone. `false` if it is not newer than the key's last revision.
+    pub fn restore_tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
         match self.keys.get_mut(key) {
+            Some(ki) if rev <= ki.modified => false,
             Some(ki) => {
                 ki.tombstone(rev);
+                true
             }
             None => {
                 self.keys
                     .insert(key.to_vec(), KeyIndex::restore_tombstone(rev));
+                true
             }
         }
     }

@@ -22,7 +22,7 @@
 //!
 //! [`revision`]: super::revision
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -30,6 +30,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prost::Message as _;
 
 use super::index::TreeIndex;
+use super::key_index::KeyIndex;
 use super::kv::KeyValue;
 use super::revision::Revision;
 use crate::btree::{self, Backend, BackendOptions};
@@ -141,11 +142,17 @@ impl Store {
                 let (k, v) = kv?;
                 let (rev, tombstone) = Revision::from_bytes(k)?;
                 let kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
-                if tombstone {
-                    index.restore_tombstone(&kv.key, rev);
+                let restored = if tombstone {
+                    index.restore_tombstone(&kv.key, rev)
                 } else {
                     let created = Revision::new(kv.create_revision, 0);
-                    index.restore_put(&kv.key, created, rev, kv.version);
+                    index.restore_put(&kv.key, created, rev, kv.version)
+                };
+                if !restored {
+                    return Err(corrupt_kv(
+                        rev,
+                        "two changes of one key at the same revision",
+                    ));
                 }
                 last = last.max(rev.main);
             }
@@ -215,9 +222,12 @@ impl Store {
         let begin_rev = self.current_revision();
         Ok(WriteTxn {
             store: self,
-            txn,
+            txn: Some(txn),
             begin_rev,
             changes: Vec::new(),
+            undo: HashMap::new(),
+            ended: false,
+            failed: false,
         })
     }
 
@@ -295,6 +305,10 @@ impl Store {
         }
         let at = if rev == 0 { view.rev } else { rev };
         let keep = read_index(&self.index).keep(at);
+        // A compaction past `at` that ran meanwhile may have deleted revisions the hash needs.
+        if at < self.compact_revision() {
+            return Err(Error::Compacted);
+        }
         let mut hash = crc32c::crc32c(KEY_BUCKET);
         let end = Revision::main_prefix(at + 1);
         for kv in view.txn.range(KEY_BUCKET, b"", Some(&end))? {
@@ -443,12 +457,47 @@ impl ReadView<'_> {
 /// The write transaction: every write in it gets the revision `begin + 1`, with increasing subs.
 pub struct WriteTxn<'s> {
     store: &'s Store,
-    txn: btree::WriteTxn<'s>,
+    /// The backend transaction (taken by `end`).
+    txn: Option<btree::WriteTxn<'s>>,
     begin_rev: i64,
     changes: Vec<Change>,
+    /// Each key's history as it was before this transaction first changed it (`None`: the key
+    /// had none). The index is updated in place as the transaction writes (later operations must
+    /// see earlier ones); if the transaction does not end successfully, `Drop` puts these back,
+    /// so a failed transaction leaves the index exactly as it found it.
+    undo: HashMap<Vec<u8>, Option<KeyIndex>>,
+    ended: bool,
+    /// A write failed part-way: the transaction may hold half a request, so it must not commit.
+    failed: bool,
 }
 
-impl WriteTxn<'_> {
+impl Drop for WriteTxn<'_> {
+    fn drop(&mut self) {
+        if self.ended || self.undo.is_empty() {
+            return;
+        }
+        let mut index = write_index(&self.store.index);
+        for (key, before) in self.undo.drain() {
+            index.restore_key(&key, before);
+        }
+    }
+}
+
+impl<'s> WriteTxn<'s> {
+    fn btx(&self) -> &btree::WriteTxn<'s> {
+        self.txn.as_ref().expect("open until end")
+    }
+
+    fn btx_mut(&mut self) -> &mut btree::WriteTxn<'s> {
+        self.txn.as_mut().expect("open until end")
+    }
+
+    /// Marks the transaction failed: `end` will refuse to commit, and dropping it undoes
+    /// everything it did.
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+
     /// The revision reads in this transaction see: `begin + 1` once it has written.
     pub fn rev(&self) -> i64 {
         if self.changes.is_empty() {
@@ -471,12 +520,18 @@ impl WriteTxn<'_> {
     /// Keys in the range, seeing this transaction's writes.
     pub fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
         range_with(self.store, key, end, self.rev(), opts, |k| {
-            self.txn.get(KEY_BUCKET, k)
+            self.btx().get(KEY_BUCKET, k)
         })
     }
 
-    /// Puts `key` = `value` with `lease` (0: none). Returns the revision.
+    /// Puts `key` = `value` with `lease` (0: none). Returns the revision. On error the
+    /// transaction is marked failed.
     pub fn put(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<i64> {
+        self.put_inner(key, value, lease)
+            .inspect_err(|_| self.failed = true)
+    }
+
+    fn put_inner(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<i64> {
         let rev = self.begin_rev + 1;
         let found = read_index(&self.store.index).get(key, rev);
         let (created, version) = match found {
@@ -492,9 +547,14 @@ impl WriteTxn<'_> {
             lease,
         };
         let revision = Revision::new(rev, self.changes.len() as i64);
-        self.txn
+        self.btx_mut()
             .put(KEY_BUCKET, &revision.to_bytes(false), &kv.encode_to_vec())?;
-        write_index(&self.store.index).put(key, revision);
+        let mut index = write_index(&self.store.index);
+        self.undo
+            .entry(key.to_vec())
+            .or_insert_with(|| index.key_index(key).cloned());
+        index.put(key, revision);
+        drop(index);
         self.changes.push(Change { kv, delete: false });
         Ok(rev)
     }
@@ -502,6 +562,11 @@ impl WriteTxn<'_> {
     /// Deletes the keys live in the range. Returns how many, and the revision (unchanged if
     /// nothing was deleted and nothing written before in this transaction).
     pub fn delete_range(&mut self, key: &[u8], end: Option<&[u8]>) -> Result<(i64, i64)> {
+        self.delete_inner(key, end)
+            .inspect_err(|_| self.failed = true)
+    }
+
+    fn delete_inner(&mut self, key: &[u8], end: Option<&[u8]>) -> Result<(i64, i64)> {
         let at = self.rev();
         let keys: Vec<Vec<u8>> = {
             let index = read_index(&self.store.index);
@@ -524,12 +589,17 @@ impl WriteTxn<'_> {
                 key: k.clone(),
                 ..KeyValue::default()
             };
-            self.txn.put(
+            self.btx_mut().put(
                 KEY_BUCKET,
                 &revision.to_bytes(true),
                 &stored.encode_to_vec(),
             )?;
-            write_index(&self.store.index).tombstone(k, revision);
+            let mut index = write_index(&self.store.index);
+            self.undo
+                .entry(k.clone())
+                .or_insert_with(|| index.key_index(k).cloned());
+            index.tombstone(k, revision);
+            drop(index);
             self.changes.push(Change { kv, delete: true });
         }
         let n = keys.len() as i64;
@@ -558,14 +628,21 @@ impl WriteTxn<'_> {
     /// revision. `applied` = (raft index, term) is recorded with the data. Returns the changes of
     /// the last revision (see [`WriteTxn::finish_revision`] for the earlier ones).
     pub fn end(mut self, applied: Option<(u64, u64)>) -> Result<Vec<Change>> {
+        if self.failed {
+            return Err(Error::InvalidArgument(
+                "a write failed part-way: the transaction was discarded".into(),
+            ));
+        }
         if let Some((index, term)) = applied {
-            self.txn
+            self.btx_mut()
                 .put(META_BUCKET, CONSISTENT_INDEX, &be_u64(index))?;
             if term > 0 {
-                self.txn.put(META_BUCKET, TERM, &be_u64(term))?;
+                self.btx_mut().put(META_BUCKET, TERM, &be_u64(term))?;
             }
         }
-        self.txn.commit(false)?;
+        self.txn.take().expect("end runs once").commit(false)?;
+        // Committed: the index changes stay.
+        self.ended = true;
         let last = if self.changes.is_empty() {
             self.begin_rev
         } else {
@@ -574,6 +651,6 @@ impl WriteTxn<'_> {
         if last > self.store.current_revision() {
             self.store.current_rev.store(last, Ordering::SeqCst);
         }
-        Ok(self.changes)
+        Ok(std::mem::take(&mut self.changes))
     }
 }
