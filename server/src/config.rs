@@ -1,0 +1,504 @@
+//! Configuration: etcd's flag names, defaults and `ETCD_*` environment variables (etcd 3.4), plus
+//! Keel's own `--storage-core`.
+//!
+//! Parsing is two steps: clap reads flags and environment variables into [`Flags`] (an unknown or
+//! malformed flag is a usage error: message and exit code 2, as etcd), then [`Flags::validate`]
+//! checks values clap cannot (URLs, the initial cluster, retention) and builds the [`Config`] the
+//! server uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// etcd's default backend quota (2 GiB), used when `--quota-backend-bytes` is 0.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
+/// Flags as given, before validation. Each has etcd's name and environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "keel",
+    about = "Keel: an etcd v3-compatible, replicated key-value store",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (etcd API 3.4)"),
+)]
+pub struct Flags {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: `<name>.keel`).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// List of URLs to listen on for client traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub listen_client_urls: String,
+    /// List of this member's client URLs to advertise to the public.
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub advertise_client_urls: String,
+    /// List of URLs to listen on for peer traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub listen_peer_urls: String,
+    /// List of this member's peer URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (`name=url,...`).
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER",
+        default_value = "default=http://localhost:2380"
+    )]
+    pub initial_cluster: String,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new", value_parser = ["new", "existing"])]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u32,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u32,
+    /// Interpret 'auto-compaction-retention' one of: periodic|revision.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic", value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention length. 0 means disable auto compaction.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Configures log level. Only supports debug, info, warn, error, panic, or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info", value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
+    pub log_level: String,
+    /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
+    #[arg(long, env = "KEEL_STORAGE_CORE")]
+    pub storage_core: Option<usize>,
+}
+
+/// A `http://host:port` or `https://host:port` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    /// `true` for https.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// Auto compaction, as etcd: keep a time window, or a number of revisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Disabled (retention 0).
+    Off,
+    /// Compact to the revision of `retention` ago, periodically.
+    Periodic(Duration),
+    /// Keep the last `n` revisions.
+    Revision(u64),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_urls: Vec<Url>,
+    pub advertise_client_urls: Vec<Url>,
+    pub listen_peer_urls: Vec<Url>,
+    pub initial_advertise_peer_urls: Vec<Url>,
+    /// Members of the initial cluster: name and peer URLs (one name may list several URLs).
+    pub initial_cluster: Vec<(String, Vec<Url>)>,
+    pub initial_cluster_state_new: bool,
+    pub initial_cluster_token: String,
+    pub snapshot_count: u64,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub quota_backend_bytes: u64,
+    pub max_request_bytes: u32,
+    pub max_txn_ops: u32,
+    pub auto_compaction: AutoCompaction,
+    pub log_level: String,
+    pub storage_core: Option<usize>,
+}
+
+/// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    /// The flag (without dashes).
+    pub flag: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn err(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Parses one URL (`http(s)://host:port`, an IPv6 host in brackets).
+pub fn parse_url(s: &str) -> Result<Url, String> {
+    let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = s.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(format!("URL scheme must be http or https: {s:?}"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => (h, p),
+        _ => return Err(format!("URL must be scheme://host:port: {s:?}")),
+    };
+    if host.contains('/') || (host.contains(':') && !(host.starts_with('[') && host.ends_with(']')))
+    {
+        return Err(format!("URL must be scheme://host:port: {s:?}"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("invalid port in {s:?}"))?;
+    Ok(Url {
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+fn parse_urls(flag: &'static str, s: &str) -> Result<Vec<Url>, ConfigError> {
+    let urls = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(parse_url)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(flag, e))?;
+    if urls.is_empty() {
+        return Err(err(flag, "at least one URL is required"));
+    }
+    Ok(urls)
+}
+
+/// Parses a Go duration as etcd accepts (`"90s"`, `"1h30m"`, `"500ms"`).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += Duration::try_from_secs_f64(number * unit).ok()?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+impl Flags {
+    /// Checks the values and builds the configuration.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.name.is_empty() {
+            return Err(err("name", "must not be empty"));
+        }
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)));
+        let mut initial_cluster: Vec<(String, Vec<Url>)> = Vec::new();
+        for member in self
+            .initial_cluster
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+        {
+            let (name, url) = member
+                .split_once('=')
+                .ok_or_else(|| err("initial-cluster", format!("{member:?} is not name=URL")))?;
+            let url = parse_url(url).map_err(|e| err("initial-cluster", e))?;
+            match initial_cluster.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url),
+                None => initial_cluster.push((name.to_string(), vec![url])),
+            }
+        }
+        let advertise = parse_urls(
+            "initial-advertise-peer-urls",
+            &self.initial_advertise_peer_urls,
+        )?;
+        if self.initial_cluster_state == "new" {
+            let mine = initial_cluster
+                .iter()
+                .find(|(n, _)| *n == self.name)
+                .ok_or_else(|| {
+                    err(
+                        "initial-cluster",
+                        format!("it has no member named {:?} (--name)", self.name),
+                    )
+                })?;
+            if !advertise.iter().all(|u| mine.1.contains(u)) {
+                return Err(err(
+                    "initial-cluster",
+                    format!(
+                        "its URLs for {:?} do not match --initial-advertise-peer-urls",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        if self.heartbeat_interval == 0 {
+            return Err(err("heartbeat-interval", "must be positive"));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(err(
+                "election-timeout",
+                "must be at least 5 times --heartbeat-interval",
+            ));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(err("max-txn-ops", "must be positive"));
+        }
+        let auto_compaction = match (
+            self.auto_compaction_mode.as_str(),
+            self.auto_compaction_retention.as_str(),
+        ) {
+            (_, "0") => AutoCompaction::Off,
+            ("revision", r) => AutoCompaction::Revision(r.parse().map_err(|_| {
+                err(
+                    "auto-compaction-retention",
+                    format!("{r:?} is not a revision count"),
+                )
+            })?),
+            (_, r) => AutoCompaction::Periodic(match r.parse::<u64>() {
+                // A bare number means hours in periodic mode, as in etcd.
+                Ok(hours) => Duration::from_secs(hours * 3600),
+                Err(_) => parse_go_duration(r).ok_or_else(|| {
+                    err(
+                        "auto-compaction-retention",
+                        format!("{r:?} is not a duration"),
+                    )
+                })?,
+            }),
+        };
+        if self.storage_core.is_some_and(|c| c >= 1024) {
+            return Err(err("storage-core", "not a CPU number"));
+        }
+        Ok(Config {
+            data_dir,
+            listen_client_urls: parse_urls("listen-client-urls", &self.listen_client_urls)?,
+            advertise_client_urls: parse_urls(
+                "advertise-client-urls",
+                &self.advertise_client_urls,
+            )?,
+            listen_peer_urls: parse_urls("listen-peer-urls", &self.listen_peer_urls)?,
+            initial_advertise_peer_urls: advertise,
+            initial_cluster,
+            initial_cluster_state_new: self.initial_cluster_state == "new",
+            initial_cluster_token: self.initial_cluster_token,
+            snapshot_count: self.snapshot_count,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+            election_timeout: Duration::from_millis(self.election_timeout),
+            quota_backend_bytes: if self.quota_backend_bytes == 0 {
+                DEFAULT_QUOTA_BYTES
+            } else {
+                self.quota_backend_bytes
+            },
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
+            auto_compaction,
+            log_level: self.log_level,
+            storage_core: self.storage_core,
+            name: self.name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["keel"];
+        argv.extend_from_slice(args);
+        let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        flags.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir, PathBuf::from("default.keel"));
+        assert_eq!(c.listen_client_urls[0].to_string(), "http://localhost:2379");
+        assert_eq!(
+            c.initial_cluster,
+            vec![(
+                "default".to_string(),
+                vec![parse_url("http://localhost:2380").unwrap()]
+            )]
+        );
+        assert_eq!(
+            (c.snapshot_count, c.max_request_bytes, c.max_txn_ops),
+            (100_000, 1_572_864, 128)
+        );
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(100));
+        assert_eq!(c.election_timeout, Duration::from_millis(1000));
+        assert_eq!(c.quota_backend_bytes, 2 << 30);
+        assert_eq!(c.auto_compaction, AutoCompaction::Off);
+    }
+
+    #[test]
+    fn flags_and_derived_values() {
+        let c = parse(&[
+            "--name",
+            "n1",
+            "--listen-client-urls",
+            "http://127.0.0.1:23790,https://[::1]:23791",
+            "--initial-cluster",
+            "n1=http://localhost:2380,n2=http://10.0.0.2:2380",
+            "--auto-compaction-retention",
+            "1h30m",
+            "--quota-backend-bytes",
+            "1024",
+        ])
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("n1.keel"));
+        assert_eq!(c.listen_client_urls.len(), 2);
+        assert!(c.listen_client_urls[1].tls);
+        assert_eq!(c.listen_client_urls[1].host, "[::1]");
+        assert_eq!(c.initial_cluster.len(), 2);
+        assert_eq!(
+            c.auto_compaction,
+            AutoCompaction::Periodic(Duration::from_secs(5400))
+        );
+        assert_eq!(c.quota_backend_bytes, 1024);
+        let c = parse(&["--auto-compaction-retention", "2"]).unwrap();
+        assert_eq!(
+            c.auto_compaction,
+            AutoCompaction::Periodic(Duration::from_secs(7200)),
+            "hours"
+        );
+        let c = parse(&[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "1000",
+        ])
+        .unwrap();
+        assert_eq!(c.auto_compaction, AutoCompaction::Revision(1000));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for (args, expect) in [
+            (
+                vec!["--listen-client-urls", "localhost:2379"],
+                "--listen-client-urls",
+            ),
+            (
+                vec!["--listen-client-urls", "http://localhost:99999"],
+                "invalid port",
+            ),
+            (
+                vec!["--initial-cluster", "other=http://localhost:2380"],
+                "no member named",
+            ),
+            (vec!["--initial-cluster", "default"], "not name=URL"),
+            (vec!["--election-timeout", "100"], "5 times"),
+            (
+                vec!["--auto-compaction-retention", "5 minutes"],
+                "not a duration",
+            ),
+            (vec!["--initial-cluster-state", "maybe"], "invalid value"),
+            (vec!["--snapshot-count=-1"], "invalid value"),
+            (vec!["--no-such-flag"], "unexpected argument"),
+        ] {
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains(expect), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_etcd_flag_reads_its_etcd_environment_variable() {
+        use clap::CommandFactory;
+        let cmd = Flags::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"));
+            let expected = if long == "storage-core" {
+                "KEEL_STORAGE_CORE".to_string()
+            } else {
+                format!("ETCD_{}", long.to_uppercase().replace('-', "_"))
+            };
+            assert_eq!(env.to_str().unwrap(), expected, "--{long}");
+            checked += 1;
+        }
+        assert_eq!(checked, 19);
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration("5x"), None);
+        assert_eq!(parse_go_duration(""), None);
+    }
+}
