@@ -2,8 +2,14 @@
 //!
 //! # Layout
 //! - [`config`]: etcd's command-line flags and `ETCD_*` environment variables, validated.
-//!
-//! The storage core, raft, the gRPC services and the HTTP endpoints join in the following steps
-//! (see ARCHITECTURE.md).
+//! - [`core`]: the storage core: the raft node, the WAL and the MVCC write path on one pinned
+//!   glommio thread, reached through a `Send + Clone` handle.
+//! - [`kv`]: the KV gRPC service. [`convert`]: etcd's protobuf types to and from the engine's, and
+//!   engine errors to etcd's gRPC statuses.
+//! - [`server`]: starting a member: listeners, HTTP endpoints, orderly stop.
 
 pub mod config;
+pub mod convert;
+pub mod core;
+pub mod kv;
+pub mod server;

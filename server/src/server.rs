@@ -1,0 +1,142 @@
+//! Starting a member: ids, the storage core, the client listeners (gRPC and the HTTP endpoints
+//! etcd serves on the same port), and an orderly stop on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use axum::routing::get;
+use keel_proto::etcdserverpb::kv_server::KvServer;
+
+use crate::config::{Config, Url};
+use crate::core::{Core, CoreConfig, stable_id};
+use crate::kv::KvService;
+
+/// etcd answers `/version` with the server and cluster versions; Keel reports the etcd API level
+/// it implements.
+const VERSION_JSON: &str = r#"{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}"#;
+
+async fn resolve(url: &Url) -> anyhow::Result<SocketAddr> {
+    let host = url.host.trim_start_matches('[').trim_end_matches(']');
+    let mut addrs = tokio::net::lookup_host((host, url.port))
+        .await
+        .with_context(|| format!("resolving {url}"))?
+        .collect::<Vec<_>>();
+    // Like Go's resolver for "localhost", prefer IPv4.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs
+        .first()
+        .copied()
+        .with_context(|| format!("{url} resolves to no address"))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs a member until it is stopped.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let level = match config.log_level.as_str() {
+        "debug" => tracing::Level::DEBUG,
+        "info" => tracing::Level::INFO,
+        "warn" => tracing::Level::WARN,
+        _ => tracing::Level::ERROR,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(url) = config.listen_client_urls.iter().find(|u| u.tls) {
+        bail!("TLS client URLs are not supported yet: {url}");
+    }
+    let peers: Vec<String> = config
+        .initial_advertise_peer_urls
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut cluster_parts: Vec<String> = config
+        .initial_cluster
+        .iter()
+        .flat_map(|(name, urls)| urls.iter().map(move |u| format!("{name}={u}")))
+        .collect();
+    cluster_parts.sort();
+    let mut parts: Vec<&str> = vec![&config.initial_cluster_token];
+    parts.extend(cluster_parts.iter().map(String::as_str));
+    let cluster_id = stable_id(&parts);
+    let mut member_parts: Vec<&str> = vec![&config.initial_cluster_token];
+    member_parts.extend(peers.iter().map(String::as_str));
+    let member_id = stable_id(&member_parts);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let election_ticks = (config.election_timeout.as_millis()
+        / config.heartbeat_interval.as_millis().max(1)) as usize;
+    let (core, core_thread) = Core::start(CoreConfig {
+        data_dir: config.data_dir.clone(),
+        cluster_id,
+        member_id,
+        heartbeat: config.heartbeat_interval,
+        election_ticks,
+        cpu: config.storage_core,
+        max_request_bytes: config.max_request_bytes as usize,
+    })
+    .context("starting the storage core")?;
+    tracing::info!(
+        name = %config.name,
+        data_dir = %config.data_dir.display(),
+        member_id = format!("{member_id:x}"),
+        cluster_id = format!("{cluster_id:x}"),
+        "member ready"
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.saturating_sub(1).max(1))
+        .thread_name("keel-net")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let result = runtime.block_on(async {
+        let limit = config.max_request_bytes as usize + 512 * 1024;
+        let kv = KvServer::new(KvService::new(core.clone(), config.max_txn_ops as usize))
+            .max_decoding_message_size(limit);
+        let router = tonic::service::Routes::new(kv)
+            .into_axum_router()
+            .route("/health", get(|| async { r#"{"health":"true"}"# }))
+            .route("/version", get(|| async { VERSION_JSON }));
+        let routes = tonic::service::Routes::from(router);
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut servers = Vec::new();
+        for url in &config.listen_client_urls {
+            let addr = resolve(url).await?;
+            let mut stop = stop_tx.subscribe();
+            let server = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(routes.clone())
+                .serve_with_shutdown(addr, async move {
+                    let _ = stop.recv().await;
+                });
+            tracing::info!(%url, %addr, "serving client requests");
+            servers.push(tokio::spawn(server));
+        }
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        let _ = stop_tx.send(());
+        for s in servers {
+            s.await
+                .context("client server task")?
+                .context("client server")?;
+        }
+        anyhow::Ok(())
+    });
+    drop(runtime);
+    drop(core);
+    match core_thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context("storage core"),
+        Err(_) => bail!("the storage core panicked"),
+    }
+    result
+}

@@ -1,0 +1,201 @@
+//! End-to-end: the real `keel` binary on a free loopback port with a temporary data dir, driven by
+//! etcdctl 3.4 (Debian's `etcd-client`), outputs compared with etcd's; and kill -9 of a server
+//! under load, after which every acknowledged put is there with its revision.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Keel {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(data: &Path, port: u16) -> Keel {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={endpoint}"))
+        .arg(format!("--advertise-client-urls={endpoint}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let keel = Keel { child, endpoint };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "keel did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    keel
+}
+
+fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("etcdctl (apt-get install etcd-client)");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        // Error text only: drop the client's retry logging.
+        text = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("Error:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    (out.status.success(), text)
+}
+
+fn ok(endpoint: &str, args: &[&str]) -> String {
+    let (success, out) = etcdctl(endpoint, args);
+    assert!(success, "etcdctl {args:?} failed: {out}");
+    out
+}
+
+#[test]
+fn etcdctl_kv_commands_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = start(&dir.path().join("data"), free_port());
+    let e = keel.endpoint.as_str();
+    assert_eq!(ok(e, &["put", "foo", "bar"]), "OK\n");
+    assert_eq!(ok(e, &["put", "foo/a", "1"]), "OK\n");
+    assert_eq!(ok(e, &["put", "foo/b", "2"]), "OK\n");
+    assert_eq!(ok(e, &["get", "foo"]), "foo\nbar\n");
+    assert_eq!(
+        ok(e, &["get", "foo", "--prefix", "--keys-only"]),
+        "foo\n\nfoo/a\n\nfoo/b\n\n"
+    );
+    assert_eq!(
+        ok(e, &["get", "foo/", "--prefix", "--limit=1"]),
+        "foo/a\n1\n"
+    );
+    assert_eq!(
+        ok(e, &["get", "foo/a", "--from-key", "--keys-only"]),
+        "foo/a\n\nfoo/b\n\n"
+    );
+    assert_eq!(
+        ok(
+            e,
+            &[
+                "get",
+                "foo",
+                "--prefix",
+                "--sort-by=KEY",
+                "--order=DESCEND",
+                "--keys-only"
+            ]
+        ),
+        "foo/b\n\nfoo/a\n\nfoo\n\n"
+    );
+    assert_eq!(ok(e, &["put", "foo", "baz"]), "OK\n");
+    assert_eq!(ok(e, &["get", "foo", "--rev=2"]), "foo\nbar\n");
+    let json = ok(e, &["get", "foo", "-w", "json"]);
+    assert!(
+        json.contains(r#""revision":5"#)
+            && json.contains(r#""create_revision":2,"mod_revision":5,"version":2"#),
+        "{json}"
+    );
+    assert_eq!(
+        ok(e, &["del", "foo/", "--prefix", "--prev-kv"]),
+        "2\nfoo/a\n1\nfoo/b\n2\n"
+    );
+    // The interactive txn form on stdin.
+    let mut txn = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={e}"))
+        .args(["txn"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    txn.stdin
+        .take()
+        .unwrap()
+        .write_all(b"value(\"foo\") = \"baz\"\n\nput foo qux\nget foo\n\nput foo no\n\n")
+        .unwrap();
+    let out = txn.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SUCCESS\n\nOK\n\nfoo\nqux\n"
+    );
+    assert_eq!(ok(e, &["compaction", "3"]), "compacted revision 3\n");
+    let (success, err) = etcdctl(e, &["get", "foo", "--rev=2"]);
+    assert!(!success);
+    assert_eq!(
+        err,
+        "Error: etcdserver: mvcc: required revision has been compacted"
+    );
+    let (success, err) = etcdctl(e, &["get", "foo", "--rev=100"]);
+    assert!(!success);
+    assert_eq!(
+        err,
+        "Error: etcdserver: mvcc: required revision is a future revision"
+    );
+    let (success, err) = etcdctl(e, &["put", "", "x"]);
+    assert!(!success);
+    assert_eq!(err, "Error: etcdserver: key is not provided");
+}
+
+#[test]
+fn kill9_loses_no_acknowledged_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    for round in 0..3 {
+        let keel = start(&data, port);
+        let e = keel.endpoint.clone();
+        let writer = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0..1000 {
+                let (k, v) = (format!("r{round}-k{i:04}"), format!("v{i}"));
+                let (success, _) = etcdctl(&e, &["put", &k, &v]);
+                if !success {
+                    break; // the server was killed
+                }
+                acked.push((k, v));
+            }
+            acked
+        });
+        std::thread::sleep(Duration::from_millis(700 + 300 * round as u64));
+        drop(keel); // SIGKILL
+        acknowledged.extend(writer.join().unwrap());
+    }
+    assert!(
+        acknowledged.len() > 20,
+        "only {} puts acknowledged",
+        acknowledged.len()
+    );
+    let keel = start(&data, port);
+    let all = ok(&keel.endpoint, &["get", "r", "--prefix"]);
+    let lines: Vec<&str> = all.lines().collect();
+    let stored: std::collections::HashMap<&str, &str> =
+        lines.chunks(2).map(|p| (p[0], p[1])).collect();
+    for (k, v) in &acknowledged {
+        assert_eq!(
+            stored.get(k.as_str()),
+            Some(&v.as_str()),
+            "acknowledged {k} is missing"
+        );
+    }
+}
