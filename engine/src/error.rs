@@ -121,6 +121,15 @@ pub enum Error {
     /// A txn with more operations than allowed (etcd's `ErrTooManyOps`).
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// A request over `--max-request-bytes` (etcd's `ErrRequestTooLarge`).
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    /// The backend would exceed its quota (etcd's `ErrNoSpace`).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// No raft leader to take the request (etcd's `ErrNoLeader`).
+    #[error("etcdserver: no leader")]
+    NoLeader,
 }
 
 impl Error {

@@ -22,7 +22,10 @@ pub fn status(e: &Error) -> Status {
         | Error::ValueProvided
         | Error::LeaseProvided
         | Error::DuplicateKey
-        | Error::TooManyOps => Status::new(Code::InvalidArgument, e.to_string()),
+        | Error::TooManyOps
+        | Error::RequestTooLarge => Status::new(Code::InvalidArgument, e.to_string()),
+        Error::NoSpace => Status::new(Code::ResourceExhausted, e.to_string()),
+        Error::NoLeader => Status::new(Code::Unavailable, e.to_string()),
         Error::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
         other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
     }

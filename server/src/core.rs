@@ -185,9 +185,7 @@ impl Core {
         }
         .encoded_len();
         if self.max_request_bytes > 0 && size > self.max_request_bytes {
-            return Err(Error::InvalidArgument(
-                "etcdserver: request is too large".into(),
-            ));
+            return Err(Error::RequestTooLarge);
         }
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -369,7 +367,7 @@ impl Storage {
 
     fn propose(&mut self, request: Request, reply: Reply<Applied>) {
         if self.node.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(Error::InvalidArgument("etcdserver: no leader".into())));
+            let _ = reply.send(Err(Error::NoLeader));
             return;
         }
         self.next_id += 1;

@@ -14,11 +14,39 @@ use crate::core::{Applied, Core, Request as Write};
 pub struct KvService {
     core: Core,
     max_txn_ops: usize,
+    quota_bytes: u64,
+}
+
+/// etcd's per-key overhead estimate in its quota arithmetic (`kvOverhead`).
+const KV_OVERHEAD: u64 = 256;
+
+/// What a write may add to the backend, as etcd's quota counts it: puts only.
+fn cost(ops: &[a::RequestOp]) -> u64 {
+    ops.iter()
+        .map(|op| match op {
+            a::RequestOp::Put(p) => KV_OVERHEAD + (p.key.len() + p.value.len()) as u64,
+            a::RequestOp::Txn(t) => cost(&t.success).max(cost(&t.failure)),
+            _ => 0,
+        })
+        .sum()
 }
 
 impl KvService {
-    pub fn new(core: Core, max_txn_ops: usize) -> Self {
-        KvService { core, max_txn_ops }
+    pub fn new(core: Core, max_txn_ops: usize, quota_bytes: u64) -> Self {
+        KvService {
+            core,
+            max_txn_ops,
+            quota_bytes,
+        }
+    }
+
+    /// etcd's quota check before a write that adds data: refused with NOSPACE once the backend
+    /// would pass `--quota-backend-bytes`. Deletes, reads and compaction stay allowed.
+    fn check_quota(&self, cost: u64) -> Result<(), Status> {
+        if cost > 0 && self.core.store().backend().file_size() + cost > self.quota_bytes {
+            return Err(status(&keel_engine::Error::NoSpace));
+        }
+        Ok(())
     }
 
     fn header(&self) -> Header {
@@ -117,7 +145,9 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         let r = request.into_inner();
-        a::check_put(&convert::put_request(r.clone())).map_err(|e| status(&e))?;
+        let put = convert::put_request(r.clone());
+        a::check_put(&put).map_err(|e| status(&e))?;
+        self.check_quota(cost(&[a::RequestOp::Put(put)]))?;
         match self.write(Write::Put(r)).await? {
             Applied::Put(resp) => {
                 let header = self.header().with(resp.revision);
@@ -158,6 +188,7 @@ impl pb::kv_server::Kv for KvService {
                 .map_err(|e| status(&e))?
                 .0
         } else {
+            self.check_quota(cost(&t.success).max(cost(&t.failure)))?;
             match self.write(Write::Txn(r)).await? {
                 Applied::Txn(resp) => resp,
                 other => return Err(Status::internal(format!("unexpected result {other:?}"))),

@@ -100,8 +100,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the network runtime")?;
     let result = runtime.block_on(async {
         let limit = config.max_request_bytes as usize + 512 * 1024;
-        let kv = KvServer::new(KvService::new(core.clone(), config.max_txn_ops as usize))
-            .max_decoding_message_size(limit);
+        let kv = KvServer::new(KvService::new(
+            core.clone(),
+            config.max_txn_ops as usize,
+            config.quota_backend_bytes,
+        ))
+        .max_decoding_message_size(limit);
         let router = tonic::service::Routes::new(kv)
             .into_axum_router()
             .route("/health", get(|| async { r#"{"health":"true"}"# }))

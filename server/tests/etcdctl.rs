@@ -28,8 +28,13 @@ fn free_port() -> u16 {
 }
 
 fn start(data: &Path, port: u16) -> Keel {
+    start_with(data, port, &[])
+}
+
+fn start_with(data: &Path, port: u16, extra: &[&str]) -> Keel {
     let endpoint = format!("http://127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(extra)
         .arg(format!("--data-dir={}", data.display()))
         .arg(format!("--listen-client-urls={endpoint}"))
         .arg(format!("--advertise-client-urls={endpoint}"))
@@ -198,4 +203,59 @@ fn kill9_loses_no_acknowledged_put() {
             "acknowledged {k} is missing"
         );
     }
+}
+
+#[test]
+fn quota_and_request_size_limits_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    // A quota below the size the backend starts with: every put is refused, reads and deletes
+    // are still served.
+    let keel = start_with(
+        &dir.path().join("a"),
+        free_port(),
+        &["--quota-backend-bytes=1048576"],
+    );
+    let e = keel.endpoint.as_str();
+    let (success, err) = etcdctl(e, &["put", "k", "v"]);
+    assert!(!success);
+    assert_eq!(err, "Error: etcdserver: mvcc: database space exceeded");
+    assert_eq!(ok(e, &["get", "k"]), "");
+    assert_eq!(ok(e, &["del", "k"]), "0\n");
+    drop(keel);
+
+    let keel = start_with(
+        &dir.path().join("b"),
+        free_port(),
+        &["--max-request-bytes=1024"],
+    );
+    let e = keel.endpoint.as_str();
+    let big = "x".repeat(2000);
+    let (success, err) = etcdctl(e, &["put", "k", &big]);
+    assert!(!success);
+    assert_eq!(err, "Error: etcdserver: request is too large");
+    assert_eq!(ok(e, &["put", "k", "small"]), "OK\n");
+}
+
+#[test]
+fn bad_flags_exit_with_code_2_and_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--listen-client-urls=localhost:2379")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid value for --listen-client-urls")
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("keel "));
 }
