@@ -314,7 +314,7 @@ fn bench_mvcc(dir: &Path, n: usize) {
             value: value(i).to_vec(),
             ..Default::default()
         };
-        apply::put_request(&store, &req, Some((i + 1, 1))).unwrap();
+        apply::put_request(&store, &req, &apply::NoLeases, Some((i + 1, 1))).unwrap();
         if i % 10_000 == 9_999 {
             store.sync().unwrap(); // a checkpoint every 10k entries, as the storage core does
         }
@@ -332,7 +332,7 @@ fn bench_mvcc(dir: &Path, n: usize) {
                 value: value(i).to_vec(),
                 ..Default::default()
             };
-            apply::put(&mut w, &req).unwrap();
+            apply::put(&mut w, &req, &apply::NoLeases).unwrap();
             w.finish_revision();
         }
         w.end(Some(((b + 1) as u64, 1))).unwrap();

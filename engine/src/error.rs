@@ -130,6 +130,9 @@ pub enum Error {
     /// No raft leader to take the request (etcd's `ErrNoLeader`).
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
 }
 
 impl Error {

@@ -119,7 +119,7 @@ fn hashkv_matches_etcd_over_the_same_history() {
             value: v.into(),
             ..Default::default()
         };
-        apply::put_request(&store, &req, None).unwrap();
+        apply::put_request(&store, &req, &apply::NoLeases, None).unwrap();
     };
     let del = |k: &str, prefix: bool| {
         let mut args = vec!["del", k];

@@ -213,7 +213,7 @@ proptest! {
                     let changed = model_write(&mut state, rev, w);
                     match to_request(w) {
                         RequestOp::Put(p) => {
-                            let (resp, _) = apply::put_request(&store, &p, None).unwrap();
+                            let (resp, _) = apply::put_request(&store, &p, &apply::NoLeases, None).unwrap();
                             prop_assert_eq!(resp.revision, rev);
                         }
                         RequestOp::DeleteRange(d) => {
@@ -259,7 +259,7 @@ proptest! {
                     for w in if ok { success } else { failure } {
                         changed |= model_write(&mut state, rev, w);
                     }
-                    let (resp, changes) = apply::txn(&store, &req, None).unwrap();
+                    let (resp, changes) = apply::txn(&store, &req, &apply::NoLeases, None).unwrap();
                     prop_assert_eq!(resp.succeeded, ok);
                     // Puts always change; deletes only if they hit something.
                     prop_assert_eq!(!changes.is_empty(), changed);
@@ -333,7 +333,7 @@ fn consistent_index_is_stored_with_the_data() {
         value: b"1".to_vec(),
         ..Default::default()
     };
-    apply::put_request(&store, &put, Some((41, 3))).unwrap();
+    apply::put_request(&store, &put, &apply::NoLeases, Some((41, 3))).unwrap();
     // Not synced: a crash now would lose both the data and the index, together.
     assert_eq!(store.consistent_index().unwrap(), (41, 3));
     store.sync().unwrap();
@@ -368,15 +368,30 @@ fn put_options_and_txn_responses_follow_etcd() {
         ignore_value: true,
         ..Default::default()
     };
-    let err = apply::put_request(&store, &p, None).unwrap_err();
+    let err = apply::put_request(&store, &p, &apply::NoLeases, None).unwrap_err();
     assert_eq!(err.to_string(), "etcdserver: key not found");
     assert_eq!(store.current_revision(), 1);
+    // A lease that does not exist: etcd's error, nothing written.
+    let err = apply::put_request(
+        &store,
+        &PutRequest {
+            lease: 7,
+            ..put("a", "v1")
+        },
+        &apply::NoLeases,
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "etcdserver: requested lease not found");
+    assert_eq!(store.current_revision(), 1);
+    let lease_7 = |id: i64| id == 7;
     apply::put_request(
         &store,
         &PutRequest {
             lease: 7,
             ..put("a", "v1")
         },
+        &lease_7,
         None,
     )
     .unwrap();
@@ -388,7 +403,7 @@ fn put_options_and_txn_responses_follow_etcd() {
         prev_kv: true,
         ..Default::default()
     };
-    let (resp, _) = apply::put_request(&store, &p, None).unwrap();
+    let (resp, _) = apply::put_request(&store, &p, &apply::NoLeases, None).unwrap();
     assert_eq!(resp.revision, 3);
     assert_eq!(resp.prev_kv.unwrap().value, b"v1");
     let kv = &apply::range(
@@ -434,7 +449,7 @@ fn put_options_and_txn_responses_follow_etcd() {
         failure: vec![],
     };
     apply::check_txn(&txn, 128).unwrap();
-    let (resp, changes) = apply::txn(&store, &txn, None).unwrap();
+    let (resp, changes) = apply::txn(&store, &txn, &apply::NoLeases, None).unwrap();
     assert!(resp.succeeded);
     assert_eq!(resp.revision, 4);
     assert_eq!(changes.len(), 3);
@@ -461,7 +476,12 @@ fn put_options_and_txn_responses_follow_etcd() {
         }],
         ..Default::default()
     };
-    assert!(apply::txn(&store, &t, None).unwrap().0.succeeded);
+    assert!(
+        apply::txn(&store, &t, &apply::NoLeases, None)
+            .unwrap()
+            .0
+            .succeeded
+    );
     let t = TxnRequest {
         compare: vec![Compare {
             key: b"zz".to_vec(),
@@ -472,7 +492,7 @@ fn put_options_and_txn_responses_follow_etcd() {
         }],
         ..Default::default()
     };
-    let (resp, changes) = apply::txn(&store, &t, None).unwrap();
+    let (resp, changes) = apply::txn(&store, &t, &apply::NoLeases, None).unwrap();
     assert!(!resp.succeeded);
     assert!(changes.is_empty());
     assert_eq!(
@@ -481,7 +501,7 @@ fn put_options_and_txn_responses_follow_etcd() {
     );
     // Sorting and filters.
     for (k, v) in [("s1", "c"), ("s2", "a"), ("s3", "b")] {
-        apply::put_request(&store, &put(k, v), None).unwrap();
+        apply::put_request(&store, &put(k, v), &apply::NoLeases, None).unwrap();
     }
     let r = RangeRequest {
         key: b"s".to_vec(),
@@ -524,7 +544,7 @@ fn a_batch_applies_many_revisions_in_one_backend_commit() {
             value: vec![i],
             ..Default::default()
         };
-        revisions.push(apply::put(&mut w, &req).unwrap().revision);
+        revisions.push(apply::put(&mut w, &req, &apply::NoLeases).unwrap().revision);
         assert_eq!(w.finish_revision().len(), 1);
     }
     // A read-only txn in the batch does not take a revision.
@@ -535,7 +555,7 @@ fn a_batch_applies_many_revisions_in_one_backend_commit() {
         })],
         ..Default::default()
     };
-    let resp = apply::txn_in(&mut w, &t).unwrap();
+    let resp = apply::txn_in(&mut w, &t, &apply::NoLeases).unwrap();
     assert!(w.finish_revision().is_empty());
     let ResponseOp::Range(r) = &resp.responses[0] else {
         panic!()
@@ -580,7 +600,7 @@ fn reads_at_a_revision_run_beside_the_writer() {
             value: i.to_le_bytes().to_vec(),
             ..Default::default()
         };
-        apply::put_request(&store, &req, None).unwrap();
+        apply::put_request(&store, &req, &apply::NoLeases, None).unwrap();
     }
     let pinned = store.current_revision();
     let all = RangeRequest {
@@ -611,7 +631,7 @@ fn reads_at_a_revision_run_beside_the_writer() {
             value: vec![1; (i % 300) as usize],
             ..Default::default()
         };
-        apply::put_request(&store, &req, None).unwrap();
+        apply::put_request(&store, &req, &apply::NoLeases, None).unwrap();
         if i % 1000 == 999 {
             store.sync().unwrap();
         }
@@ -647,6 +667,7 @@ fn a_txn_that_would_fail_half_way_is_refused_whole() {
                 value: b"v".to_vec(),
                 ..Default::default()
             },
+            &apply::NoLeases,
             None,
         )
         .unwrap();
@@ -676,7 +697,7 @@ fn a_txn_that_would_fail_half_way_is_refused_whole() {
         ..Default::default()
     };
     apply::check_txn(&t, 128).unwrap(); // etcd's duplicate-key rule lets it through
-    let err = apply::txn(&store, &t, None).unwrap_err();
+    let err = apply::txn(&store, &t, &apply::NoLeases, None).unwrap_err();
     assert_eq!(err.to_string(), "etcdserver: key not found");
     let after = apply::range(
         &store.read(),
@@ -697,6 +718,7 @@ fn a_txn_that_would_fail_half_way_is_refused_whole() {
             prev_kv: true,
             ..Default::default()
         },
+        &apply::NoLeases,
         None,
     )
     .unwrap();
@@ -720,7 +742,12 @@ fn a_txn_that_would_fail_half_way_is_refused_whole() {
         ],
         ..Default::default()
     };
-    assert!(apply::txn(&store, &t, None).unwrap().0.succeeded);
+    assert!(
+        apply::txn(&store, &t, &apply::NoLeases, None)
+            .unwrap()
+            .0
+            .succeeded
+    );
 }
 
 /// A write transaction dropped without `end` leaves the index as it found it.
@@ -735,6 +762,7 @@ fn a_dropped_write_transaction_undoes_its_index_changes() {
             value: b"1".to_vec(),
             ..Default::default()
         },
+        &apply::NoLeases,
         None,
     )
     .unwrap();
@@ -752,6 +780,7 @@ fn a_dropped_write_transaction_undoes_its_index_changes() {
             prev_kv: true,
             ..Default::default()
         },
+        &apply::NoLeases,
         None,
     )
     .unwrap();

@@ -26,6 +26,7 @@ pub fn status(e: &Error) -> Status {
         | Error::RequestTooLarge => Status::new(Code::InvalidArgument, e.to_string()),
         Error::NoSpace => Status::new(Code::ResourceExhausted, e.to_string()),
         Error::NoLeader => Status::new(Code::Unavailable, e.to_string()),
+        Error::LeaseNotFound => Status::new(Code::NotFound, e.to_string()),
         Error::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
         other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
     }

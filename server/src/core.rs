@@ -448,12 +448,14 @@ impl Storage {
             })?;
             let txn = w.as_mut().expect("open");
             let result = match proposal.request {
-                Some(Request::Put(r)) => a::put(txn, &convert::put_request(r)).map(Applied::Put),
+                Some(Request::Put(r)) => {
+                    a::put(txn, &convert::put_request(r), &a::NoLeases).map(Applied::Put)
+                }
                 Some(Request::DeleteRange(r)) => {
                     a::delete_range(txn, &convert::delete_request(r)).map(Applied::DeleteRange)
                 }
                 Some(Request::Txn(t)) => match convert::txn_request(t) {
-                    Ok(t) => a::txn_in(txn, &t).map(Applied::Txn),
+                    Ok(t) => a::txn_in(txn, &t, &a::NoLeases).map(Applied::Txn),
                     Err(status) => Err(Error::InvalidArgument(status.message().to_string())),
                 },
                 Some(Request::Compaction(c)) => {

@@ -147,7 +147,8 @@ impl pb::kv_server::Kv for KvService {
         let r = request.into_inner();
         let put = convert::put_request(r.clone());
         a::check_put(&put).map_err(|e| status(&e))?;
-        self.check_quota(cost(&[a::RequestOp::Put(put)]))?;
+        let ops = [a::RequestOp::Put(put)];
+        self.check_quota(cost(&ops))?;
         match self.write(Write::Put(r)).await? {
             Applied::Put(resp) => {
                 let header = self.header().with(resp.revision);
@@ -184,7 +185,7 @@ impl pb::kv_server::Kv for KvService {
             if !is_serializable(&t) {
                 self.core.linearizable().await.map_err(|e| status(&e))?;
             }
-            a::txn(self.core.store(), &t, None)
+            a::txn(self.core.store(), &t, &a::NoLeases, None)
                 .map_err(|e| status(&e))?
                 .0
         } else {

@@ -322,6 +322,29 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval>
 // ---------------------------------------------------------------------------------------------
 // Application (etcd's etcdserver/apply.go)
 
+/// Which leases exist: a put naming any other lease fails with `ErrLeaseNotFound`, as in etcd.
+pub trait Leases {
+    /// Whether lease `id` exists now.
+    fn exists(&self, id: i64) -> bool;
+}
+
+/// The lease table of a member that has granted none (no lessor yet): every lease is unknown.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLeases;
+
+impl Leases for NoLeases {
+    fn exists(&self, _id: i64) -> bool {
+        false
+    }
+}
+
+/// A predicate over lease ids is a lease table (tests, and callers holding a plain set).
+impl<F: Fn(i64) -> bool> Leases for F {
+    fn exists(&self, id: i64) -> bool {
+        self(id)
+    }
+}
+
 /// Something ranges can be read from: a read view, or the write transaction itself.
 pub trait Reader {
     /// A store-level range.
@@ -429,8 +452,17 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
     })
 }
 
-/// A Put inside a write transaction. The lease, if any, must have been checked to exist.
-pub fn put(txn: &mut WriteTxn<'_>, r: &PutRequest) -> Result<PutResponse> {
+/// A Put inside a write transaction: the lease must exist (checked first, as etcd's apply does),
+/// and `ignore_*` needs the key.
+pub fn put(txn: &mut WriteTxn<'_>, r: &PutRequest, leases: &impl Leases) -> Result<PutResponse> {
+    if r.lease != 0 && !leases.exists(r.lease) {
+        return Err(Error::LeaseNotFound);
+    }
+    put_checked(txn, r)
+}
+
+/// A Put whose lease is known to exist.
+fn put_checked(txn: &mut WriteTxn<'_>, r: &PutRequest) -> Result<PutResponse> {
     let mut prev = None;
     if r.ignore_value || r.ignore_lease || r.prev_kv {
         prev = txn
@@ -568,6 +600,7 @@ fn exists(reader: &impl Reader, effects: &[Effect<'_>], key: &[u8]) -> Result<bo
 /// earlier delete removed the key; Keel refuses the txn instead.)
 fn check_puts<'t>(
     reader: &impl Reader,
+    leases: &impl Leases,
     t: &'t TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
     effects: &mut Vec<Effect<'t>>,
@@ -579,10 +612,13 @@ fn check_puts<'t>(
                 if (p.ignore_value || p.ignore_lease) && !exists(reader, effects, &p.key)? {
                     return Err(Error::KeyNotFound);
                 }
+                if p.lease != 0 && !leases.exists(p.lease) {
+                    return Err(Error::LeaseNotFound);
+                }
                 effects.push(Effect::Put(&p.key));
             }
             RequestOp::DeleteRange(d) => effects.push(Effect::Delete(&d.key, &d.range_end)),
-            RequestOp::Txn(nested) => check_puts(reader, nested, path, effects)?,
+            RequestOp::Txn(nested) => check_puts(reader, leases, nested, path, effects)?,
             RequestOp::Range(_) => {}
             RequestOp::Empty => return Err(Error::KeyNotFound),
         }
@@ -616,8 +652,13 @@ fn check_ranges(
 
 /// Checks the ops a txn will run, before it writes anything: after these, applying it can only
 /// fail on I/O.
-fn check_path(reader: &impl Reader, t: &TxnRequest, path: &[bool]) -> Result<()> {
-    check_puts(reader, t, &mut path.iter(), &mut Vec::new())?;
+fn check_path(
+    reader: &impl Reader,
+    leases: &impl Leases,
+    t: &TxnRequest,
+    path: &[bool],
+) -> Result<()> {
+    check_puts(reader, leases, t, &mut path.iter(), &mut Vec::new())?;
     check_ranges(reader, t, &mut path.iter())
 }
 
@@ -662,7 +703,7 @@ fn run_write(
     for op in if ok { &t.success } else { &t.failure } {
         responses.push(match op {
             RequestOp::Range(r) => ResponseOp::Range(range(txn, r)?),
-            RequestOp::Put(p) => ResponseOp::Put(put(txn, p)?),
+            RequestOp::Put(p) => ResponseOp::Put(put_checked(txn, p)?),
             RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(delete_range(txn, d)?),
             RequestOp::Txn(nested) => ResponseOp::Txn(run_write(txn, nested, path)?),
             RequestOp::Empty => return Err(Error::KeyNotFound),
@@ -677,10 +718,10 @@ fn run_write(
 
 /// A Txn inside an open write transaction (a batch): its writes share the transaction's current
 /// revision; call [`WriteTxn::finish_revision`] after it. Read-only txns write nothing.
-pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest) -> Result<TxnResponse> {
+pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest, leases: &impl Leases) -> Result<TxnResponse> {
     let mut path = Vec::new();
     txn_path(w, t, &mut path);
-    check_path(w, t, &path)?;
+    check_path(w, leases, t, &path)?;
     let mut resp = if is_read_only(t) {
         run_read(w, t, &mut path.iter())?
     } else {
@@ -698,19 +739,20 @@ pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest) -> Result<TxnResponse> {
 pub fn txn(
     store: &Store,
     t: &TxnRequest,
+    leases: &impl Leases,
     applied: Option<(u64, u64)>,
 ) -> Result<(TxnResponse, Vec<Change>)> {
     if is_read_only(t) {
         let view = store.read();
         let mut path = Vec::new();
         txn_path(&view, t, &mut path);
-        check_path(&view, t, &path)?;
+        check_path(&view, leases, t, &path)?;
         let mut resp = run_read(&view, t, &mut path.iter())?;
         resp.revision = view.rev();
         return Ok((resp, Vec::new()));
     }
     let mut w = store.write()?;
-    let resp = txn_in(&mut w, t)?;
+    let resp = txn_in(&mut w, t, leases)?;
     let changes = w.end(applied)?;
     Ok((resp, changes))
 }
@@ -719,10 +761,11 @@ pub fn txn(
 pub fn put_request(
     store: &Store,
     r: &PutRequest,
+    leases: &impl Leases,
     applied: Option<(u64, u64)>,
 ) -> Result<(PutResponse, Vec<Change>)> {
     let mut w = store.write()?;
-    let resp = put(&mut w, r)?;
+    let resp = put(&mut w, r, leases)?;
     Ok((resp, w.end(applied)?))
 }
 

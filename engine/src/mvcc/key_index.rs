@@ -192,7 +192,11 @@ impl KeyIndex {
                 .last()
                 .expect("finished generations are non-empty")
                 .main;
-            if tomb >= at {
+            // A tombstone at `at` itself is kept (etcd 3.5.16+), unless the key was put again
+            // later in that same revision (a txn deleting then putting it): then the key's state
+            // at `at` is in the next generation.
+            let next_created = self.generations[gen_idx + 1].revs.first().map(|r| r.main);
+            if tomb > at || (tomb == at && next_created != Some(at)) {
                 break;
             }
             gen_idx += 1;
@@ -305,6 +309,23 @@ mod tests {
         ki.compact(6, &mut keep);
         assert!(ki.is_empty());
         assert!(keep.is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_a_put_after_a_tombstone_in_the_same_revision() {
+        // put 3; one txn at revision 4 deletes the key (4/0) and puts it again (4/2).
+        let mut ki = KeyIndex::default();
+        ki.put(r(3));
+        assert!(ki.tombstone(Revision::new(4, 0)));
+        ki.put(Revision::new(4, 2));
+        let mut keep = HashSet::new();
+        ki.keep(4, &mut keep);
+        assert_eq!(keep, HashSet::from([Revision::new(4, 2)]));
+        let mut keep = HashSet::new();
+        ki.compact(4, &mut keep);
+        assert_eq!(keep, HashSet::from([Revision::new(4, 2)]));
+        assert_eq!(ki.get(4).unwrap().modified, Revision::new(4, 2));
+        assert_eq!(ki.get(4).unwrap().version, 1);
     }
 
     #[test]
