@@ -26,7 +26,9 @@ use futures::future::Either;
 use keel_engine::btree::BackendOptions;
 use keel_engine::mvcc::Store;
 use keel_engine::mvcc::apply as a;
-use keel_engine::wal::{Metadata, RecordRef, SnapshotMarker, Wal, WalOptions, WalStorage};
+use keel_engine::wal::{
+    Metadata, RecordRef, SnapshotMarker, SyncObserver, Wal, WalOptions, WalStorage,
+};
 use keel_engine::{Error, Result};
 use keel_proto::etcdserverpb as pb;
 use prost::Message as _;
@@ -35,6 +37,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::convert;
+use crate::metrics::Metrics;
 
 /// Most commands taken per wake-up.
 pub const DRAIN: usize = 256;
@@ -55,6 +58,10 @@ pub struct CoreConfig {
     pub cpu: Option<usize>,
     /// Largest request accepted, as encoded in a raft entry (etcd's `--max-request-bytes`).
     pub max_request_bytes: usize,
+    /// Applied entries between backend checkpoints at most (etcd's `--snapshot-count`, capped at
+    /// [`CHECKPOINT_ENTRIES`]).
+    pub snapshot_count: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A write, as carried in a raft entry: etcd's own request messages.
@@ -106,6 +113,7 @@ pub struct Core {
     /// Cluster and member ids.
     pub ids: (u64, u64),
     max_request_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Core {
@@ -130,6 +138,7 @@ impl Core {
         let cpu = config.cpu.unwrap_or(cpus - 1).min(cpus - 1);
         let ids = (config.cluster_id, config.member_id);
         let max_request_bytes = config.max_request_bytes;
+        let metrics = config.metrics.clone();
         let thread = std::thread::Builder::new()
             .name("keel-storage".into())
             .spawn(move || -> Result<()> {
@@ -162,6 +171,7 @@ impl Core {
                 term,
                 ids,
                 max_request_bytes,
+                metrics,
             },
             thread,
         ))
@@ -170,6 +180,11 @@ impl Core {
     /// The MVCC store, for reads.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The member's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The current raft term.
@@ -238,6 +253,9 @@ struct Storage {
     applied: u64,
     checkpointed: u64,
     checkpointed_at: Instant,
+    checkpoint_entries: u64,
+    metrics: Arc<Metrics>,
+    leader: u64,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -256,6 +274,10 @@ impl Storage {
                 cluster_id: config.cluster_id,
                 member_id: config.member_id,
             },
+            on_sync: Some({
+                let metrics = config.metrics.clone();
+                SyncObserver(Arc::new(move |d| Metrics::observe(&metrics.wal_fsync, d)))
+            }),
             ..WalOptions::default()
         };
         let (wal, recovery) = Wal::open(&wal_dir, wal_options).await?;
@@ -320,6 +342,9 @@ impl Storage {
             applied,
             checkpointed: applied,
             checkpointed_at: Instant::now(),
+            checkpoint_entries: config.snapshot_count.clamp(1, CHECKPOINT_ENTRIES),
+            metrics: config.metrics,
+            leader: 0,
         })
     }
 
@@ -367,6 +392,7 @@ impl Storage {
 
     fn propose(&mut self, request: Request, reply: Reply<Applied>) {
         if self.node.raft.state != StateRole::Leader {
+            self.metrics.proposals_failed.inc();
             let _ = reply.send(Err(Error::NoLeader));
             return;
         }
@@ -382,6 +408,7 @@ impl Storage {
                 self.pending.insert(id, reply);
             }
             Err(e) => {
+                self.metrics.proposals_failed.inc();
                 let _ = reply.send(Err(raft_err(e)));
             }
         }
@@ -392,6 +419,15 @@ impl Storage {
             let mut rd = self.node.ready();
             if let Some(ss) = rd.ss() {
                 tracing::info!(state = ?ss.raft_state, leader = ss.leader_id, "raft state changed");
+                let m = &self.metrics;
+                m.has_leader
+                    .set(i64::from(ss.leader_id != raft::INVALID_ID));
+                m.is_leader
+                    .set(i64::from(ss.raft_state == StateRole::Leader));
+                if ss.leader_id != raft::INVALID_ID && ss.leader_id != self.leader {
+                    m.leader_changes.inc();
+                }
+                self.leader = ss.leader_id;
             }
             let committed = rd.take_committed_entries();
             self.apply(committed).await?;
@@ -400,7 +436,7 @@ impl Storage {
                 self.wal.save(rd.entries(), hs.as_ref()).await?;
             }
             if let Some(hs) = &hs {
-                self.term.store(hs.term, Ordering::Relaxed);
+                                self.term.store(hs.term, Ordering::Relaxed);
             }
             for rs in rd.take_read_states() {
                 if let Some(waiters) = self.reads.remove(&rs.request_ctx) {
@@ -412,6 +448,14 @@ impl Storage {
             self.apply(light.take_committed_entries()).await?;
             self.node.advance_apply();
             self.serve_reads();
+                        let m = &self.metrics;
+            m.proposals_committed
+                .set(i64::try_from(self.node.raft.raft_log.committed).unwrap_or(i64::MAX));
+            m.proposals_applied
+                .set(i64::try_from(self.applied).unwrap_or(i64::MAX));
+            m.proposals_pending.set(self.pending.len() as i64);
+            m.wal_write_bytes
+                .set(i64::try_from(self.wal.stats().bytes_written).unwrap_or(i64::MAX));
         }
         Ok(())
     }
@@ -487,7 +531,7 @@ impl Storage {
 
     async fn maybe_checkpoint(&mut self) -> Result<()> {
         let behind = self.applied - self.checkpointed;
-        if behind >= CHECKPOINT_ENTRIES
+        if behind >= self.checkpoint_entries
             || (behind > 0 && self.checkpointed_at.elapsed() >= CHECKPOINT_INTERVAL)
         {
             self.checkpoint().await?;
@@ -501,7 +545,9 @@ impl Storage {
         if self.applied == self.checkpointed {
             return Ok(());
         }
+        let started = Instant::now();
         self.store.sync()?;
+        Metrics::observe(&self.metrics.backend_commit, started.elapsed());
         let index = self.applied;
         let term = raft::Storage::term(&self.wal.storage(), index).map_err(raft_err)?;
         let conf_state = self.node.raft.prs().conf().to_conf_state();

@@ -83,6 +83,7 @@ const STREAM_CHUNK: usize = 1000;
 
 impl KvService {
     async fn do_range(&self, r: pb::RangeRequest) -> Result<pb::RangeResponse, Status> {
+        self.core.metrics().ranges.inc();
         let r = convert::range_request(r)?;
         a::check_range(&r).map_err(|e| status(&e))?;
         if !r.serializable {
@@ -144,6 +145,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        self.core.metrics().puts.inc();
         let r = request.into_inner();
         let put = convert::put_request(r.clone());
         a::check_put(&put).map_err(|e| status(&e))?;
@@ -162,6 +164,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        self.core.metrics().deletes.inc();
         let r = request.into_inner();
         a::check_delete(&convert::delete_request(r.clone())).map_err(|e| status(&e))?;
         match self.write(Write::DeleteRange(r)).await? {
@@ -177,6 +180,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        self.core.metrics().txns.inc();
         let r = request.into_inner();
         let t = convert::txn_request(r.clone())?;
         a::check_txn(&t, self.max_txn_ops).map_err(|e| status(&e))?;

@@ -6,10 +6,12 @@
 //!   glommio thread, reached through a `Send + Clone` handle.
 //! - [`kv`]: the KV gRPC service. [`convert`]: etcd's protobuf types to and from the engine's, and
 //!   engine errors to etcd's gRPC statuses.
+//! - [`metrics`]: Prometheus metrics under etcd's names.
 //! - [`server`]: starting a member: listeners, HTTP endpoints, orderly stop.
 
 pub mod config;
 pub mod convert;
 pub mod core;
 pub mod kv;
+pub mod metrics;
 pub mod server;

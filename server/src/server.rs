@@ -10,10 +10,13 @@ use keel_proto::etcdserverpb::kv_server::KvServer;
 use crate::config::{Config, Url};
 use crate::core::{Core, CoreConfig, stable_id};
 use crate::kv::KvService;
+use crate::metrics::{ETCD_VERSION, Metrics};
 
 /// etcd answers `/version` with the server and cluster versions; Keel reports the etcd API level
 /// it implements.
-const VERSION_JSON: &str = r#"{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}"#;
+fn version_json() -> String {
+    format!(r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"3.4.0"}}"#)
+}
 
 async fn resolve(url: &Url) -> anyhow::Result<SocketAddr> {
     let host = url.host.trim_start_matches('[').trim_end_matches(']');
@@ -82,6 +85,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         election_ticks,
         cpu: config.storage_core,
         max_request_bytes: config.max_request_bytes as usize,
+        snapshot_count: config.snapshot_count,
+        metrics: Metrics::new(config.quota_backend_bytes),
     })
     .context("starting the storage core")?;
     tracing::info!(
@@ -109,7 +114,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let router = tonic::service::Routes::new(kv)
             .into_axum_router()
             .route("/health", get(|| async { r#"{"health":"true"}"# }))
-            .route("/version", get(|| async { VERSION_JSON }));
+            .route("/version", get(|| async { version_json() }))
+            .route(
+                "/metrics",
+                get({
+                    let core = core.clone();
+                    move || async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            core.metrics().render(core.store()),
+                        )
+                    }
+                }),
+            );
         let routes = tonic::service::Routes::from(router);
         let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut servers = Vec::new();

@@ -5,75 +5,13 @@
 //! top header excepted), and every error must have the same gRPC code and message. The seed is
 //! printed; `KEEL_DIFF_SEED` replays it, `KEEL_DIFF_OPS` sets the length.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
 use keel_proto::etcdserverpb as pb;
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start listening");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_etcd(dir: &std::path::Path) -> (Process, String) {
-    let (client, peer) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "diff"])
-        .arg(format!("--data-dir={}", dir.join("etcd").display()))
-        .arg(format!("--listen-client-urls={endpoint}"))
-        .arg(format!("--advertise-client-urls={endpoint}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=diff={peer_url}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd (apt-get install etcd-server)");
-    wait_listening(client, "etcd");
-    (Process(child), endpoint)
-}
-
-fn start_keel(dir: &std::path::Path) -> (Process, String) {
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg(format!("--data-dir={}", dir.join("keel").display()))
-        .arg(format!("--listen-client-urls={endpoint}"))
-        .arg(format!("--advertise-client-urls={endpoint}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_listening(port, "keel");
-    (Process(child), endpoint)
-}
 
 const KEYS: u32 = 10;
 
@@ -281,10 +219,14 @@ async fn random_kv_operations_answer_exactly_like_etcd() {
     println!("seed {seed}, {count} operations (KEEL_DIFF_SEED / KEEL_DIFF_OPS to replay)");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let (_etcd, etcd_endpoint) = start_etcd(dir.path());
-    let (_keel, keel_endpoint) = start_keel(dir.path());
-    let mut etcd = KvClient::connect(etcd_endpoint).await.unwrap();
-    let mut keel = KvClient::connect(keel_endpoint).await.unwrap();
+    let etcd_server = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel_server = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let mut etcd = KvClient::connect(etcd_server.endpoint.clone())
+        .await
+        .unwrap();
+    let mut keel = KvClient::connect(keel_server.endpoint.clone())
+        .await
+        .unwrap();
     let mut current = 1i64;
     for i in 0..count {
         let op = match rng.random_range(0..100) {

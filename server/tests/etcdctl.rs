@@ -2,53 +2,20 @@
 //! etcdctl 3.4 (Debian's `etcd-client`), outputs compared with etcd's; and kill -9 of a server
 //! under load, after which every acknowledged put is there with its revision.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-struct Keel {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Keel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Server as Keel, free_port};
 
 fn start(data: &Path, port: u16) -> Keel {
-    start_with(data, port, &[])
+    common::keel(data, port, &[])
 }
 
 fn start_with(data: &Path, port: u16, extra: &[&str]) -> Keel {
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(extra)
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={endpoint}"))
-        .arg(format!("--advertise-client-urls={endpoint}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let keel = Keel { child, endpoint };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "keel did not start listening");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    keel
+    common::keel(data, port, extra)
 }
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
@@ -258,4 +225,41 @@ fn bad_flags_exit_with_code_2_and_a_clear_message() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("keel "));
+}
+
+#[test]
+fn http_endpoints_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = start(&dir.path().join("data"), free_port());
+    ok(&keel.endpoint, &["put", "k", "v"]);
+    ok(&keel.endpoint, &["get", "k"]);
+    assert_eq!(
+        common::http_get(keel.port, "/health"),
+        (200, r#"{"health":"true"}"#.to_string())
+    );
+    let (code, version) = common::http_get(keel.port, "/version");
+    assert_eq!(code, 200);
+    assert!(version.contains(r#""etcdserver":"3.4.23""#), "{version}");
+    let (code, metrics) = common::http_get(keel.port, "/metrics");
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("etcd_mvcc_put_total"), 1.0);
+    assert_eq!(value("etcd_mvcc_range_total"), 1.0);
+    assert_eq!(value("etcd_server_has_leader"), 1.0);
+    assert_eq!(value("etcd_server_is_leader"), 1.0);
+    assert_eq!(value("etcd_debugging_mvcc_current_revision"), 2.0);
+    // The leader's empty entry and the put, at least.
+    assert!(value("etcd_server_proposals_committed_total") >= 2.0);
+    assert!(value("etcd_server_proposals_applied_total") >= 2.0);
+    assert!(value("etcd_disk_wal_fsync_duration_seconds_count") >= 1.0);
+    assert!(value("etcd_mvcc_db_total_size_in_bytes") > 0.0);
+    assert!(value("process_resident_memory_bytes") > 0.0);
+    
 }

@@ -65,6 +65,18 @@ pub struct WalOptions {
     pub max_spares: usize,
     /// Metadata written into a new WAL (an existing WAL keeps its own).
     pub metadata: Metadata,
+    /// Called with the duration of every group-commit fdatasync (for metrics).
+    pub on_sync: Option<SyncObserver>,
+}
+
+/// A callback given the duration of each WAL fdatasync.
+#[derive(Clone)]
+pub struct SyncObserver(pub std::sync::Arc<dyn Fn(std::time::Duration) + Send + Sync>);
+
+impl std::fmt::Debug for SyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncObserver")
+    }
 }
 
 impl Default for WalOptions {
@@ -76,6 +88,7 @@ impl Default for WalOptions {
             cache_bytes: 16 << 20,
             max_spares: 2,
             metadata: Metadata::default(),
+            on_sync: None,
         }
     }
 }

@@ -172,7 +172,12 @@ impl Writer {
         bytes[prefix..prefix + chunk.data.len()].copy_from_slice(&chunk.data);
         bytes[prefix + chunk.data.len()..].fill(0);
         segment::write_all(&active.file, &active.path, buf, write_pos).await?;
+        let started = std::time::Instant::now();
         segment::fdatasync(&active.file, &active.path).await?;
+        let observer = self.shared.borrow().options.on_sync.clone();
+        if let Some(observe) = observer {
+            (observe.0)(started.elapsed());
+        }
         // Remember the bytes of the block holding the new end, for the next write to rewrite.
         let tail_start = end - end % BLOCK;
         if tail_start >= chunk.start {

@@ -1,0 +1,336 @@
+//! Prometheus metrics served on `/metrics`, under etcd's names where etcd has the metric (so
+//! existing dashboards and alerts work), in the OpenMetrics text format Prometheus scrapes.
+//!
+//! Counters and histograms are updated where the work happens (the storage core, the KV
+//! service). Sizes, revisions and process figures are read when scraped.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use keel_engine::mvcc::Store;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The etcd version Keel reports (`etcd_server_version`, `/version`).
+pub const ETCD_VERSION: &str = "3.4.23";
+
+/// Every metric of a member.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `etcd_disk_wal_fsync_duration_seconds`: each WAL group-commit fdatasync.
+    pub wal_fsync: Histogram,
+    /// `etcd_disk_backend_commit_duration_seconds`: each durable backend commit (checkpoint).
+    pub backend_commit: Histogram,
+    /// `etcd_disk_wal_write_bytes_total`.
+    pub wal_write_bytes: Gauge,
+    pub has_leader: Gauge,
+    pub is_leader: Gauge,
+    /// `etcd_server_leader_changes_seen_total`.
+    pub leader_changes: Counter,
+    /// `etcd_server_proposals_committed_total` (a gauge in etcd: the commit index).
+    pub proposals_committed: Gauge,
+    /// `etcd_server_proposals_applied_total` (a gauge in etcd: the applied index).
+    pub proposals_applied: Gauge,
+    pub proposals_pending: Gauge,
+    /// `etcd_server_proposals_failed_total`.
+    pub proposals_failed: Counter,
+    /// `etcd_mvcc_range_total`, `_put_total`, `_delete_total`, `_txn_total`.
+    pub ranges: Counter,
+    pub puts: Counter,
+    pub deletes: Counter,
+    pub txns: Counter,
+    db_total_size: Gauge,
+    db_in_use_size: Gauge,
+    current_revision: Gauge,
+    compact_revision: Gauge,
+    resident_memory: Gauge,
+    cpu_seconds: Gauge<f64, AtomicU64>,
+    open_fds: Gauge,
+}
+
+/// etcd's buckets for disk latencies: 1 ms to about 8 s, doubling.
+fn disk_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 14)
+}
+
+impl Metrics {
+    /// The metrics of a member with backend quota `quota_bytes`.
+    pub fn new(quota_bytes: u64) -> Arc<Metrics> {
+        let mut r = Registry::default();
+        let wal_fsync = Histogram::new(disk_buckets());
+        r.register(
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+            wal_fsync.clone(),
+        );
+        let backend_commit = Histogram::new(disk_buckets());
+        r.register(
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+            backend_commit.clone(),
+        );
+        let gauge = |r: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            r.register(name, help, g.clone());
+            g
+        };
+        // Counters get their `_total` suffix from the encoder.
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let wal_write_bytes = gauge(
+            &mut r,
+            "etcd_disk_wal_write_bytes_total",
+            "Total number of bytes written in WAL.",
+        );
+        let has_leader = gauge(
+            &mut r,
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+        );
+        let is_leader = gauge(
+            &mut r,
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+        );
+        let leader_changes = counter(
+            &mut r,
+            "etcd_server_leader_changes_seen",
+            "The number of leader changes seen.",
+        );
+        let proposals_committed = gauge(
+            &mut r,
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+        );
+        let proposals_applied = gauge(
+            &mut r,
+            "etcd_server_proposals_applied_total",
+            "The total number of consensus proposals applied.",
+        );
+        let proposals_pending = gauge(
+            &mut r,
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+        );
+        let proposals_failed = counter(
+            &mut r,
+            "etcd_server_proposals_failed",
+            "The total number of failed proposals seen.",
+        );
+        let quota = gauge(
+            &mut r,
+            "etcd_server_quota_backend_bytes",
+            "Current backend storage quota size in bytes.",
+        );
+        quota.set(i64::try_from(quota_bytes).unwrap_or(i64::MAX));
+        let version = Family::<Vec<(String, String)>, Gauge>::default();
+        r.register(
+            "etcd_server_version",
+            "Which version is running. 1 for 'server_version' label with current version.",
+            version.clone(),
+        );
+        version
+            .get_or_create(&vec![("server_version".into(), ETCD_VERSION.into())])
+            .set(1);
+        let ranges = counter(
+            &mut r,
+            "etcd_mvcc_range",
+            "Total number of ranges seen by this member.",
+        );
+        let puts = counter(
+            &mut r,
+            "etcd_mvcc_put",
+            "Total number of puts seen by this member.",
+        );
+        let deletes = counter(
+            &mut r,
+            "etcd_mvcc_delete",
+            "Total number of deletes seen by this member.",
+        );
+        let txns = counter(
+            &mut r,
+            "etcd_mvcc_txn",
+            "Total number of txns seen by this member.",
+        );
+        let db_total_size = gauge(
+            &mut r,
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+        );
+        let db_in_use_size = gauge(
+            &mut r,
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Total size of the underlying database logically in use in bytes.",
+        );
+        let current_revision = gauge(
+            &mut r,
+            "etcd_debugging_mvcc_current_revision",
+            "The current revision of store.",
+        );
+        let compact_revision = gauge(
+            &mut r,
+            "etcd_debugging_mvcc_compact_revision",
+            "The revision of the last compaction in store.",
+        );
+        let resident_memory = gauge(
+            &mut r,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+        );
+        let cpu_seconds = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+            cpu_seconds.clone(),
+        );
+        let open_fds = gauge(
+            &mut r,
+            "process_open_fds",
+            "Number of open file descriptors.",
+        );
+        Arc::new(Metrics {
+            registry: r,
+            wal_fsync,
+            backend_commit,
+            wal_write_bytes,
+            has_leader,
+            is_leader,
+            leader_changes,
+            proposals_committed,
+            proposals_applied,
+            proposals_pending,
+            proposals_failed,
+            ranges,
+            puts,
+            deletes,
+            txns,
+            db_total_size,
+            db_in_use_size,
+            current_revision,
+            compact_revision,
+            resident_memory,
+            cpu_seconds,
+            open_fds,
+        })
+    }
+
+    /// Records a duration in seconds.
+    pub fn observe(h: &Histogram, d: Duration) {
+        h.observe(d.as_secs_f64());
+    }
+
+    /// The text a scrape returns, with the store's and the process's current figures.
+    pub fn render(&self, store: &Store) -> String {
+        let backend = store.backend();
+        self.db_total_size.set(as_i64(backend.file_size()));
+        self.db_in_use_size.set(as_i64(backend.size_in_use()));
+        self.current_revision.set(store.current_revision());
+        self.compact_revision.set(store.compact_revision());
+        if let Some(p) = ProcessStats::read() {
+            self.resident_memory.set(as_i64(p.resident_bytes));
+            self.cpu_seconds.set(p.cpu_seconds);
+            self.open_fds.set(as_i64(p.open_fds));
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// CPU, memory and file descriptors of this process, from `/proc/self`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    pub resident_bytes: u64,
+    pub cpu_seconds: f64,
+    pub open_fds: u64,
+}
+
+/// `/proc` reports CPU times in USER_HZ ticks, which is 100 on every Linux ABI Keel runs on.
+const USER_HZ: f64 = 100.0;
+const PAGE_SIZE: u64 = 4096;
+
+impl ProcessStats {
+    /// Reads the figures; `None` without `/proc`.
+    pub fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        let mut p = ProcessStats::parse(&stat, &statm)?;
+        p.open_fds = open_fds;
+        Some(p)
+    }
+
+    /// Parses `/proc/PID/stat` (utime and stime are fields 14 and 15, counted after the
+    /// parenthesised command name, which may itself hold spaces) and `/proc/PID/statm`
+    /// (resident pages second).
+    pub fn parse(stat: &str, statm: &str) -> Option<ProcessStats> {
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // after_name starts at field 3 (state): utime is field 14, so index 11.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(ProcessStats {
+            resident_bytes: resident_pages * PAGE_SIZE,
+            cpu_seconds: (utime + stime) as f64 / USER_HZ,
+            open_fds: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_spaces_in_the_name() {
+        let stat = "4242 (keel storage) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 3 0 \
+                    12345 1000000 512 18446744073709551615";
+        let p = ProcessStats::parse(stat, "2000 512 100 1 0 300 0").unwrap();
+        assert_eq!(p.resident_bytes, 512 * 4096);
+        assert!((p.cpu_seconds - 3.25).abs() < 1e-9);
+        assert_eq!(ProcessStats::parse("garbage", "1 2"), None);
+    }
+
+    #[test]
+    fn renders_etcd_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db"), Default::default()).unwrap();
+        let m = Metrics::new(2 << 30);
+        m.puts.inc();
+        Metrics::observe(&m.wal_fsync, Duration::from_micros(300));
+        let text = m.render(&store);
+        for line in [
+            "etcd_mvcc_put_total 1",
+            "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 1",
+            "etcd_disk_wal_fsync_duration_seconds_count 1",
+            "etcd_server_quota_backend_bytes 2147483648",
+            "etcd_server_version{server_version=\"3.4.23\"} 1",
+            "etcd_debugging_mvcc_current_revision 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        let size = text
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd_mvcc_db_total_size_in_bytes "))
+            .unwrap();
+        assert_eq!(size.parse::<u64>().unwrap(), store.backend().file_size());
+        assert!(ProcessStats::read().unwrap().resident_bytes > 0);
+    }
+}
