@@ -436,7 +436,7 @@ impl Storage {
                 self.wal.save(rd.entries(), hs.as_ref()).await?;
             }
             if let Some(hs) = &hs {
-                                self.term.store(hs.term, Ordering::Relaxed);
+                self.term.store(hs.term, Ordering::Relaxed);
             }
             for rs in rd.take_read_states() {
                 if let Some(waiters) = self.reads.remove(&rs.request_ctx) {
@@ -448,7 +448,7 @@ impl Storage {
             self.apply(light.take_committed_entries()).await?;
             self.node.advance_apply();
             self.serve_reads();
-                        let m = &self.metrics;
+            let m = &self.metrics;
             m.proposals_committed
                 .set(i64::try_from(self.node.raft.raft_log.committed).unwrap_or(i64::MAX));
             m.proposals_applied

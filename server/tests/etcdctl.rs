@@ -261,5 +261,4 @@ fn http_endpoints_answer_like_etcd() {
     assert!(value("etcd_disk_wal_fsync_duration_seconds_count") >= 1.0);
     assert!(value("etcd_mvcc_db_total_size_in_bytes") > 0.0);
     assert!(value("process_resident_memory_bytes") > 0.0);
-    
 }

@@ -1,0 +1,407 @@
+//! End-to-end with the `etcd-client` crate (an independent etcd v3 client) as the client: every KV
+//! call and option. The same scenario runs against a real etcd 3.4 and against `keel`; its
+//! assertions hold on both, and the transcripts of every response (headers' ids and terms aside)
+//! are equal.
+
+mod common;
+
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions, KeyValue,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+
+fn kv(kv: &KeyValue) -> String {
+    format!(
+        "{}={} c{} m{} v{} l{}",
+        kv.key_str().unwrap(),
+        kv.value_str().unwrap(),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease()
+    )
+}
+
+fn kvs(list: &[KeyValue]) -> Vec<String> {
+    list.iter().map(kv).collect()
+}
+
+fn keys(list: &[KeyValue]) -> Vec<&str> {
+    list.iter().map(|k| k.key_str().unwrap()).collect()
+}
+
+/// The gRPC code and message of a refused call.
+fn refused<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::GRpcStatus(s)) => format!("{:?}: {}", s.code(), s.message()),
+        other => panic!("expected a gRPC error, got {other:?}"),
+    }
+}
+
+fn txn_text(t: &TxnResponse) -> String {
+    let parts: Vec<String> = t
+        .op_responses()
+        .iter()
+        .map(|r| match r {
+            TxnOpResponse::Put(p) => format!("put rev {:?}", p.header().map(|h| h.revision())),
+            TxnOpResponse::Get(g) => format!("get {:?} count {}", kvs(g.kvs()), g.count()),
+            TxnOpResponse::Delete(d) => format!("del {} {:?}", d.deleted(), kvs(d.prev_kvs())),
+            TxnOpResponse::Txn(t) => format!("txn [{}]", txn_text(t)),
+        })
+        .collect();
+    format!("succeeded {} {}", t.succeeded(), parts.join("; "))
+}
+
+/// Runs every KV call and option; returns the transcript.
+async fn scenario(endpoint: &str) -> Vec<String> {
+    let mut c = Client::connect([endpoint], None).await.unwrap();
+    let mut log = Vec::new();
+
+    // Put, with prev_kv.
+    let r = c.put("foo", "bar", None).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), 2);
+    assert!(r.prev_key().is_none());
+    let r = c
+        .put("foo", "baz", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(r.header().unwrap().revision(), 3);
+    assert_eq!(kv(r.prev_key().unwrap()), "foo=bar c2 m2 v1 l0");
+    for (k, v) in [
+        ("foo/a", "5"),
+        ("foo/b", "4"),
+        ("foo/c", "3"),
+        ("foo/d", "2"),
+        ("foo/e", "1"),
+        ("fop", "x"),
+        ("a", "1"),
+    ] {
+        c.put(k, v, None).await.unwrap();
+    }
+    log.push(format!(
+        "rev {:?}",
+        c.get("a", None)
+            .await
+            .unwrap()
+            .header()
+            .map(|h| h.revision())
+    ));
+
+    // Get and its options.
+    let r = c.get("foo", None).await.unwrap();
+    assert_eq!(kvs(r.kvs()), ["foo=baz c2 m3 v2 l0"]);
+    let r = c
+        .get("foo", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(r.kvs()),
+        ["foo", "foo/a", "foo/b", "foo/c", "foo/d", "foo/e"]
+    );
+    assert_eq!((r.count(), r.more()), (6, false));
+    let r = c
+        .get("foo", Some(GetOptions::new().with_prefix().with_limit(2)))
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo", "foo/a"]);
+    assert_eq!((r.count(), r.more()), (6, true));
+    let r = c
+        .get("foo/c", Some(GetOptions::new().with_from_key()))
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo/c", "foo/d", "foo/e", "fop"]);
+    let r = c
+        .get("foo/b", Some(GetOptions::new().with_range("foo/d")))
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo/b", "foo/c"]);
+    let r = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 8);
+    let r = c
+        .get("foo", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap();
+    assert_eq!(kvs(r.kvs()), ["foo=bar c2 m2 v1 l0"]);
+    assert_eq!(
+        r.header().unwrap().revision(),
+        10,
+        "the header has the current revision"
+    );
+    for target in [
+        SortTarget::Key,
+        SortTarget::Version,
+        SortTarget::Create,
+        SortTarget::Mod,
+        SortTarget::Value,
+    ] {
+        for order in [SortOrder::Ascend, SortOrder::Descend] {
+            let r = c
+                .get(
+                    "foo/",
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_sort(target, order)
+                            .with_limit(3),
+                    ),
+                )
+                .await
+                .unwrap();
+            log.push(format!("sort {target:?} {order:?}: {:?}", keys(r.kvs())));
+        }
+    }
+    let r = c
+        .get(
+            "foo/",
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Value, SortOrder::Ascend),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo/e", "foo/d", "foo/c", "foo/b", "foo/a"]);
+    let r = c
+        .get(
+            "foo",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 6);
+    let r = c
+        .get(
+            "foo/",
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .unwrap();
+    assert!(r.kvs().iter().all(|k| k.value().is_empty()));
+    assert_eq!(r.kvs().len(), 5);
+    let r = c
+        .get(
+            "foo/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.kvs().len(), r.count()), (0, 5));
+    let r = c
+        .get(
+            "",
+            Some(
+                GetOptions::new()
+                    .with_all_keys()
+                    .with_min_mod_revision(5)
+                    .with_max_mod_revision(7),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo/b", "foo/c", "foo/d"]);
+    let r = c
+        .get(
+            "",
+            Some(
+                GetOptions::new()
+                    .with_all_keys()
+                    .with_min_create_revision(8)
+                    .with_max_create_revision(9),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(r.kvs()), ["foo/e", "fop"]);
+
+    // Put's other options.
+    let r = c
+        .put(
+            "fop",
+            "",
+            Some(PutOptions::new().with_ignore_value().with_prev_key()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kv(r.prev_key().unwrap()), "fop=x c9 m9 v1 l0");
+    let r = c.get("fop", None).await.unwrap();
+    assert_eq!(
+        kvs(r.kvs()),
+        ["fop=x c9 m11 v2 l0"],
+        "ignore_value keeps the value"
+    );
+    log.push(refused(
+        c.put("missing", "", Some(PutOptions::new().with_ignore_value()))
+            .await,
+    ));
+    log.push(refused(
+        c.put("foo", "v", Some(PutOptions::new().with_lease(12345)))
+            .await,
+    ));
+    log.push(refused(c.put("", "v", None).await));
+    log.push(refused(
+        c.put("x", "", Some(PutOptions::new().with_ignore_lease()))
+            .await,
+    ));
+    let r = c
+        .put("fop", "y", Some(PutOptions::new().with_ignore_lease()))
+        .await
+        .unwrap();
+    assert_eq!(r.header().unwrap().revision(), 12);
+
+    // Delete and its options.
+    let r = c
+        .delete("foo/a", Some(DeleteOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.deleted(), kvs(r.prev_kvs())),
+        (1, vec!["foo/a=5 c4 m4 v1 l0".to_string()])
+    );
+    let r = c
+        .delete("foo/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!((r.deleted(), r.header().unwrap().revision()), (4, 14));
+    let r = c
+        .delete("z", Some(DeleteOptions::new().with_from_key()))
+        .await
+        .unwrap();
+    assert_eq!((r.deleted(), r.header().unwrap().revision()), (0, 14));
+    let r = c
+        .delete(
+            "a",
+            Some(DeleteOptions::new().with_range("b").with_prev_key()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kvs(r.prev_kvs()), ["a=1 c10 m10 v1 l0"]);
+
+    // Txn: every compare target and operator, both branches, nesting, errors.
+    let t = Txn::new()
+        .when([
+            Compare::value("foo", CompareOp::Equal, "baz"),
+            Compare::version("foo", CompareOp::Greater, 1),
+            Compare::create_revision("foo", CompareOp::Less, 3),
+            Compare::mod_revision("foo", CompareOp::NotEqual, 2),
+            Compare::lease("foo", CompareOp::Equal, 0),
+        ])
+        .and_then([
+            TxnOp::put("foo", "qux", Some(PutOptions::new().with_prev_key())),
+            TxnOp::get("f", Some(GetOptions::new().with_prefix())),
+            TxnOp::delete("fop", Some(DeleteOptions::new().with_prev_key())),
+        ])
+        .or_else([TxnOp::get("foo", None)]);
+    let r = c.txn(t).await.unwrap();
+    assert!(r.succeeded());
+    assert_eq!(r.header().unwrap().revision(), 16);
+    log.push(txn_text(&r));
+    let t = Txn::new()
+        .when([Compare::version("foo", CompareOp::Greater, 100)])
+        .and_then([TxnOp::put("never", "1", None)])
+        .or_else([
+            TxnOp::get("foo", None),
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::value("foo", CompareOp::Equal, "qux")])
+                    .and_then([TxnOp::put("nested", "1", None)]),
+            ),
+        ]);
+    let r = c.txn(t).await.unwrap();
+    assert!(!r.succeeded());
+    log.push(txn_text(&r));
+    assert_eq!(c.get("nested", None).await.unwrap().count(), 1);
+    assert_eq!(c.get("never", None).await.unwrap().count(), 0);
+    // A compare over a range: every key in it must match.
+    c.put("r/1", "v", None).await.unwrap();
+    c.put("r/2", "v", None).await.unwrap();
+    let r = c
+        .txn(Txn::new().when([Compare::value("r/", CompareOp::Equal, "v").with_prefix()]))
+        .await
+        .unwrap();
+    assert!(r.succeeded());
+    let r = c
+        .txn(Txn::new().when([Compare::version("r/1", CompareOp::Equal, 1).with_range("r/3")]))
+        .await
+        .unwrap();
+    assert!(r.succeeded());
+    // A read-only txn takes no revision.
+    let before = c
+        .get("foo", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let r = c
+        .txn(Txn::new().and_then([TxnOp::get("foo", None)]))
+        .await
+        .unwrap();
+    assert_eq!(r.header().unwrap().revision(), before);
+    log.push(refused(
+        c.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)]))
+            .await,
+    ));
+    log.push(refused(
+        c.txn(Txn::new().and_then([
+            TxnOp::put("r/1", "1", None),
+            TxnOp::delete("r/", Some(DeleteOptions::new().with_prefix())),
+        ]))
+        .await,
+    ));
+    let too_many: Vec<TxnOp> = (0..129)
+        .map(|i| TxnOp::put(format!("m{i}"), "", None))
+        .collect();
+    log.push(refused(c.txn(Txn::new().and_then(too_many)).await));
+
+    // Compaction and reads of compacted or future revisions.
+    let current = c
+        .get("foo", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let r = c.compact(current - 2, None).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), current);
+    log.push(refused(
+        c.get("foo", Some(GetOptions::new().with_revision(current - 3)))
+            .await,
+    ));
+    log.push(refused(
+        c.get("foo", Some(GetOptions::new().with_revision(current + 1)))
+            .await,
+    ));
+    log.push(refused(c.compact(current - 2, None).await));
+    log.push(refused(c.compact(current + 5, None).await));
+    c.compact(current, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    let r = c
+        .get("foo", Some(GetOptions::new().with_revision(current)))
+        .await
+        .unwrap();
+    assert_eq!(kvs(r.kvs()), ["foo=qux c2 m16 v3 l0"]);
+    let r = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    log.push(format!("final {:?}", kvs(r.kvs())));
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_kv_calls_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let expected = scenario(&etcd.endpoint).await;
+    let got = scenario(&keel.endpoint).await;
+    for (e, g) in expected.iter().zip(&got) {
+        assert_eq!(g, e);
+    }
+    assert_eq!(got.len(), expected.len());
+}
