@@ -6,9 +6,11 @@
 //!   glommio thread, reached through a `Send + Clone` handle.
 //! - [`kv`]: the KV gRPC service. [`convert`]: etcd's protobuf types to and from the engine's, and
 //!   engine errors to etcd's gRPC statuses.
+//! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
 //! - [`server`]: starting a member: listeners, HTTP endpoints, orderly stop.
 
+pub mod compactor;
 pub mod config;
 pub mod convert;
 pub mod core;

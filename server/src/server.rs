@@ -131,6 +131,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 }),
             );
         let routes = tonic::service::Routes::from(router);
+        let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
         let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut servers = Vec::new();
         for url in &config.listen_client_urls {
@@ -148,6 +149,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!("stopping");
         let _ = stop_tx.send(());
+        compactor.abort();
         for s in servers {
             s.await
                 .context("client server task")?

@@ -262,3 +262,32 @@ fn http_endpoints_answer_like_etcd() {
     assert!(value("etcd_mvcc_db_total_size_in_bytes") > 0.0);
     assert!(value("process_resident_memory_bytes") > 0.0);
 }
+
+#[test]
+fn periodic_auto_compaction_compacts_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--auto-compaction-mode=periodic",
+        "--auto-compaction-retention=1s",
+    ];
+    let etcd = common::etcd(&dir.path().join("etcd"), &flags);
+    let keel = start_with(&dir.path().join("keel"), free_port(), &flags);
+    for e in [&etcd.endpoint, &keel.endpoint] {
+        ok(e, &["put", "k", "v1"]);
+        ok(e, &["put", "k", "v2"]);
+    }
+    // Samples every 100 ms; compactions every second to the revision of a second ago.
+    std::thread::sleep(Duration::from_millis(3500));
+    for e in [&etcd.endpoint, &keel.endpoint] {
+        let (success, err) = etcdctl(e, &["get", "k", "--rev=2"]);
+        assert!(!success, "{e}: revision 2 still readable");
+        assert_eq!(
+            err,
+            "Error: etcdserver: mvcc: required revision has been compacted"
+        );
+        assert_eq!(
+            ok(e, &["get", "k", "--rev=3", "--print-value-only"]),
+            "v2\n"
+        );
+    }
+}
