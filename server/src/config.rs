@@ -224,6 +224,9 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     if rest.is_empty() {
         return None;
     }
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
     while !rest.is_empty() {
         let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
         let number: f64 = rest[..digits].parse().ok()?;

@@ -277,19 +277,26 @@ impl ProcessStats {
     /// parenthesised command name, which may itself hold spaces) and `/proc/PID/statm`
     /// (resident pages second).
     pub fn parse(stat: &str, statm: &str) -> Option<ProcessStats> {
-        let after_name = &stat[stat.rfind(')')? + 1..];
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // after_name starts at field 3 (state): utime is field 14, so index 11.
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
         let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
         Some(ProcessStats {
             resident_bytes: resident_pages * PAGE_SIZE,
-            cpu_seconds: (utime + stime) as f64 / USER_HZ,
+            cpu_seconds: cpu_seconds(stat)?,
             open_fds: 0,
         })
     }
 }
+
+/// User plus system CPU seconds from the text of `/proc/PID/stat`.
+pub fn cpu_seconds(stat: &str) -> Option<f64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state): utime is field 14, so index 11.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+impl ProcessStats {}
 
 #[cfg(test)]
 mod tests {

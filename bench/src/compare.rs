@@ -1,0 +1,445 @@
+//! `keel-bench compare`: a fresh single-member etcd (Debian's `etcd-server`) and a fresh `keel`,
+//! on loopback with temporary data dirs on the same disk, run the etcd docs' workload table
+//! interleaved (for each workload and round: etcd, then keel). Each row has both servers'
+//! requests/s and p50 latency (medians over the rounds), their ratio, and the server CPU time per
+//! request; each server's peak RSS and CPU seconds close the table.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keel_proto::etcdserverpb as pb;
+
+use crate::client::{self, ConnectOptions};
+use crate::report::Stats;
+use crate::run::{self, RunOptions, Workload};
+use crate::workloads::{Put, Range, TxnPut, value};
+
+/// Settings of a comparison.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub keel: PathBuf,
+    pub etcd: PathBuf,
+    pub dir: PathBuf,
+    pub rounds: usize,
+    /// Multiplies every workload's total (e.g. 0.1 for a quick run).
+    pub scale: f64,
+    pub members: usize,
+    /// Only the workloads whose names contain one of these (all when empty).
+    pub only: Vec<String>,
+}
+
+/// One row of the table.
+pub struct Spec {
+    pub name: &'static str,
+    pub conns: usize,
+    pub clients: usize,
+    pub total: u64,
+    pub workload: Arc<dyn Workload>,
+}
+
+/// The key the range workloads read (written before the runs, 256-byte value).
+pub const RANGE_KEY: &[u8] = b"foo";
+
+/// The etcd docs' performance table: key 8 B, value 256 B.
+pub fn table() -> Vec<Spec> {
+    let v = value(256);
+    let put = |space| -> Arc<dyn Workload> {
+        Arc::new(Put {
+            key_size: 8,
+            value: v.clone(),
+            sequential: true,
+            key_space: space,
+        })
+    };
+    let range = |serializable| -> Arc<dyn Workload> {
+        Arc::new(Range {
+            key: RANGE_KEY.to_vec(),
+            end: vec![],
+            serializable,
+            limit: 0,
+            count_only: false,
+        })
+    };
+    let spec = |name, conns, clients, total, workload| Spec {
+        name,
+        conns,
+        clients,
+        total,
+        workload,
+    };
+    vec![
+        spec("put, 1 conn, 1 client", 1, 1, 10_000, put(10_000)),
+        spec(
+            "put, 100 conns, 1000 clients",
+            100,
+            1000,
+            100_000,
+            put(100_000),
+        ),
+        spec(
+            "range linearizable, 1 conn, 1 client",
+            1,
+            1,
+            10_000,
+            range(false),
+        ),
+        spec(
+            "range serializable, 1 conn, 1 client",
+            1,
+            1,
+            10_000,
+            range(true),
+        ),
+        spec(
+            "range linearizable, 100 conns, 1000 clients",
+            100,
+            1000,
+            100_000,
+            range(false),
+        ),
+        spec(
+            "range serializable, 100 conns, 1000 clients",
+            100,
+            1000,
+            100_000,
+            range(true),
+        ),
+        spec(
+            "txn-put, 100 conns, 1000 clients",
+            100,
+            1000,
+            100_000,
+            Arc::new(TxnPut {
+                key_size: 8,
+                value: v.clone(),
+                ops: 1,
+                key_space: 100_000,
+            }),
+        ),
+    ]
+}
+
+/// A server under test.
+struct Server {
+    name: &'static str,
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Server {
+    fn start(name: &'static str, bin: &Path, dir: &Path) -> anyhow::Result<Server> {
+        let (port, peer) = (free_port()?, free_port()?);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin)
+            .arg("--name=bench")
+            .arg(format!("--data-dir={}", dir.join(name).display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=bench={peer_url}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut s = Server {
+            name,
+            child,
+            endpoint,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = s.child.try_wait()? {
+                bail!("{name} exited ({status}); its log: {}", s.log.display());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} did not listen within 30 s; its log: {}",
+                    s.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(s)
+    }
+
+    fn proc(&self) -> ProcStats {
+        ProcStats::of(self.child.id()).unwrap_or_default()
+    }
+}
+
+/// CPU seconds and peak resident memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcStats {
+    pub cpu_seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcStats {
+    pub fn of(pid: u32) -> Option<ProcStats> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        ProcStats::parse(&stat, &status)
+    }
+
+    /// CPU time from `stat`; peak RSS from `status` (`VmHWM`, in kB).
+    pub fn parse(stat: &str, status: &str) -> Option<ProcStats> {
+        let hwm_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ProcStats {
+            cpu_seconds: keel::metrics::cpu_seconds(stat)?,
+            peak_rss_bytes: hwm_kb * 1024,
+        })
+    }
+}
+
+/// One measurement of a workload on a server.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rps: f64,
+    p50: f64,
+    cpu_per_request: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+async fn measure(server: &Server, spec: &Spec, total: u64) -> anyhow::Result<Sample> {
+    let opts = ConnectOptions {
+        endpoints: vec![server.endpoint.clone()],
+        ..Default::default()
+    };
+    let (channels, token) = opts.connect(spec.conns).await?;
+    let before = server.proc();
+    let outcome = run::run(
+        spec.workload.clone(),
+        &channels,
+        &token,
+        &RunOptions {
+            clients: spec.clients,
+            total,
+            rate: 0.0,
+            sample: false,
+            progress: false,
+            compact_interval: Duration::ZERO,
+            compact_delta: 0,
+        },
+    )
+    .await;
+    let after = server.proc();
+    let mut all = crate::report::Recorder::new(false);
+    for r in &outcome.recorders {
+        all.merge(r);
+    }
+    let stats = Stats::new(&all, outcome.elapsed);
+    if let Some(why) = outcome.aborted {
+        bail!(
+            "{} stopped answering during {:?}: {why}",
+            server.name,
+            spec.name
+        );
+    }
+    if stats.failures > 0 {
+        bail!(
+            "{} refused requests during {:?}: {:?}",
+            server.name,
+            spec.name,
+            stats.errors
+        );
+    }
+    Ok(Sample {
+        rps: stats.rps,
+        p50: stats.percentile(50.0),
+        cpu_per_request: (after.cpu_seconds - before.cpu_seconds) / stats.requests.max(1) as f64,
+    })
+}
+
+async fn preload(server: &Server) -> anyhow::Result<()> {
+    let opts = ConnectOptions {
+        endpoints: vec![server.endpoint.clone()],
+        ..Default::default()
+    };
+    let (channels, token) = opts.connect(1).await?;
+    client::kv(channels[0].clone(), &token)
+        .put(pb::PutRequest {
+            key: RANGE_KEY.to_vec(),
+            value: value(256),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", server.name, s.message()))?;
+    Ok(())
+}
+
+/// Runs the comparison; returns the Markdown report.
+pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
+    if o.members != 1 {
+        bail!(
+            "--members {} needs replication, which Keel does not have yet; only 1 is supported",
+            o.members
+        );
+    }
+    if !o.keel.exists() {
+        bail!(
+            "no keel binary at {} (build it: cargo build --release -p keel, or pass --keel)",
+            o.keel.display()
+        );
+    }
+    std::fs::create_dir_all(&o.dir)?;
+    let dir = tempfile::tempdir_in(&o.dir)?;
+    let etcd = Server::start("etcd", &o.etcd, dir.path())?;
+    let keel = Server::start("keel", &o.keel, dir.path())?;
+    preload(&etcd).await?;
+    preload(&keel).await?;
+    let mut out = String::new();
+    out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req |\n";
+    out += "|---|---|---|---|---|---|---|---|\n";
+    for spec in table() {
+        if !o.only.is_empty() && !o.only.iter().any(|w| spec.name.contains(w.as_str())) {
+            continue;
+        }
+        let total = ((spec.total as f64 * o.scale) as u64).max(100);
+        let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..o.rounds.max(1) {
+            for (i, server) in [&etcd, &keel].into_iter().enumerate() {
+                eprintln!("round {}: {} on {}", round + 1, spec.name, server.name);
+                samples[i].push(measure(server, &spec, total).await?);
+            }
+        }
+        let pick = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
+        let (e, k) = (pick(0, |s| s.rps), pick(1, |s| s.rps));
+        let _ = writeln!(
+            out,
+            "| {} (total {total}) | {e:.0} | {k:.0} | **{:.2}×** | {:.3} | {:.3} | {:.1} | {:.1} |",
+            spec.name,
+            k / e.max(f64::MIN_POSITIVE),
+            pick(0, |s| s.p50) * 1e3,
+            pick(1, |s| s.p50) * 1e3,
+            pick(0, |s| s.cpu_per_request) * 1e6,
+            pick(1, |s| s.cpu_per_request) * 1e6,
+        );
+    }
+    let (ep, kp) = (etcd.proc(), keel.proc());
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let _ = writeln!(
+        out,
+        "\nPeak RSS: etcd {:.1} MiB, keel {:.1} MiB (keel/etcd **{:.2}×**). Server CPU over the whole run: etcd {:.1} s, keel {:.1} s.",
+        mib(ep.peak_rss_bytes),
+        mib(kp.peak_rss_bytes),
+        kp.peak_rss_bytes as f64 / ep.peak_rss_bytes.max(1) as f64,
+        ep.cpu_seconds,
+        kp.cpu_seconds,
+    );
+    Ok(out)
+}
+
+/// Today's UTC date as `YYYY-MM-DD` (civil-from-days).
+pub fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// CPUs, CPU model, memory and kernel, from `/proc`.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown CPU", |m| m.trim_start_matches([' ', '\t', ':']));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), {:.0} GiB, Linux {}",
+        mem_kb as f64 / (1 << 20) as f64,
+        kernel.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_figures_parse() {
+        let stat = "77 (etcd) S 1 77 77 0 -1 0 0 0 0 0 1234 566 0 0 20 0 9 0 1 2 3";
+        let status = "Name:\tetcd\nVmPeak:\t  900 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1000 kB\n";
+        let p = ProcStats::parse(stat, status).unwrap();
+        assert!((p.cpu_seconds - 18.0).abs() < 1e-9);
+        assert_eq!(p.peak_rss_bytes, 200 << 20);
+        assert!(ProcStats::of(std::process::id()).unwrap().peak_rss_bytes > 0);
+    }
+
+    #[test]
+    fn medians_and_dates() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+        let d = today();
+        assert_eq!(d.len(), 10);
+        assert!(d.starts_with("20"), "{d}");
+    }
+
+    #[test]
+    fn the_table_has_the_docs_workloads() {
+        let names: Vec<&str> = table().iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), 7);
+        assert!(names.iter().any(|n| n.starts_with("put, 1 conn")));
+        assert!(names.iter().any(|n| n.starts_with("txn-put")));
+    }
+}

@@ -1,0 +1,241 @@
+//! End-to-end runs of the `keel-bench` binary against a real `keel` and a real etcd 3.4 on
+//! loopback: each subcommand completes against both with the requested number of requests
+//! (checked in the JSON report); unreachable endpoints, refused requests and a server killed
+//! mid-run give a clear message, a partial report and a non-zero exit. No timings are asserted.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `keel` binary of this build (built by the workspace's test run; built here if missing).
+fn keel_bin() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("keel");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "keel", "--bin", "keel"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building keel");
+    }
+    bin
+}
+
+fn start(bin: &Path, data: &Path, extra: &[&str]) -> Server {
+    let (port, peer) = (free_port(), free_port());
+    let endpoint = format!("127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut child = Command::new(bin)
+        .arg("--name=b")
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls=http://{endpoint}"))
+        .arg(format!("--advertise-client-urls=http://{endpoint}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=b={peer_url}"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(&endpoint).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "{bin:?} exited");
+        assert!(Instant::now() < deadline, "{bin:?} did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server { child, endpoint }
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn every_subcommand_runs_against_keel_and_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = start(&keel_bin(), &dir.path().join("keel"), &[]);
+    let etcd = start(Path::new("etcd"), &dir.path().join("etcd"), &[]);
+    for server in [&keel, &etcd] {
+        let e = format!("--endpoints={}", server.endpoint);
+        let common = [e.as_str(), "--conns=2", "--clients=8", "--output=json"];
+        let run = |args: &[&str]| {
+            let out = bench(&[&common[..], args].concat());
+            assert!(
+                out.status.success(),
+                "{args:?} on {}: {}",
+                server.endpoint,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            json(&out)
+        };
+        let put = run(&[
+            "put",
+            "--key-size=8",
+            "--val-size=64",
+            "--sequential-keys",
+            "--key-space-size=50",
+            "--total=300",
+            "--compact-interval=50ms",
+            "--compact-index-delta=10",
+        ]);
+        assert_eq!(put["report"]["requests"], 300);
+        assert_eq!(put["report"]["failures"], 0);
+        assert_eq!(put["report"]["histogram"].as_array().unwrap().len(), 11);
+        let range = run(&["range", "\u{1}", "\u{ff}", "--consistency=s", "--total=200"]);
+        assert_eq!(range["report"]["requests"], 200);
+        let range = run(&["range", "a", "--limit=5", "--count-only", "--total=100"]);
+        assert_eq!(range["report"]["requests"], 100);
+        let txn = run(&[
+            "txn-put",
+            "--txn-ops=4",
+            "--key-space-size=1000",
+            "--total=100",
+        ]);
+        assert_eq!(txn["report"]["requests"], 100);
+        let mixed = run(&[
+            "txn-mixed",
+            "a",
+            "--rw-ratio=2",
+            "--total=300",
+            "--rate=2000",
+        ]);
+        let (reads, writes) = (
+            mixed["read"]["requests"].as_u64().unwrap(),
+            mixed["write"]["requests"].as_u64().unwrap(),
+        );
+        assert_eq!(reads + writes, 300);
+        assert!(reads > writes, "{reads} reads, {writes} writes at 2:1");
+    }
+    // Text output: etcd's layout.
+    let out = bench(&[
+        &format!("--endpoints={}", keel.endpoint),
+        "put",
+        "--total=50",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in [
+        "Summary:\n  Total:\t",
+        "  Requests/sec:\t",
+        "Response time histogram:\n",
+        "Latency distribution:\n  10% in ",
+    ] {
+        assert!(text.contains(section), "{section:?} missing from {text}");
+    }
+}
+
+#[test]
+fn mvcc_put_runs_the_engine_directly() {
+    let out = bench(&["--output=json", "mvcc", "put", "--total=200", "--txn-ops=5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["report"]["requests"], 200);
+}
+
+#[test]
+fn an_unreachable_endpoint_fails_fast_with_a_clear_message() {
+    let port = free_port(); // nobody listens
+    let started = Instant::now();
+    let out = bench(&[
+        &format!("--endpoints=127.0.0.1:{port}"),
+        "--dial-timeout=2s",
+        "put",
+        "--total=10",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to http://127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+}
+
+#[test]
+fn refused_requests_are_reported_and_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = start(&keel_bin(), dir.path(), &["--max-request-bytes=1024"]);
+    let out = bench(&[
+        &format!("--endpoints={}", keel.endpoint),
+        "put",
+        "--val-size=4000",
+        "--total=20",
+    ]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Error distribution:\n  [20]\tetcdserver: request is too large\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_server_killed_mid_run_gives_a_partial_report_and_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut keel = start(&keel_bin(), dir.path(), &[]);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args([
+            &format!("--endpoints={}", keel.endpoint),
+            "--clients=4",
+            "put",
+            "--total=10000000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    keel.child.kill().unwrap();
+    let started = Instant::now();
+    let out = loop {
+        if run.try_wait().unwrap().is_some() {
+            break run.wait_with_output().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "keel-bench hangs after its server died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the run stopped after"), "{err}");
+    assert!(err.contains("the server cannot be reached"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Summary:"), "partial report missing: {text}");
+    assert!(text.contains("Error distribution:"), "{text}");
+}
