@@ -308,6 +308,33 @@ async fn preload(server: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The disk's reference latency, measured beside the servers: p50 of a 4 KiB overwrite plus
+/// fdatasync of a file in `dir` (500 rounds over a pre-written, synced 2 MiB file).
+pub fn raw_fdatasync_p50(dir: &Path) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("fdatasync-probe");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = vec![7u8; 4096];
+    for i in 0..512u64 {
+        f.write_at(&block, i * 4096)?;
+    }
+    f.sync_all()?;
+    let mut lat = Vec::with_capacity(500);
+    for i in 0..500u64 {
+        let t = Instant::now();
+        f.write_at(&block, (i % 512) * 4096)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_file(&path)?;
+    Ok(median(lat))
+}
+
 /// Runs the comparison; returns the Markdown report.
 pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     if o.members != 1 {
@@ -328,7 +355,13 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     let keel = Server::start("keel", &o.keel, dir.path())?;
     preload(&etcd).await?;
     preload(&keel).await?;
+    let raw = raw_fdatasync_p50(dir.path())?;
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Raw disk, same run: 4 KiB overwrite + fdatasync p50 **{:.3} ms**.\n",
+        raw * 1e3
+    );
     out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req |\n";
     out += "|---|---|---|---|---|---|---|---|\n";
     for spec in table() {

@@ -1,5 +1,5 @@
 //! Configuration: etcd's flag names, defaults and `ETCD_*` environment variables (etcd 3.4), plus
-//! Keel's own `--storage-core`.
+//! Keel's own `--storage-core` and `--net-threads`.
 //!
 //! Parsing is two steps: clap reads flags and environment variables into [`Flags`] (an unknown or
 //! malformed flag is a usage error: message and exit code 2, as etcd), then [`Flags::validate`]
@@ -103,6 +103,10 @@ pub struct Flags {
     /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
     #[arg(long, env = "KEEL_STORAGE_CORE")]
     pub storage_core: Option<usize>,
+    /// Network threads (gRPC, HTTP) (default: one per CPU; the storage core mostly waits on
+    /// the disk, so it shares a CPU well).
+    #[arg(long, env = "KEEL_NET_THREADS")]
+    pub net_threads: Option<usize>,
 }
 
 /// A `http://host:port` or `https://host:port` URL.
@@ -156,6 +160,7 @@ pub struct Config {
     pub auto_compaction: AutoCompaction,
     pub log_level: String,
     pub storage_core: Option<usize>,
+    pub net_threads: Option<usize>,
 }
 
 /// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
@@ -335,6 +340,9 @@ impl Flags {
         if self.storage_core.is_some_and(|c| c >= 1024) {
             return Err(err("storage-core", "not a CPU number"));
         }
+        if self.net_threads.is_some_and(|n| n == 0 || n > 1024) {
+            return Err(err("net-threads", "must be between 1 and 1024"));
+        }
         Ok(Config {
             data_dir,
             listen_client_urls: parse_urls("listen-client-urls", &self.listen_client_urls)?,
@@ -360,6 +368,7 @@ impl Flags {
             auto_compaction,
             log_level: self.log_level,
             storage_core: self.storage_core,
+            net_threads: self.net_threads,
             name: self.name,
         })
     }
@@ -483,15 +492,15 @@ mod tests {
             let env = arg
                 .get_env()
                 .unwrap_or_else(|| panic!("--{long} has no environment variable"));
-            let expected = if long == "storage-core" {
-                "KEEL_STORAGE_CORE".to_string()
+            let expected = if matches!(long, "storage-core" | "net-threads") {
+                format!("KEEL_{}", long.to_uppercase().replace('-', "_"))
             } else {
                 format!("ETCD_{}", long.to_uppercase().replace('-', "_"))
             };
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 19);
+        assert_eq!(checked, 20);
     }
 
     #[test]

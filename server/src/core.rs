@@ -39,6 +39,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::convert;
 use crate::metrics::Metrics;
 
+/// How long the storage core polls for work before sleeping: a command arriving within it avoids
+/// the eventfd wake-up (about 50 µs of latency on an idle member).
+pub const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+
 /// Most commands taken per wake-up.
 pub const DRAIN: usize = 256;
 /// Entries between backend checkpoints.
@@ -144,6 +148,7 @@ impl Core {
             .spawn(move || -> Result<()> {
                 let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
                     .io_memory(1 << 20)
+                    .spin_before_park(SPIN_BEFORE_PARK)
                     .name("keel-storage")
                     .make()
                     .map_err(|e| {
@@ -194,14 +199,16 @@ impl Core {
 
     /// Proposes a write and waits until it is applied.
     pub async fn write(&self, request: Request) -> Result<Applied> {
-        let size = Proposal {
+        // The size of the raft entry it becomes (the longest id).
+        let proposal = Proposal {
             id: u64::MAX,
-            request: Some(request.clone()),
-        }
-        .encoded_len();
+            request: Some(request),
+        };
+        let size = proposal.encoded_len();
         if self.max_request_bytes > 0 && size > self.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
+        let request = proposal.request.expect("set above");
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Propose(request, reply))

@@ -98,7 +98,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cpus.saturating_sub(1).max(1))
+        .worker_threads(config.net_threads.unwrap_or(cpus))
         .thread_name("keel-net")
         .enable_all()
         .build()
