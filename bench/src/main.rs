@@ -189,7 +189,7 @@ enum Cmd {
         /// Members per cluster.
         #[arg(long, default_value_t = 1)]
         members: usize,
-                /// Only workloads whose name contains this (repeatable).
+        /// Only workloads whose name contains this (repeatable).
         #[arg(long)]
         only: Vec<String>,
         /// Append the report, with date, machine and command, to this file.
