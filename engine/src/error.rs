@@ -133,6 +133,12 @@ pub enum Error {
     /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    /// A grant of an ID in use (etcd's `ErrLeaseExist`).
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// A grant above etcd's `MaxLeaseTTL` (`ErrLeaseTTLTooLarge`).
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
 }
 
 impl Error {

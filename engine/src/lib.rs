@@ -9,10 +9,11 @@
 //!   delete/txn/compact with etcd's semantics, Hash and HashKV.
 //! - [`error`]: the engine's error type (I/O, corruption and bad input kept apart).
 //!
-//! Leases join this crate in a later step.
+//! - [`lease`]: etcd's lessor: grants, attached keys, revocation, expiry, checkpoints.
 
 pub mod btree;
 pub mod error;
+pub mod lease;
 pub mod mvcc;
 pub mod wal;
 

@@ -100,6 +100,14 @@ pub struct Flags {
     /// Configures log level. Only supports debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info", value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
     pub log_level: String,
+    /// Interval at which the leader records the leases' remaining TTLs, so that they survive a
+    /// restart (etcd 3.5's flag; Keel always checkpoints).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL",
+        default_value = "5m"
+    )]
+    pub experimental_lease_checkpoint_interval: String,
     /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
     #[arg(long, env = "KEEL_STORAGE_CORE")]
     pub storage_core: Option<usize>,
@@ -159,6 +167,7 @@ pub struct Config {
     pub max_txn_ops: u32,
     pub auto_compaction: AutoCompaction,
     pub log_level: String,
+    pub lease_checkpoint_interval: Duration,
     pub storage_core: Option<usize>,
     pub net_threads: Option<usize>,
 }
@@ -337,6 +346,18 @@ impl Flags {
                 })?,
             }),
         };
+        let lease_checkpoint_interval =
+            parse_go_duration(&self.experimental_lease_checkpoint_interval)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    err(
+                        "experimental-lease-checkpoint-interval",
+                        format!(
+                            "{:?} is not a positive duration",
+                            self.experimental_lease_checkpoint_interval
+                        ),
+                    )
+                })?;
         if self.storage_core.is_some_and(|c| c >= 1024) {
             return Err(err("storage-core", "not a CPU number"));
         }
@@ -369,6 +390,7 @@ impl Flags {
             log_level: self.log_level,
             storage_core: self.storage_core,
             net_threads: self.net_threads,
+            lease_checkpoint_interval,
             name: self.name,
         })
     }
@@ -500,7 +522,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 20);
+        assert_eq!(checked, 21);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub fn status(e: &Error) -> Status {
         Error::NoSpace => Status::new(Code::ResourceExhausted, e.to_string()),
         Error::NoLeader => Status::new(Code::Unavailable, e.to_string()),
         Error::LeaseNotFound => Status::new(Code::NotFound, e.to_string()),
+        Error::LeaseExists => Status::new(Code::FailedPrecondition, e.to_string()),
+        Error::LeaseTtlTooLarge => Status::new(Code::OutOfRange, e.to_string()),
         Error::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
         other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
     }

@@ -18,12 +18,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
 use keel_engine::btree::BackendOptions;
+use keel_engine::lease::Lessor;
 use keel_engine::mvcc::Store;
 use keel_engine::mvcc::apply as a;
 use keel_engine::wal::{
@@ -36,12 +37,19 @@ use raft::eraftpb::{ConfState, Entry, EntryType};
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::convert;
+use crate::convert::{self, Header};
 use crate::metrics::Metrics;
 
 /// How long the storage core polls for work before sleeping: a command arriving within it avoids
 /// the eventfd wake-up (about 50 µs of latency on an idle member).
 pub const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+
+/// How often the leader looks for expired leases (etcd: 500 ms).
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// A proposed revocation not applied after this is proposed again.
+const LEASE_REVOKE_RETRY: Duration = Duration::from_secs(3);
+/// Leases per checkpoint proposal (etcd's `maxLeaseCheckpointBatchSize`).
+const LEASE_CHECKPOINT_BATCH: usize = 1000;
 
 /// Most commands taken per wake-up.
 pub const DRAIN: usize = 256;
@@ -66,6 +74,8 @@ pub struct CoreConfig {
     /// [`CHECKPOINT_ENTRIES`]).
     pub snapshot_count: u64,
     pub metrics: Arc<Metrics>,
+    /// How often the leader records the leases' remaining TTLs.
+    pub lease_checkpoint_interval: Duration,
 }
 
 /// A write, as carried in a raft entry: etcd's own request messages.
@@ -74,7 +84,7 @@ pub struct Proposal {
     /// Matches the reply to the request (random per-process prefix + counter).
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "Request", tags = "2, 3, 4, 5")]
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub request: Option<Request>,
 }
 
@@ -89,6 +99,13 @@ pub enum Request {
     Txn(pb::TxnRequest),
     #[prost(message, tag = "5")]
     Compaction(pb::CompactionRequest),
+    /// A grant; the ID is chosen (non-zero) before the proposal.
+    #[prost(message, tag = "6")]
+    LeaseGrant(pb::LeaseGrantRequest),
+    #[prost(message, tag = "7")]
+    LeaseRevoke(pb::LeaseRevokeRequest),
+    #[prost(message, tag = "8")]
+    LeaseCheckpoint(pb::LeaseCheckpointRequest),
 }
 
 /// The result of an applied write.
@@ -99,6 +116,14 @@ pub enum Applied {
     Txn(a::TxnResponse),
     /// A compaction; the store's revision when it was applied.
     Compaction(i64),
+    /// A lease granted: its ID and TTL.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    /// A lease revoked (its keys deleted in one revision).
+    LeaseRevoke,
+    LeaseCheckpoint,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -118,6 +143,7 @@ pub struct Core {
     pub ids: (u64, u64),
     max_request_bytes: usize,
     metrics: Arc<Metrics>,
+    lessor: Arc<Mutex<Lessor>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -126,6 +152,12 @@ impl std::fmt::Debug for Core {
             .field("ids", &self.ids)
             .finish_non_exhaustive()
     }
+}
+
+/// Locks the lessor; a panic elsewhere while holding it leaves consistent data (every update is
+/// a single insert or remove), so poisoning is ignored.
+fn lock(l: &Mutex<Lessor>) -> std::sync::MutexGuard<'_, Lessor> {
+    l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn stopped() -> Error {
@@ -157,7 +189,11 @@ impl Core {
                 ex.run(async move {
                     match Storage::open(config).await {
                         Ok(storage) => {
-                            let _ = init_tx.send(Ok((storage.store.clone(), storage.term.clone())));
+                            let _ = init_tx.send(Ok((
+                                storage.store.clone(),
+                                storage.term.clone(),
+                                storage.lessor.clone(),
+                            )));
                             storage.run(rx).await
                         }
                         Err(e) => {
@@ -168,7 +204,7 @@ impl Core {
                 })
             })
             .map_err(|e| Error::io("starting thread", "keel-storage", e))?;
-        let (store, term) = init_rx.recv().map_err(|_| stopped())??;
+        let (store, term, lessor) = init_rx.recv().map_err(|_| stopped())??;
         Ok((
             Core {
                 tx,
@@ -177,6 +213,7 @@ impl Core {
                 ids,
                 max_request_bytes,
                 metrics,
+                lessor,
             },
             thread,
         ))
@@ -190,6 +227,20 @@ impl Core {
     /// The member's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The lease table (applied state; keep-alives renew it directly on the leader).
+    pub fn lessor(&self) -> std::sync::MutexGuard<'_, Lessor> {
+        lock(&self.lessor)
+    }
+
+    /// The response header fields of this member now.
+    pub fn header(&self) -> Header {
+        Header {
+            cluster_id: self.ids.0,
+            member_id: self.ids.1,
+            raft_term: self.raft_term(),
+        }
     }
 
     /// The current raft term.
@@ -263,6 +314,12 @@ struct Storage {
     checkpoint_entries: u64,
     metrics: Arc<Metrics>,
     leader: u64,
+    lessor: Arc<Mutex<Lessor>>,
+    /// Expired leases whose revocation was proposed, and when.
+    revoking: HashMap<i64, Instant>,
+    lease_checked_at: Instant,
+    lease_checkpoint_interval: Duration,
+    lease_checkpointed_at: Instant,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -288,6 +345,14 @@ impl Storage {
             ..WalOptions::default()
         };
         let (wal, recovery) = Wal::open(&wal_dir, wal_options).await?;
+        // etcd's minimum TTL: 1.5 election timeouts, in whole seconds (rounded up).
+        let election = config.heartbeat * config.election_ticks.max(2) as u32;
+        let min_ttl = (election.as_millis() * 3 / 2).div_ceil(1000) as i64;
+        let lessor = Arc::new(Mutex::new(Lessor::recover(
+            &store,
+            min_ttl,
+            Instant::now(),
+        )?));
         let (applied, _) = store.consistent_index()?;
         if recovery.last_index == 0 && recovery.snapshot.index == 0 && recovery.hard_state.term == 0
         {
@@ -352,6 +417,11 @@ impl Storage {
             checkpoint_entries: config.snapshot_count.clamp(1, CHECKPOINT_ENTRIES),
             metrics: config.metrics,
             leader: 0,
+            lessor,
+            revoking: HashMap::new(),
+            lease_checked_at: Instant::now(),
+            lease_checkpoint_interval: config.lease_checkpoint_interval,
+            lease_checkpointed_at: Instant::now(),
         })
     }
 
@@ -380,10 +450,11 @@ impl Storage {
             let mut readers = Vec::new();
             for command in buf.drain(..) {
                 match command {
-                    Command::Propose(request, reply) => self.propose(request, reply),
+                    Command::Propose(request, reply) => self.propose(request, Some(reply)),
                     Command::ReadIndex(reply) => readers.push(reply),
                 }
             }
+            self.lease_maintenance();
             if !readers.is_empty() {
                 self.next_read += 1;
                 let ctx = self.next_read.to_le_bytes().to_vec();
@@ -397,10 +468,55 @@ impl Storage {
         self.wal.close().await
     }
 
-    fn propose(&mut self, request: Request, reply: Reply<Applied>) {
+    /// Expiry and checkpoints of leases, on the leader: expired leases are revoked through raft
+    /// (etcd checks every 500 ms); every checkpoint interval the remaining TTLs are recorded.
+    fn lease_maintenance(&mut self) {
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.lease_checked_at) >= LEASE_CHECK_INTERVAL {
+            self.lease_checked_at = now;
+            let expired = lock(&self.lessor).expired(now);
+            // A revocation not applied within the retry time (a lost proposal) is proposed again.
+            self.revoking.retain(|id, at| {
+                expired.contains(id) && now.duration_since(*at) < LEASE_REVOKE_RETRY
+            });
+            for id in expired {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.revoking.entry(id) {
+                    e.insert(now);
+                    self.propose(Request::LeaseRevoke(pb::LeaseRevokeRequest { id }), None);
+                }
+            }
+        }
+        if !self.lease_checkpoint_interval.is_zero()
+            && now.duration_since(self.lease_checkpointed_at) >= self.lease_checkpoint_interval
+        {
+            self.lease_checkpointed_at = now;
+            let checkpoints: Vec<pb::LeaseCheckpoint> = lock(&self.lessor)
+                .leases()
+                .iter()
+                .map(|l| pb::LeaseCheckpoint {
+                    id: l.id,
+                    remaining_ttl: l.remaining(now).as_secs_f64().ceil() as i64,
+                })
+                .filter(|c| c.remaining_ttl > 0)
+                .collect();
+            for batch in checkpoints.chunks(LEASE_CHECKPOINT_BATCH) {
+                let request = pb::LeaseCheckpointRequest {
+                    checkpoints: batch.to_vec(),
+                };
+                self.propose(Request::LeaseCheckpoint(request), None);
+            }
+        }
+    }
+
+    fn propose(&mut self, request: Request, reply: Option<Reply<Applied>>) {
         if self.node.raft.state != StateRole::Leader {
             self.metrics.proposals_failed.inc();
-            let _ = reply.send(Err(Error::NoLeader));
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(Error::NoLeader));
+            }
             return;
         }
         self.next_id += 1;
@@ -412,11 +528,15 @@ impl Storage {
         .encode_to_vec();
         match self.node.propose(Vec::new(), data) {
             Ok(()) => {
-                self.pending.insert(id, reply);
+                if let Some(reply) = reply {
+                    self.pending.insert(id, reply);
+                }
             }
             Err(e) => {
                 self.metrics.proposals_failed.inc();
-                let _ = reply.send(Err(raft_err(e)));
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(raft_err(e)));
+                }
             }
         }
     }
@@ -433,6 +553,10 @@ impl Storage {
                     .set(i64::from(ss.raft_state == StateRole::Leader));
                 if ss.leader_id != raft::INVALID_ID && ss.leader_id != self.leader {
                     m.leader_changes.inc();
+                }
+                if ss.raft_state == StateRole::Leader {
+                    // A new leader gives every lease its whole (remaining) TTL, as etcd.
+                    lock(&self.lessor).promote(Instant::now());
                 }
                 self.leader = ss.leader_id;
             }
@@ -488,6 +612,8 @@ impl Storage {
         };
         let (last_index, last_term) = (last.index, last.term);
         let mut replies: Vec<(Reply<Applied>, Result<Applied>)> = Vec::new();
+        let lessor = self.lessor.clone();
+        let mut lessor = lock(&lessor);
         let mut w = Some(self.store.write()?);
         for e in entries {
             if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
@@ -500,13 +626,13 @@ impl Storage {
             let txn = w.as_mut().expect("open");
             let result = match proposal.request {
                 Some(Request::Put(r)) => {
-                    a::put(txn, &convert::put_request(r), &a::NoLeases).map(Applied::Put)
+                    a::put(txn, &convert::put_request(r), &*lessor).map(Applied::Put)
                 }
                 Some(Request::DeleteRange(r)) => {
                     a::delete_range(txn, &convert::delete_request(r)).map(Applied::DeleteRange)
                 }
                 Some(Request::Txn(t)) => match convert::txn_request(t) {
-                    Ok(t) => a::txn_in(txn, &t, &a::NoLeases).map(Applied::Txn),
+                    Ok(t) => a::txn_in(txn, &t, &*lessor).map(Applied::Txn),
                     Err(status) => Err(Error::InvalidArgument(status.message().to_string())),
                 },
                 Some(Request::Compaction(c)) => {
@@ -519,10 +645,23 @@ impl Storage {
                     w = Some(self.store.write()?);
                     result
                 }
+                Some(Request::LeaseGrant(g)) => lessor
+                    .grant(txn, g.id, g.ttl, Instant::now())
+                    .map(|ttl| Applied::LeaseGrant { id: g.id, ttl }),
+                Some(Request::LeaseRevoke(r)) => {
+                    self.revoking.remove(&r.id);
+                    lessor.revoke(txn, r.id).map(|()| Applied::LeaseRevoke)
+                }
+                Some(Request::LeaseCheckpoint(c)) => c
+                    .checkpoints
+                    .iter()
+                    .try_for_each(|cp| lessor.checkpoint(txn, cp.id, cp.remaining_ttl))
+                    .map(|()| Applied::LeaseCheckpoint),
                 None => Err(Error::InvalidArgument("empty proposal".into())),
             };
             if let Some(txn) = w.as_mut() {
-                txn.finish_revision();
+                let changes = txn.finish_revision();
+                lessor.apply_changes(&changes);
             }
             if let Some(reply) = self.pending.remove(&proposal.id) {
                 replies.push((reply, result));

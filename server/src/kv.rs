@@ -50,11 +50,7 @@ impl KvService {
     }
 
     fn header(&self) -> Header {
-        Header {
-            cluster_id: self.core.ids.0,
-            member_id: self.core.ids.1,
-            raft_term: self.core.raft_term(),
-        }
+        self.core.header()
     }
 
     async fn write(&self, request: Write) -> Result<Applied, Status> {

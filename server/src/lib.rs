@@ -6,6 +6,7 @@
 //!   glommio thread, reached through a `Send + Clone` handle.
 //! - [`kv`]: the KV gRPC service. [`convert`]: etcd's protobuf types to and from the engine's, and
 //!   engine errors to etcd's gRPC statuses.
+//! - [`lease`]: the Lease gRPC service (the lease table itself is `keel_engine::lease`).
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
 //! - [`server`]: starting a member: listeners, HTTP endpoints, orderly stop.
@@ -15,5 +16,6 @@ pub mod config;
 pub mod convert;
 pub mod core;
 pub mod kv;
+pub mod lease;
 pub mod metrics;
 pub mod server;

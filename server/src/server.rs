@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use anyhow::{Context, bail};
 use axum::routing::get;
 use keel_proto::etcdserverpb::kv_server::KvServer;
+use keel_proto::etcdserverpb::lease_server::LeaseServer;
 
 use crate::config::{Config, Url};
 use crate::core::{Core, CoreConfig, stable_id};
 use crate::kv::KvService;
+use crate::lease::LeaseService;
 use crate::metrics::{ETCD_VERSION, Metrics};
 
 /// etcd answers `/version` with the server and cluster versions; Keel reports the etcd API level
@@ -87,6 +89,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         max_request_bytes: config.max_request_bytes as usize,
         snapshot_count: config.snapshot_count,
         metrics: Metrics::new(config.quota_backend_bytes),
+        lease_checkpoint_interval: config.lease_checkpoint_interval,
     })
     .context("starting the storage core")?;
     tracing::info!(
@@ -111,7 +114,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             config.quota_backend_bytes,
         ))
         .max_decoding_message_size(limit);
+        let lease = LeaseServer::new(LeaseService::new(core.clone()));
         let router = tonic::service::Routes::new(kv)
+            .add_service(lease)
             .into_axum_router()
             .route("/health", get(|| async { r#"{"health":"true"}"# }))
             .route("/version", get(|| async { version_json() }))

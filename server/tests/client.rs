@@ -7,7 +7,8 @@ mod common;
 
 use etcd_client::{
     Client, CompactionOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions, KeyValue,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 
 fn kv(kv: &KeyValue) -> String {
@@ -391,6 +392,107 @@ async fn scenario(endpoint: &str) -> Vec<String> {
         .unwrap();
     log.push(format!("final {:?}", kvs(r.kvs())));
     log
+}
+
+/// Every Lease call and option; returns the transcript.
+async fn lease_scenario(endpoint: &str) -> Vec<String> {
+    let mut c = Client::connect([endpoint], None).await.unwrap();
+    let mut log = Vec::new();
+    // Client-chosen ID; the same ID again is refused.
+    let r = c
+        .lease_grant(60, Some(LeaseGrantOptions::new().with_id(4242)))
+        .await
+        .unwrap();
+    assert_eq!((r.id(), r.ttl()), (4242, 60));
+    log.push(refused(
+        c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(4242)))
+            .await,
+    ));
+    log.push(refused(c.lease_grant(9_000_000_001, None).await));
+    // A generated ID, and the minimum TTL.
+    let r = c.lease_grant(1, None).await.unwrap();
+    assert!(r.id() > 0);
+    log.push(format!("min ttl {}", r.ttl()));
+    let generated = r.id();
+    c.put("l/a", "1", Some(PutOptions::new().with_lease(4242)))
+        .await
+        .unwrap();
+    c.put("l/b", "2", Some(PutOptions::new().with_lease(4242)))
+        .await
+        .unwrap();
+    let r = c
+        .lease_time_to_live(4242, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert!((55..=60).contains(&r.ttl()), "{}", r.ttl());
+    log.push(format!(
+        "ttl granted {} keys {:?}",
+        r.granted_ttl(),
+        r.keys()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
+    ));
+    let r = c.lease_time_to_live(4242, None).await.unwrap();
+    assert!(r.keys().is_empty());
+    let mut ids: Vec<i64> = c
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .collect();
+    ids.sort_unstable();
+    let mut want = vec![4242, generated];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    // Keep-alives on one stream: a live lease, then an unknown one (TTL 0, no error).
+    let (mut keeper, mut stream) = c.lease_keep_alive(4242).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    log.push(format!("keepalive {} ttl {}", r.id(), r.ttl()));
+    // The client turns the TTL 0 answer into its own error.
+    match c.lease_keep_alive(777).await {
+        Ok(_) => log.push("keepalive 777 accepted".into()),
+        Err(e) => log.push(format!("keepalive 777: {e}")),
+    }
+    // Revoke deletes the attached keys in one revision.
+    let before = c
+        .get("l/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let r = c.lease_revoke(4242).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), before + 1);
+    assert_eq!(
+        c.get("l/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .count(),
+        0
+    );
+    let r = c.lease_time_to_live(4242, None).await.unwrap();
+    log.push(format!("after revoke ttl {}", r.ttl()));
+    log.push(refused(c.lease_revoke(4242).await));
+    log.push(refused(
+        c.put("l/c", "3", Some(PutOptions::new().with_lease(4242)))
+            .await,
+    ));
+    c.lease_revoke(generated).await.unwrap();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_lease_calls_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let expected = lease_scenario(&etcd.endpoint).await;
+    let got = lease_scenario(&keel.endpoint).await;
+    assert_eq!(got, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,30 +18,7 @@ fn start_with(data: &Path, port: u16, extra: &[&str]) -> Keel {
     common::keel(data, port, extra)
 }
 
-fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .output()
-        .expect("etcdctl (apt-get install etcd-client)");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        // Error text only: drop the client's retry logging.
-        text = String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| l.starts_with("Error:"))
-            .collect::<Vec<_>>()
-            .join("\n");
-    }
-    (out.status.success(), text)
-}
-
-fn ok(endpoint: &str, args: &[&str]) -> String {
-    let (success, out) = etcdctl(endpoint, args);
-    assert!(success, "etcdctl {args:?} failed: {out}");
-    out
-}
+use common::{etcdctl, ok};
 
 #[test]
 fn etcdctl_kv_commands_answer_like_etcd() {

@@ -452,6 +452,73 @@ impl ReadView<'_> {
             self.txn.get(KEY_BUCKET, k)
         })
     }
+
+    /// Every entry of bucket `bucket` (not the `key` bucket), in key order.
+    pub fn raw_range(&self, bucket: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.txn.range(bucket, b"", None)? {
+            let (k, v) = kv?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The live keys whose current value is attached to a lease, with the lease.
+    pub fn leased_keys(&self) -> Result<Vec<(Vec<u8>, i64)>> {
+        let all = self.range(b"", Some(b""), RangeOptions::default())?;
+        Ok(all
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.lease != 0)
+            .map(|kv| (kv.key, kv.lease))
+            .collect())
+    }
+
+    /// The changes of revisions `from..=to` to keys in the range (see [`super::index`] for
+    /// `end`), in revision order, at most `max` (more if the last revision has more): what a
+    /// watcher catching up from `from` is sent. Fails with `Compacted` if `from` is compacted.
+    pub fn changes(
+        &self,
+        from: i64,
+        to: i64,
+        key: &[u8],
+        end: Option<&[u8]>,
+        max: usize,
+    ) -> Result<Vec<Change>> {
+        if from <= self.store.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        let start = Revision::new(from, 0).to_bytes(false);
+        let stop = Revision::new(to.saturating_add(1), 0).to_bytes(false);
+        let in_range = |k: &[u8]| match end {
+            None => k == key,
+            Some([]) => k >= key,
+            Some(e) => k >= key && k < e,
+        };
+        let mut out: Vec<Change> = Vec::new();
+        let mut last_main = 0;
+        for kv in self.txn.range(KEY_BUCKET, &start, Some(&stop))? {
+            let (k, v) = kv?;
+            let (rev, tombstone) = Revision::from_bytes(k)?;
+            if out.len() >= max && rev.main != last_main {
+                break;
+            }
+            let kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
+            if !in_range(&kv.key) {
+                continue;
+            }
+            last_main = rev.main;
+            out.push(Change {
+                kv,
+                delete: tombstone,
+            });
+        }
+        // A compaction that began meanwhile may have removed part of what was read.
+        if from <= self.store.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        Ok(out)
+    }
 }
 
 /// The write transaction: every write in it gets the revision `begin + 1`, with increasing subs.
@@ -490,6 +557,27 @@ impl<'s> WriteTxn<'s> {
 
     fn btx_mut(&mut self) -> &mut btree::WriteTxn<'s> {
         self.txn.as_mut().expect("open until end")
+    }
+
+    /// Writes `key` = `value` in bucket `bucket` (not the `key` bucket) in this transaction:
+    /// state kept beside the MVCC history (leases, ...), committed atomically with it.
+    pub fn put_raw(&mut self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<()> {
+        if bucket == KEY_BUCKET {
+            return Err(Error::InvalidArgument(
+                "the key bucket is written by puts".into(),
+            ));
+        }
+        self.btx_mut().put(bucket, key, value)
+    }
+
+    /// Deletes `key` from bucket `bucket` (not the `key` bucket); whether it was there.
+    pub fn delete_raw(&mut self, bucket: &[u8], key: &[u8]) -> Result<bool> {
+        if bucket == KEY_BUCKET {
+            return Err(Error::InvalidArgument(
+                "the key bucket is written by deletes".into(),
+            ));
+        }
+        self.btx_mut().delete(bucket, key)
     }
 
     /// Marks the transaction failed: `end` will refuse to commit, and dropping it undoes

@@ -120,3 +120,31 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// Runs etcdctl 3.4 (`ETCDCTL_API=3`) against `endpoint`: success, and stdout (or on failure
+/// the `Error:` lines of stderr, without the client's retry logging).
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("etcdctl (apt-get install etcd-client)");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        // Error text only: drop the client's retry logging.
+        text = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("Error:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    (out.status.success(), text)
+}
+
+/// etcdctl that must succeed: its stdout.
+pub fn ok(endpoint: &str, args: &[&str]) -> String {
+    let (success, out) = etcdctl(endpoint, args);
+    assert!(success, "etcdctl {args:?} failed: {out}");
+    out
+}

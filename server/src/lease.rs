@@ -1,0 +1,166 @@
+//! The etcd v3 Lease gRPC service, as etcd's `v3rpc/lease.go` and `v3_server.go`: grants and
+//! revocations go through raft; keep-alives renew on the leader; TimeToLive and Leases read the
+//! applied lease table.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use keel_engine::Error;
+use keel_engine::lease::MAX_LEASE_TTL;
+use keel_proto::etcdserverpb as pb;
+use rand::Rng;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::status;
+use crate::core::{Applied, Core, Request as Write};
+
+/// The Lease service.
+#[derive(Debug, Clone)]
+pub struct LeaseService {
+    core: Core,
+}
+
+impl LeaseService {
+    pub fn new(core: Core) -> Self {
+        LeaseService { core }
+    }
+
+    fn revision(&self) -> i64 {
+        self.core.store().current_revision()
+    }
+}
+
+fn unexpected(other: Applied) -> Status {
+    Status::internal(format!("unexpected result {other:?}"))
+}
+
+/// A keep-alive: the lease's TTL after renewal, or 0 if it does not exist (etcd answers a
+/// keep-alive of an unknown or expired lease with TTL 0, not an error).
+fn renew(core: &Core, id: i64) -> pb::LeaseKeepAliveResponse {
+    let ttl = core.lessor().renew(id, Instant::now()).unwrap_or(0);
+    pb::LeaseKeepAliveResponse {
+        header: core.header().with(core.store().current_revision()),
+        id,
+        ttl,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let mut r = request.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(status(&Error::LeaseTtlTooLarge));
+        }
+        if r.id == 0 {
+            // etcd generates a positive 63-bit ID from a member-unique counter; a random one not
+            // in use serves the same purpose.
+            let mut rng = rand::rng();
+            let lessor = self.core.lessor();
+            r.id = loop {
+                let id = rng.random_range(1..i64::MAX);
+                if lessor.get(id).is_none() {
+                    break id;
+                }
+            };
+        }
+        self.core
+            .lessor()
+            .check_grant(r.id, r.ttl)
+            .map_err(|e| status(&e))?;
+        match self.core.write(Write::LeaseGrant(r)).await {
+            Ok(Applied::LeaseGrant { id, ttl }) => Ok(Response::new(pb::LeaseGrantResponse {
+                header: self.core.header().with(self.revision()),
+                id,
+                ttl,
+                error: String::new(),
+            })),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(status(&e)),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let r = request.into_inner();
+        if self.core.lessor().get(r.id).is_none() {
+            return Err(status(&Error::LeaseNotFound));
+        }
+        match self.core.write(Write::LeaseRevoke(r)).await {
+            Ok(Applied::LeaseRevoke) => Ok(Response::new(pb::LeaseRevokeResponse {
+                header: self.core.header().with(self.revision()),
+            })),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(status(&e)),
+        }
+    }
+
+    type LeaseKeepAliveStream =
+        Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let core = self.core.clone();
+        let stream = request.into_inner().map(move |req| match req {
+            Ok(r) => Ok(renew(&core, r.id)),
+            Err(s) => Err(s),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let r = request.into_inner();
+        let header = self.core.header().with(self.revision());
+        let lessor = self.core.lessor();
+        let resp = match lessor.get(r.id) {
+            // etcd answers an unknown lease with TTL -1.
+            None => pb::LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+            Some(l) => pb::LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: l.remaining(Instant::now()).as_secs() as i64,
+                granted_ttl: l.ttl,
+                keys: if r.keys {
+                    l.keys.iter().cloned().collect()
+                } else {
+                    Vec::new()
+                },
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        let leases = self
+            .core
+            .lessor()
+            .leases()
+            .iter()
+            .map(|l| pb::LeaseStatus { id: l.id })
+            .collect();
+        Ok(Response::new(pb::LeaseLeasesResponse {
+            header: self.core.header().with(self.revision()),
+            leases,
+        }))
+    }
+}
