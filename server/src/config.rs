@@ -108,6 +108,13 @@ pub struct Flags {
         default_value = "5m"
     )]
     pub experimental_lease_checkpoint_interval: String,
+    /// Interval between progress notifications to watchers that asked for them.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
+    pub experimental_watch_progress_notify_interval: String,
     /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
     #[arg(long, env = "KEEL_STORAGE_CORE")]
     pub storage_core: Option<usize>,
@@ -168,6 +175,7 @@ pub struct Config {
     pub auto_compaction: AutoCompaction,
     pub log_level: String,
     pub lease_checkpoint_interval: Duration,
+    pub watch_progress_notify_interval: Duration,
     pub storage_core: Option<usize>,
     pub net_threads: Option<usize>,
 }
@@ -358,6 +366,18 @@ impl Flags {
                         ),
                     )
                 })?;
+        let watch_progress_notify_interval =
+            parse_go_duration(&self.experimental_watch_progress_notify_interval)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    err(
+                        "experimental-watch-progress-notify-interval",
+                        format!(
+                            "{:?} is not a positive duration",
+                            self.experimental_watch_progress_notify_interval
+                        ),
+                    )
+                })?;
         if self.storage_core.is_some_and(|c| c >= 1024) {
             return Err(err("storage-core", "not a CPU number"));
         }
@@ -391,6 +411,7 @@ impl Flags {
             storage_core: self.storage_core,
             net_threads: self.net_threads,
             lease_checkpoint_interval,
+            watch_progress_notify_interval,
             name: self.name,
         })
     }
@@ -522,7 +543,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 21);
+        assert_eq!(checked, 22);
     }
 
     #[test]

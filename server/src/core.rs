@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::convert::{self, Header};
 use crate::metrics::Metrics;
+use crate::watch::Published;
 
 /// How long the storage core polls for work before sleeping: a command arriving within it avoids
 /// the eventfd wake-up (about 50 µs of latency on an idle member).
@@ -76,6 +77,8 @@ pub struct CoreConfig {
     pub metrics: Arc<Metrics>,
     /// How often the leader records the leases' remaining TTLs.
     pub lease_checkpoint_interval: Duration,
+    /// Where the changes of each applied revision go (the watch hub).
+    pub watch_events: Option<mpsc::UnboundedSender<Published>>,
 }
 
 /// A write, as carried in a raft entry: etcd's own request messages.
@@ -320,6 +323,7 @@ struct Storage {
     lease_checked_at: Instant,
     lease_checkpoint_interval: Duration,
     lease_checkpointed_at: Instant,
+    watch_events: Option<mpsc::UnboundedSender<Published>>,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -422,6 +426,7 @@ impl Storage {
             lease_checked_at: Instant::now(),
             lease_checkpoint_interval: config.lease_checkpoint_interval,
             lease_checkpointed_at: Instant::now(),
+            watch_events: config.watch_events,
         })
     }
 
@@ -614,6 +619,7 @@ impl Storage {
         let mut replies: Vec<(Reply<Applied>, Result<Applied>)> = Vec::new();
         let lessor = self.lessor.clone();
         let mut lessor = lock(&lessor);
+        let mut published = Vec::new();
         let mut w = Some(self.store.write()?);
         for e in entries {
             if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
@@ -662,13 +668,26 @@ impl Storage {
             if let Some(txn) = w.as_mut() {
                 let changes = txn.finish_revision();
                 lessor.apply_changes(&changes);
+                if let Some(first) = changes.first() {
+                    published.push(Published {
+                        revision: first.kv.mod_revision,
+                        changes,
+                    });
+                }
             }
             if let Some(reply) = self.pending.remove(&proposal.id) {
                 replies.push((reply, result));
             }
         }
         w.take().expect("open").end(Some((last_index, last_term)))?;
+        drop(lessor);
         self.applied = last_index;
+        // Committed and readable: watchers may see these revisions now.
+        if let Some(events) = &self.watch_events {
+            for p in published {
+                let _ = events.send(p);
+            }
+        }
         for (reply, result) in replies {
             let _ = reply.send(result);
         }

@@ -6,6 +6,8 @@
 //!   glommio thread, reached through a `Send + Clone` handle.
 //! - [`kv`]: the KV gRPC service. [`convert`]: etcd's protobuf types to and from the engine's, and
 //!   engine errors to etcd's gRPC statuses.
+//! - [`watch`]: the Watch gRPC service: the hub of synced and unsynced watchers fed by the
+//!   storage core.
 //! - [`lease`]: the Lease gRPC service (the lease table itself is `keel_engine::lease`).
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
@@ -19,3 +21,4 @@ pub mod kv;
 pub mod lease;
 pub mod metrics;
 pub mod server;
+pub mod watch;

@@ -7,12 +7,14 @@ use anyhow::{Context, bail};
 use axum::routing::get;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
+use keel_proto::etcdserverpb::watch_server::WatchServer;
 
 use crate::config::{Config, Url};
 use crate::core::{Core, CoreConfig, stable_id};
 use crate::kv::KvService;
 use crate::lease::LeaseService;
 use crate::metrics::{ETCD_VERSION, Metrics};
+use crate::watch::WatchService;
 
 /// etcd answers `/version` with the server and cluster versions; Keel reports the etcd API level
 /// it implements.
@@ -79,6 +81,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (core, core_thread) = Core::start(CoreConfig {
         data_dir: config.data_dir.clone(),
         cluster_id,
@@ -90,6 +93,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         snapshot_count: config.snapshot_count,
         metrics: Metrics::new(config.quota_backend_bytes),
         lease_checkpoint_interval: config.lease_checkpoint_interval,
+        watch_events: Some(events_tx),
     })
     .context("starting the storage core")?;
     tracing::info!(
@@ -115,8 +119,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ))
         .max_decoding_message_size(limit);
         let lease = LeaseServer::new(LeaseService::new(core.clone()));
+        let watch = WatchServer::new(WatchService::start(
+            core.clone(),
+            events_rx,
+            config.max_request_bytes as usize,
+            config.watch_progress_notify_interval,
+        ));
         let router = tonic::service::Routes::new(kv)
             .add_service(lease)
+            .add_service(watch)
             .into_axum_router()
             .route("/health", get(|| async { r#"{"health":"true"}"# }))
             .route("/version", get(|| async { version_json() }))

@@ -476,7 +476,8 @@ impl ReadView<'_> {
 
     /// The changes of revisions `from..=to` to keys in the range (see [`super::index`] for
     /// `end`), in revision order, at most `max` (more if the last revision has more): what a
-    /// watcher catching up from `from` is sent. Fails with `Compacted` if `from` is compacted.
+    /// watcher catching up from `from` is sent. Fails with `Compacted` if `from` is below the
+    /// compacted revision (whose own changes are kept), as etcd's watchers.
     pub fn changes(
         &self,
         from: i64,
@@ -485,7 +486,7 @@ impl ReadView<'_> {
         end: Option<&[u8]>,
         max: usize,
     ) -> Result<Vec<Change>> {
-        if from <= self.store.compact_revision() {
+        if from < self.store.compact_revision() {
             return Err(Error::Compacted);
         }
         let start = Revision::new(from, 0).to_bytes(false);
@@ -503,9 +504,13 @@ impl ReadView<'_> {
             if out.len() >= max && rev.main != last_main {
                 break;
             }
-            let kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
+            let mut kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
             if !in_range(&kv.key) {
                 continue;
+            }
+            if tombstone {
+                // A tombstone's value holds only the key: its revision is the delete's.
+                kv.mod_revision = rev.main;
             }
             last_main = rev.main;
             out.push(Change {
@@ -514,7 +519,7 @@ impl ReadView<'_> {
             });
         }
         // A compaction that began meanwhile may have removed part of what was read.
-        if from <= self.store.compact_revision() {
+        if from < self.store.compact_revision() {
             return Err(Error::Compacted);
         }
         Ok(out)

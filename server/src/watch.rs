@@ -1,0 +1,611 @@
+//! The etcd v3 Watch service.
+//!
+//! # Design
+//! The storage core publishes the changes of every applied revision, after they are committed and
+//! readable, on an unbounded channel to the **hub**: one task on the network runtime that owns
+//! every watcher (an actor: streams send it their create/cancel/progress requests, so no lock
+//! orders events). Like etcd's `watchableStore`, watchers are either
+//! - **synced**: caught up with the hub's revision; each published revision is matched against
+//!   them and delivered at once, or
+//! - **unsynced**: behind (created with a past start revision, or moved aside because their
+//!   stream is full); the hub catches them up from the MVCC history in bounded chunks whenever
+//!   their stream has room, then they rejoin the synced set.
+//!
+//! Each stream has an **outbox**: a queue the hub fills and the stream's gRPC sender drains.
+//! Events are only queued while the outbox holds less than [`OUTBOX_BYTES`]; beyond
+//! that the watcher goes unsynced, so a client that stops reading costs bounded memory, the
+//! storage core never waits, and the client gets every event, once and in order, from history
+//! when it reads again. Control responses (created, canceled) are always queued, ahead of any
+//! event of their watcher.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use keel_engine::Error;
+use keel_engine::mvcc::{Change, RangeOptions};
+use keel_proto::etcdserverpb as pb;
+use keel_proto::mvccpb;
+use pb::watch_request::RequestUnion;
+use prost::Message as _;
+use tokio::sync::{Notify, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::core::Core;
+
+/// Bytes of responses a stream may have queued before its watchers go unsynced.
+pub const OUTBOX_BYTES: usize = 4 << 20;
+/// Most events read from history per catch-up step of one watcher (a revision is never split).
+pub const CATCH_UP_EVENTS: usize = 1000;
+/// How often unsynced watchers are retried.
+const CATCH_UP_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The changes of one applied revision, as the storage core publishes them.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub revision: i64,
+    pub changes: Vec<Change>,
+}
+
+/// A stream's queue of responses.
+#[derive(Debug, Default)]
+struct Outbox {
+    queue: Mutex<VecDeque<pb::WatchResponse>>,
+    /// Encoded size of what is queued.
+    bytes: AtomicUsize,
+    notify: Notify,
+    closed: AtomicBool,
+}
+
+impl Outbox {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<pb::WatchResponse>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether events may be queued.
+    fn has_room(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) < OUTBOX_BYTES
+    }
+
+    fn push(&self, r: pb::WatchResponse) {
+        self.bytes.fetch_add(r.encoded_len(), Ordering::AcqRel);
+        self.queue().push_back(r);
+        self.notify.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The next response, or `None` once closed and drained.
+    async fn next(&self) -> Option<pb::WatchResponse> {
+        loop {
+            let notified = self.notify.notified();
+            let next = self.queue().pop_front();
+            if let Some(r) = next {
+                self.bytes.fetch_sub(r.encoded_len(), Ordering::AcqRel);
+                return Some(r);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What streams ask the hub.
+enum HubMsg {
+    Open(u64, Arc<Outbox>),
+    Create(u64, pb::WatchCreateRequest),
+    Cancel(u64, i64),
+    Progress(u64),
+    Close(u64),
+}
+
+struct Watcher {
+    key: Vec<u8>,
+    /// The engine's range convention: `None` one key, `Some([])` every key from `key`.
+    end: Option<Vec<u8>>,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    fragment: bool,
+    progress_notify: bool,
+    /// The first revision not yet delivered.
+    next_rev: i64,
+    synced: bool,
+    last_sent: Instant,
+}
+
+impl Watcher {
+    fn matches(&self, key: &[u8]) -> bool {
+        match &self.end {
+            None => key == self.key.as_slice(),
+            Some(e) if e.is_empty() => key >= self.key.as_slice(),
+            Some(e) => key >= self.key.as_slice() && key < e.as_slice(),
+        }
+    }
+
+    fn wants(&self, c: &Change) -> bool {
+                let filtered = if c.delete { self.no_delete } else { self.no_put };
+        self.matches(&c.kv.key) && !filtered
+    }
+}
+
+struct StreamState {
+    outbox: Arc<Outbox>,
+    watchers: HashMap<i64, Watcher>,
+    next_id: i64,
+}
+
+/// The hub: every watcher of the member.
+struct Hub {
+    core: Core,
+    streams: HashMap<u64, StreamState>,
+    /// The last revision published to the hub.
+    current: i64,
+    max_response_bytes: usize,
+    progress_interval: Duration,
+}
+
+/// Handle of the Watch service; one hub task behind it.
+#[derive(Debug, Clone)]
+pub struct WatchService {
+    hub: mpsc::UnboundedSender<HubMsg>,
+    next_stream: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for HubMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HubMsg")
+    }
+}
+
+impl WatchService {
+    /// Starts the hub on the current runtime: it consumes what the storage core publishes on
+    /// `published`. Responses are split in fragments (for watchers that allow it) above
+    /// `max_response_bytes`; `progress_interval` paces progress notifications.
+    pub fn start(
+        core: Core,
+        published: mpsc::UnboundedReceiver<Published>,
+        max_response_bytes: usize,
+        progress_interval: Duration,
+    ) -> WatchService {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub {
+            current: core.store().current_revision(),
+            core,
+            streams: HashMap::new(),
+            max_response_bytes,
+            progress_interval,
+        };
+        tokio::spawn(hub.run(rx, published));
+        WatchService {
+            hub: tx,
+            next_stream: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+fn event(c: &Change) -> mvccpb::Event {
+    mvccpb::Event {
+        r#type: if c.delete {
+            mvccpb::event::EventType::Delete as i32
+        } else {
+            mvccpb::event::EventType::Put as i32
+        },
+        kv: Some(convert::kv(c.kv.clone())),
+        prev_kv: None,
+    }
+}
+
+impl Hub {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<HubMsg>,
+        mut published: mpsc::UnboundedReceiver<Published>,
+    ) {
+        let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_progress = Instant::now();
+        loop {
+            tokio::select! {
+                msg = requests.recv() => match msg {
+                    Some(m) => self.handle(m),
+                    None => return,
+                },
+                p = published.recv() => match p {
+                    Some(p) => self.publish(p),
+                    // The storage core stopped: end every stream.
+                    None => {
+                        for s in self.streams.values() {
+                            s.outbox.close();
+                        }
+                        return;
+                    }
+                },
+                _ = tick.tick() => {
+                    self.catch_up();
+                    if last_progress.elapsed() >= self.progress_interval {
+                        last_progress = Instant::now();
+                        self.progress_notify();
+                    }
+                }
+            }
+        }
+    }
+
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        self.core.header().with(self.current)
+    }
+
+    fn handle(&mut self, msg: HubMsg) {
+        match msg {
+            HubMsg::Open(id, outbox) => {
+                self.streams.insert(
+                    id,
+                    StreamState {
+                        outbox,
+                        watchers: HashMap::new(),
+                        next_id: 0,
+                    },
+                );
+            }
+            HubMsg::Close(id) => {
+                if let Some(s) = self.streams.remove(&id) {
+                    s.outbox.close();
+                }
+            }
+            HubMsg::Create(id, req) => self.create(id, req),
+            HubMsg::Cancel(id, watch_id) => {
+                let header = self.header();
+                if let Some(s) = self.streams.get_mut(&id)
+                    && s.watchers.remove(&watch_id).is_some()
+                {
+                    s.outbox.push(pb::WatchResponse {
+                        header,
+                        watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    });
+                }
+                // Unknown IDs (or a second cancel) get no answer, as in etcd.
+            }
+            HubMsg::Progress(id) => {
+                let header = self.header();
+                if let Some(s) = self.streams.get(&id)
+                    && s.watchers.values().all(|w| w.synced)
+                {
+                    s.outbox.push(pb::WatchResponse {
+                        header,
+                        watch_id: -1,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+
+    fn create(&mut self, stream: u64, req: pb::WatchCreateRequest) {
+        let header = self.header();
+        let compacted_header = self.core.header().with(0);
+        let current = self.current;
+        let compacted = self.core.store().compact_revision();
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        let id = if req.watch_id != 0 {
+            req.watch_id
+        } else {
+            while s.watchers.contains_key(&s.next_id) {
+                s.next_id += 1;
+            }
+            s.next_id
+        };
+        if s.watchers.contains_key(&id) || id < 0 {
+            // etcd answers with ID -1 (no watcher was made).
+            s.outbox.push(pb::WatchResponse {
+                header,
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
+                ..Default::default()
+            });
+            return;
+        }
+        if req.watch_id == 0 {
+            s.next_id += 1;
+        }
+        let end = match req.range_end.as_slice() {
+            [] => None,
+            [0] => Some(Vec::new()),
+            e => Some(e.to_vec()),
+        };
+        let filters = |f: pb::watch_create_request::FilterType| req.filters.contains(&(f as i32));
+        let start = if req.start_revision > 0 {
+            req.start_revision
+        } else {
+            current + 1
+        };
+        let w = Watcher {
+            key: req.key,
+            end,
+            no_put: filters(pb::watch_create_request::FilterType::Noput),
+            no_delete: filters(pb::watch_create_request::FilterType::Nodelete),
+            prev_kv: req.prev_kv,
+            fragment: req.fragment,
+            progress_notify: req.progress_notify,
+            next_rev: start,
+            synced: start > current,
+            last_sent: Instant::now(),
+        };
+        s.outbox.push(pb::WatchResponse {
+            header,
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        });
+        if start < compacted {
+            // History below the compaction is gone: etcd cancels with the compacted revision
+            // (and a header at revision 0).
+            s.outbox.push(pb::WatchResponse {
+                header: compacted_header,
+                watch_id: id,
+                canceled: true,
+                compact_revision: compacted,
+                ..Default::default()
+            });
+            return;
+        }
+        let synced = w.synced;
+        s.watchers.insert(id, w);
+        if !synced {
+            self.catch_up();
+        }
+    }
+
+    /// Adds `prev_kv` to events whose watcher asked for it (the key's value at the revision
+    /// before; left out if compacted away).
+    fn with_prev(&self, mut events: Vec<mvccpb::Event>) -> Vec<mvccpb::Event> {
+        let view = self.core.store().read();
+        for e in &mut events {
+            let Some(kv) = &e.kv else { continue };
+            let opts = RangeOptions {
+                rev: kv.mod_revision - 1,
+                ..Default::default()
+            };
+            if let Ok(r) = view.range(&kv.key, None, opts) {
+                e.prev_kv = r.kvs.into_iter().next().map(convert::kv);
+            }
+        }
+        events
+    }
+
+    /// The responses carrying `events` for watcher `id`: one, or fragments if it is too large
+    /// and the watcher allows fragmenting.
+    fn responses(
+        &self,
+        id: i64,
+        w: &Watcher,
+        events: Vec<mvccpb::Event>,
+        revision: i64,
+    ) -> Vec<pb::WatchResponse> {
+        let events = if w.prev_kv {
+            self.with_prev(events)
+        } else {
+            events
+        };
+        let header = self.core.header().with(revision);
+        let whole = pb::WatchResponse {
+            header,
+            watch_id: id,
+            events,
+            ..Default::default()
+        };
+        if !w.fragment || whole.encoded_len() <= self.max_response_bytes {
+            return vec![whole];
+        }
+        let mut parts = Vec::new();
+        let mut part: Vec<mvccpb::Event> = Vec::new();
+        let mut size = 0;
+        for e in whole.events {
+            let n = e.encoded_len() + 8;
+            if !part.is_empty() && size + n > self.max_response_bytes {
+                parts.push(std::mem::take(&mut part));
+                size = 0;
+            }
+            size += n;
+            part.push(e);
+        }
+        parts.push(part);
+        let last = parts.len() - 1;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, events)| pb::WatchResponse {
+                header,
+                watch_id: id,
+                events,
+                fragment: i < last,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn publish(&mut self, p: Published) {
+        if p.revision <= self.current {
+            // Replayed before the hub started: already in the store it read.
+            return;
+        }
+        self.current = p.revision;
+        let mut deliveries = Vec::new();
+        for (&sid, s) in &self.streams {
+            let room = s.outbox.has_room();
+            for (&id, w) in &s.watchers {
+                if !w.synced || w.next_rev > p.revision {
+                    continue;
+                }
+                let events: Vec<mvccpb::Event> =
+                    p.changes.iter().filter(|c| w.wants(c)).map(event).collect();
+                deliveries.push((sid, id, events, room));
+            }
+        }
+        for (sid, id, events, room) in deliveries {
+            let responses = {
+                let w = &self.streams[&sid].watchers[&id];
+                if room && !events.is_empty() {
+                    Some(self.responses(id, w, events, p.revision))
+                } else {
+                    None
+                }
+            };
+            let s = self.streams.get_mut(&sid).expect("listed");
+            let w = s.watchers.get_mut(&id).expect("listed");
+            if !room {
+                // The stream is behind: this watcher will catch up from history.
+                w.synced = false;
+                continue;
+            }
+            w.next_rev = p.revision + 1;
+            if let Some(responses) = responses {
+                w.last_sent = Instant::now();
+                for r in responses {
+                    s.outbox.push(r);
+                }
+            }
+        }
+    }
+
+    /// One catch-up step for every unsynced watcher whose stream has room.
+    fn catch_up(&mut self) {
+        let current = self.current;
+        let mut work = Vec::new();
+        for (&sid, s) in &self.streams {
+            if !s.outbox.has_room() {
+                continue;
+            }
+            for (&id, w) in &s.watchers {
+                if !w.synced {
+                    work.push((sid, id));
+                }
+            }
+        }
+        for (sid, id) in work {
+            let result = {
+                let w = &self.streams[&sid].watchers[&id];
+                let end = w.end.as_deref();
+                let view = self.core.store().read();
+                view.changes(w.next_rev, current, &w.key, end, CATCH_UP_EVENTS)
+            };
+            match result {
+                Err(Error::Compacted) => {
+                    let compact_revision = self.core.store().compact_revision();
+                    let s = self.streams.get_mut(&sid).expect("listed");
+                    s.watchers.remove(&id);
+                    s.outbox.push(pb::WatchResponse {
+                        header: self.core.header().with(0),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision,
+                        ..Default::default()
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading watch history");
+                }
+                Ok(changes) => {
+                    let w = &self.streams[&sid].watchers[&id];
+                    let (done, next) = match changes.last() {
+                        // A full chunk: continue after its last revision.
+                        Some(last) if changes.len() >= CATCH_UP_EVENTS => {
+                            (false, last.kv.mod_revision + 1)
+                        }
+                        _ => (true, current + 1),
+                    };
+                    let events: Vec<mvccpb::Event> =
+                        changes.iter().filter(|c| w.wants(c)).map(event).collect();
+                    let responses = if events.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.responses(id, w, events, current)
+                    };
+                    let s = self.streams.get_mut(&sid).expect("listed");
+                    let w = s.watchers.get_mut(&id).expect("listed");
+                    w.next_rev = next;
+                    w.synced = done;
+                    if !responses.is_empty() {
+                        w.last_sent = Instant::now();
+                    }
+                    for r in responses {
+                        s.outbox.push(r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An empty response to every synced watcher that asked for progress notifications and got
+    /// nothing for a whole interval.
+    fn progress_notify(&mut self) {
+        let header = self.header();
+        let interval = self.progress_interval;
+        for s in self.streams.values_mut() {
+            for (&id, w) in s.watchers.iter_mut() {
+                if w.progress_notify && w.synced && w.last_sent.elapsed() >= interval {
+                    w.last_sent = Instant::now();
+                    s.outbox.push(pb::WatchResponse {
+                        header,
+                        watch_id: id,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::watch_server::Watch for WatchService {
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox::default());
+        let hub = self.hub.clone();
+        hub.send(HubMsg::Open(id, outbox.clone()))
+            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        let mut requests = request.into_inner();
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = requests.next().await {
+                let msg = match req.request_union {
+                    Some(RequestUnion::CreateRequest(c)) => HubMsg::Create(id, c),
+                    Some(RequestUnion::CancelRequest(c)) => HubMsg::Cancel(id, c.watch_id),
+                    Some(RequestUnion::ProgressRequest(_)) => HubMsg::Progress(id),
+                    None => continue,
+                };
+                if hub.send(msg).is_err() {
+                    break;
+                }
+            }
+            let _ = hub.send(HubMsg::Close(id));
+        });
+        let stream = futures::stream::unfold(outbox, |outbox| async move {
+            let r = outbox.next().await?;
+            Some((Ok(r), outbox))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,324 @@
+//! End-to-end Watch tests against the real `keel`, beside a real etcd 3.4 where outputs are
+//! compared: etcdctl's watch commands, the `etcd-client` crate with every watch option (history,
+//! prev_kv, filters, client-chosen IDs, cancel, progress requests, compaction), and a slow
+//! watcher that stops reading while 100,000 events are written: the server's memory stays
+//! bounded and every event arrives, once and in order, when the client reads again.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, ok};
+use etcd_client::{
+    Client, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchFilterType, WatchOptions,
+    WatchResponse, WatchStream,
+};
+
+/// Runs etcdctl watches in the background while `writes` run; returns each watch's output.
+fn etcdctl_watches(e: &str, watches: &[&[&str]], writes: &[&[&str]]) -> Vec<String> {
+    let children: Vec<_> = watches
+        .iter()
+        .map(|args| {
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={e}"))
+                .arg("watch")
+                .args(*args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcdctl")
+        })
+        .collect();
+    // Let the watches be created before writing.
+    std::thread::sleep(Duration::from_millis(700));
+    for w in writes {
+        ok(e, w);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    children
+        .into_iter()
+        .map(|mut c| {
+            let _ = c.kill();
+            let mut out = String::new();
+            c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+            let _ = c.wait();
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn etcdctl_watch_commands_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let watches: &[&[&str]] = &[
+        &["k1"],
+        &["--prefix", "k"],
+        &["--rev=2", "k1"],
+        &["--prev-kv", "--prefix", "k"],
+        &["k1", "k3"],
+        &["--rev=1", "--prefix", ""],
+    ];
+    let writes: &[&[&str]] = &[
+        &["put", "k1", "v1"],
+        &["put", "k2", "v2"],
+        &["put", "k1", "v1b"],
+        &["del", "k2"],
+        &["put", "other", "x"],
+        &["del", "k", "--prefix"],
+    ];
+    // The history before the watches: revision 2 exists on both.
+    for e in [&etcd.endpoint, &keel.endpoint] {
+        ok(e, &["put", "k1", "v0"]);
+    }
+    let expected = etcdctl_watches(&etcd.endpoint, watches, writes);
+    let got = etcdctl_watches(&keel.endpoint, watches, writes);
+    for ((w, e), g) in watches.iter().zip(&expected).zip(&got) {
+        assert_eq!(g, e, "etcdctl watch {w:?}");
+    }
+    assert!(expected[1].contains("PUT\nk2\nv2\n"), "{}", expected[1]);
+}
+
+/// A watch response as one line (header member and cluster ids and the term left out).
+fn text(r: &WatchResponse) -> String {
+    let events: Vec<String> = r
+        .events()
+        .iter()
+        .map(|e| {
+            let kv = e.kv().unwrap();
+            let prev = e
+                .prev_kv()
+                .map(|p| format!(" prev={}@{}", p.value_str().unwrap(), p.mod_revision()))
+                .unwrap_or_default();
+            format!(
+                "{:?} {}={} m{} v{}{prev}",
+                e.event_type(),
+                kv.key_str().unwrap(),
+                kv.value_str().unwrap(),
+                kv.mod_revision(),
+                kv.version()
+            )
+        })
+        .collect();
+    format!(
+        "rev {} id {} created {} canceled {} compact {} reason {:?} events {events:?}",
+        r.header().map_or(0, |h| h.revision()),
+        r.watch_id(),
+        r.created(),
+        r.canceled(),
+        r.compact_revision(),
+        r.cancel_reason()
+    )
+}
+
+/// The next `n` responses, ordered by (revision, watch id) since etcd sends the responses of
+/// different watchers for one revision in no particular order.
+async fn next(s: &mut WatchStream, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("a watch response within 10 s")
+            .unwrap()
+            .unwrap();
+        out.push((
+            r.header().map_or(0, |h| h.revision()),
+            r.watch_id(),
+            text(&r),
+        ));
+    }
+    out.sort();
+    let out: Vec<String> = out.into_iter().map(|(_, _, t)| t).collect();
+    for line in &out {
+        println!("{line}");
+    }
+    out
+}
+
+async fn scenario(endpoint: &str) -> Vec<String> {
+    let mut c = Client::connect([endpoint], None).await.unwrap();
+    let mut log = Vec::new();
+    c.put("w/a", "1", None).await.unwrap(); // 2
+    c.put("w/b", "2", None).await.unwrap(); // 3
+    // History from revision 2, with previous values.
+    let mut s = c
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(2)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
+    log.extend(next(&mut s, 2).await);
+    // A second watcher on the same stream with a chosen ID and a filter; the ID again is refused.
+    s.watch(
+        "w/a",
+        Some(
+            WatchOptions::new()
+                .with_watch_id(7)
+                .with_filters([WatchFilterType::NoPut]),
+        ),
+    )
+    .await
+    .unwrap();
+    log.extend(next(&mut s, 1).await);
+    s.watch("w/x", Some(WatchOptions::new().with_watch_id(7)))
+        .await
+        .unwrap();
+    log.extend(next(&mut s, 1).await);
+    c.put("w/a", "3", None).await.unwrap(); // 4: watcher 0 only (7 filters puts)
+    log.extend(next(&mut s, 1).await);
+    c.delete("w/a", None).await.unwrap(); // 5: both
+    log.extend(next(&mut s, 2).await);
+    // A transaction's events arrive in one response.
+    let t = Txn::new().and_then([
+        TxnOp::put("w/c", "4", None),
+        TxnOp::put("w/d", "5", Some(PutOptions::new())),
+    ]);
+    c.txn(t).await.unwrap(); // 6
+    log.extend(next(&mut s, 1).await);
+    s.request_progress().await.unwrap();
+    log.extend(next(&mut s, 1).await);
+    s.cancel(7).await.unwrap();
+    log.extend(next(&mut s, 1).await);
+    // A second cancel gets no answer: the next response is watcher 0's event.
+    s.cancel(7).await.unwrap();
+    c.delete("w/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap(); // 7
+    log.extend(next(&mut s, 1).await);
+    // A watch from below the compacted revision is canceled with it.
+    c.compact(5, None).await.unwrap();
+    let mut old = c
+        .watch(
+            "w/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(3)),
+        )
+        .await
+        .unwrap();
+    log.extend(next(&mut old, 2).await);
+    // From after the compacted revision: its history is still there. (From the compacted
+    // revision itself Keel also sends a delete made exactly there, which etcd 3.4's compaction
+    // dropped; etcd 3.5.16+ keeps it too.)
+    let mut at = c
+        .watch(
+            "w/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(6)),
+        )
+        .await
+        .unwrap();
+    log.extend(next(&mut at, 2).await);
+    let _ = c
+        .get("w/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_watch_options_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let expected = scenario(&etcd.endpoint).await;
+    let got = scenario(&keel.endpoint).await;
+    for (e, g) in expected.iter().zip(&got) {
+        assert_eq!(g, e);
+    }
+    assert_eq!(got.len(), expected.len());
+}
+
+/// Anonymous resident memory (heap, stacks): the backend's mmap'd file is not counted.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_costs_bounded_memory_and_gets_every_event() {
+    const TXNS: usize = 1000;
+    const PER_TXN: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let start = c
+        .put("warmup", "x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+        + 1;
+    let mut s = c
+        .watch("s/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(s.message().await.unwrap().unwrap().created());
+    let before = rss_bytes(keel.child.id());
+    // 100,000 events of 1 KiB values (about 100 MiB) while the watcher reads nothing.
+    let value = "v".repeat(1024);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut c = c.clone();
+        let value = value.clone();
+        writers.push(tokio::spawn(async move {
+            for t in (w..TXNS).step_by(4) {
+                let ops: Vec<TxnOp> = (0..PER_TXN)
+                    .map(|i| TxnOp::put(format!("s/{t:04}/{i:03}"), value.clone(), None))
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let after = rss_bytes(keel.child.id());
+    let growth = after.saturating_sub(before);
+    assert!(
+        growth < 48 << 20,
+        "server RSS grew {} MiB while a watcher did not read ~100 MiB of events",
+        growth >> 20
+    );
+    // Now read: every event once, revisions in order.
+    let mut seen = 0usize;
+    let mut last_rev = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen < TXNS * PER_TXN {
+        assert!(Instant::now() < deadline, "only {seen} events arrived");
+        let r = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        for e in r.events() {
+            assert_eq!(e.event_type(), EventType::Put);
+            let rev = e.kv().unwrap().mod_revision();
+            assert!(rev >= last_rev, "revision {rev} after {last_rev}");
+            assert!(rev >= start);
+            last_rev = rev;
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, TXNS * PER_TXN);
+    assert_eq!(last_rev, start + TXNS as i64 - 1);
+}
