@@ -121,8 +121,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let lease = LeaseServer::new(LeaseService::new(core.clone()));
         let watch = WatchServer::new(WatchService::start(
             core.clone(),
-            events_rx,
-            config.max_request_bytes as usize,
+                        events_rx,
+            limit,
             config.watch_progress_notify_interval,
         ));
         let router = tonic::service::Routes::new(kv)

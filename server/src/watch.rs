@@ -135,7 +135,11 @@ impl Watcher {
     }
 
     fn wants(&self, c: &Change) -> bool {
-                let filtered = if c.delete { self.no_delete } else { self.no_put };
+        let filtered = if c.delete {
+            self.no_delete
+        } else {
+            self.no_put
+        };
         self.matches(&c.kv.key) && !filtered
     }
 }
@@ -411,17 +415,26 @@ impl Hub {
             events,
             ..Default::default()
         };
-        if !w.fragment || whole.encoded_len() <= self.max_response_bytes {
+        if !w.fragment || whole.encoded_len() < self.max_response_bytes || whole.events.len() < 2 {
             return vec![whole];
         }
+        // As etcd's sendFragments: events are added to a fragment while its encoded size stays
+        // below the limit (a fragment has at least one event).
+        let base = pb::WatchResponse {
+            header,
+            watch_id: id,
+            fragment: true,
+            ..Default::default()
+        }
+        .encoded_len();
         let mut parts = Vec::new();
         let mut part: Vec<mvccpb::Event> = Vec::new();
-        let mut size = 0;
+        let mut size = base;
         for e in whole.events {
-            let n = e.encoded_len() + 8;
-            if !part.is_empty() && size + n > self.max_response_bytes {
+            let n = prost::encoding::message::encoded_len(11, &e);
+            if !part.is_empty() && size + n >= self.max_response_bytes {
                 parts.push(std::mem::take(&mut part));
-                size = 0;
+                size = base;
             }
             size += n;
             part.push(e);

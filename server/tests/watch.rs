@@ -322,3 +322,76 @@ async fn a_slow_watcher_costs_bounded_memory_and_gets_every_event() {
     assert_eq!(seen, TXNS * PER_TXN);
     assert_eq!(last_rev, start + TXNS as i64 - 1);
 }
+
+async fn progress_and_fragments(endpoint: &str) -> Vec<String> {
+    let mut c = Client::connect([endpoint], None).await.unwrap();
+    let mut log = Vec::new();
+    let mut p = c
+        .watch("p", Some(WatchOptions::new().with_progress_notify()))
+        .await
+        .unwrap();
+    log.extend(next(&mut p, 1).await);
+    // Nothing happens to "p": a progress notification comes within the 1 s interval (+ slack).
+    log.extend(next(&mut p, 1).await);
+    let mut f = c
+        .watch(
+            "f/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_prev_key()
+                    .with_fragment(),
+            ),
+        )
+        .await
+        .unwrap();
+    log.extend(next(&mut f, 1).await);
+    // 700 keys of about 1 KiB, then one delete of all: with their previous values the delete's
+    // events are above etcd's fragment size (--max-request-bytes + 512 KiB of gRPC overhead),
+    // so they come in fragments.
+    for i in 0..700 {
+        c.put(format!("f/{i:03}"), "x".repeat(1000), None)
+            .await
+            .unwrap();
+    }
+    c.delete("f/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let mut events = 0;
+    while events < 700 {
+        let r = tokio::time::timeout(Duration::from_secs(10), f.message())
+            .await
+            .expect("events within 10 s")
+            .unwrap()
+            .unwrap();
+        events += r.events().len();
+    }
+    while events < 1400 {
+        let r = tokio::time::timeout(Duration::from_secs(10), f.message())
+            .await
+            .expect("fragments within 10 s")
+            .unwrap()
+            .unwrap();
+        events += r.events().len();
+        log.push(format!("fragment of {} events", r.events().len()));
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_and_fragments_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--experimental-watch-progress-notify-interval=1s",
+        "--max-request-bytes=10000",
+    ];
+    let etcd = common::etcd(&dir.path().join("etcd"), &flags);
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &flags);
+    let expected = progress_and_fragments(&etcd.endpoint).await;
+    let got = progress_and_fragments(&keel.endpoint).await;
+    assert_eq!(got, expected);
+    assert!(
+        expected.len() > 4,
+        "the response was fragmented: {expected:?}"
+    );
+}
