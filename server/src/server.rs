@@ -121,7 +121,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let lease = LeaseServer::new(LeaseService::new(core.clone()));
         let watch = WatchServer::new(WatchService::start(
             core.clone(),
-                        events_rx,
+            events_rx,
             limit,
             config.watch_progress_notify_interval,
         ));

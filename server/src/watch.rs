@@ -377,12 +377,16 @@ impl Hub {
         }
     }
 
-    /// Adds `prev_kv` to events whose watcher asked for it (the key's value at the revision
-    /// before; left out if compacted away).
+    /// Adds `prev_kv` to events whose watcher asked for it: the key's value at the revision
+    /// before, except for a put that created the key (as etcd), and left out if compacted away.
     fn with_prev(&self, mut events: Vec<mvccpb::Event>) -> Vec<mvccpb::Event> {
         let view = self.core.store().read();
         for e in &mut events {
             let Some(kv) = &e.kv else { continue };
+            let put = e.r#type == mvccpb::event::EventType::Put as i32;
+            if put && kv.create_revision == kv.mod_revision {
+                continue;
+            }
             let opts = RangeOptions {
                 rev: kv.mod_revision - 1,
                 ..Default::default()

@@ -1,19 +1,28 @@
-//! Differential test: a seeded random sequence of KV operations (Put with its options, Range with
-//! every option, DeleteRange, Txn with compares and nested txns, Compact) sent to `keel` and to a
-//! real etcd 3.4 (Debian's `etcd-server`), both on free loopback ports with temporary data dirs.
-//! Every response must be equal field by field (cluster and member ids and the raft term in the
-//! top header excepted), and every error must have the same gRPC code and message. The seed is
+//! Differential test: a seeded random sequence of KV and Lease operations (Put with its options
+//! and leases, Range with every option, DeleteRange, Txn with compares and nested txns, Compact,
+//! lease Grant/Revoke/TimeToLive/Leases) sent to `keel` and to a real etcd 3.4 (Debian's
+//! `etcd-server`), both on free loopback ports with temporary data dirs. Every response must be
+//! equal field by field (cluster and member ids and the raft term in the top header excepted),
+//! and every error must have the same gRPC code and message. Watches opened before the run (all
+//! keys with previous values; a range with a filter) must deliver the same events. The seed is
 //! printed; `KEEL_DIFF_SEED` replays it, `KEEL_DIFF_OPS` sets the length.
 
 mod common;
 
 use keel_proto::etcdserverpb as pb;
 use keel_proto::etcdserverpb::kv_client::KvClient;
+use keel_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_proto::etcdserverpb::watch_client::WatchClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
 const KEYS: u32 = 10;
+
+/// Lease IDs used: 1..=4 are granted now and then, 5 never.
+fn lease_id(rng: &mut StdRng) -> i64 {
+    rng.random_range(1..=5)
+}
 
 fn key(rng: &mut StdRng) -> Vec<u8> {
     format!("k{}", rng.random_range(0..KEYS)).into_bytes()
@@ -94,7 +103,11 @@ fn put(rng: &mut StdRng, standalone: bool) -> pb::PutRequest {
         } else {
             format!("v{}", rng.random_range(0..1000)).into_bytes()
         },
-        lease: if rng.random_bool(0.03) { 12345 } else { 0 },
+        lease: if rng.random_bool(0.15) {
+            lease_id(rng)
+        } else {
+            0
+        },
         prev_kv: rng.random_bool(0.4),
         ignore_value,
         ignore_lease: standalone && rng.random_bool(0.05),
@@ -166,11 +179,22 @@ enum Op {
     Delete(pb::DeleteRangeRequest),
     Txn(pb::TxnRequest),
     Compact(pb::CompactionRequest),
+    Grant(pb::LeaseGrantRequest),
+    Revoke(pb::LeaseRevokeRequest),
+    TimeToLive(pb::LeaseTimeToLiveRequest),
+    Leases,
+}
+
+/// The clients of one server.
+struct Clients {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
 }
 
 /// The response as text with the top header's ids and term cleared, or the error's code and
 /// message.
-async fn send(client: &mut KvClient<Channel>, op: &Op) -> (Option<i64>, String) {
+async fn send(clients: &mut Clients, op: &Op) -> (Option<i64>, String) {
+    let (client, lease) = (&mut clients.kv, &mut clients.lease);
     fn clean(h: &mut Option<pb::ResponseHeader>) -> Option<i64> {
         let h = h.as_mut()?;
         h.cluster_id = 0;
@@ -199,6 +223,28 @@ async fn send(client: &mut KvClient<Channel>, op: &Op) -> (Option<i64>, String) 
             let mut r = r.into_inner();
             (clean(&mut r.header), format!("{r:?}"))
         }),
+        Op::Grant(r) => lease.lease_grant(*r).await.map(|r| {
+            let mut r = r.into_inner();
+            (clean(&mut r.header), format!("{r:?}"))
+        }),
+        Op::Revoke(r) => lease.lease_revoke(*r).await.map(|r| {
+            let mut r = r.into_inner();
+            (clean(&mut r.header), format!("{r:?}"))
+        }),
+        Op::TimeToLive(r) => lease.lease_time_to_live(*r).await.map(|r| {
+            let mut r = r.into_inner();
+            // The remaining TTL depends on timing: whether it is positive is compared.
+            r.ttl = r.ttl.signum();
+            (clean(&mut r.header), format!("{r:?}"))
+        }),
+        Op::Leases => lease
+            .lease_leases(pb::LeaseLeasesRequest {})
+            .await
+            .map(|r| {
+                let mut r = r.into_inner();
+                r.leases.sort_by_key(|l| l.id);
+                (clean(&mut r.header), format!("{r:?}"))
+            }),
     };
     match result {
         Ok(x) => x,
@@ -215,29 +261,50 @@ async fn random_kv_operations_answer_exactly_like_etcd() {
     let count: usize = std::env::var("KEEL_DIFF_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1500);
+        .unwrap_or(3000);
     println!("seed {seed}, {count} operations (KEEL_DIFF_SEED / KEEL_DIFF_OPS to replay)");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let etcd_server = common::etcd(&dir.path().join("etcd"), &[]);
     let keel_server = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
-    let mut etcd = KvClient::connect(etcd_server.endpoint.clone())
-        .await
-        .unwrap();
-    let mut keel = KvClient::connect(keel_server.endpoint.clone())
-        .await
-        .unwrap();
+    let connect = |endpoint: String| async move {
+        let channel = Channel::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Clients {
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+        }
+    };
+    let mut etcd = connect(etcd_server.endpoint.clone()).await;
+    let mut keel = connect(keel_server.endpoint.clone()).await;
+    let etcd_watch = Watches::open(&etcd_server.endpoint).await;
+    let keel_watch = Watches::open(&keel_server.endpoint).await;
     let mut current = 1i64;
     for i in 0..count {
         let op = match rng.random_range(0..100) {
-            0..=29 => Op::Range(range(&mut rng, current)),
-            30..=59 => Op::Put(put(&mut rng, true)),
-            60..=71 => Op::Delete(delete(&mut rng)),
-            72..=97 => Op::Txn(txn(&mut rng, current, 0)),
-            _ => Op::Compact(pb::CompactionRequest {
+            0..=25 => Op::Range(range(&mut rng, current)),
+            26..=52 => Op::Put(put(&mut rng, true)),
+            53..=63 => Op::Delete(delete(&mut rng)),
+            64..=87 => Op::Txn(txn(&mut rng, current, 0)),
+            88..=89 => Op::Compact(pb::CompactionRequest {
                 revision: current - rng.random_range(0..6),
                 physical: rng.random_bool(0.5),
             }),
+            90..=93 => Op::Grant(pb::LeaseGrantRequest {
+                ttl: 300,
+                id: rng.random_range(1..=4),
+            }),
+            94..=95 => Op::Revoke(pb::LeaseRevokeRequest {
+                id: lease_id(&mut rng),
+            }),
+            96..=98 => Op::TimeToLive(pb::LeaseTimeToLiveRequest {
+                id: lease_id(&mut rng),
+                keys: rng.random_bool(0.5),
+            }),
+            _ => Op::Leases,
         };
         let (etcd_rev, expected) = send(&mut etcd, &op).await;
         let (_, got) = send(&mut keel, &op).await;
@@ -245,5 +312,109 @@ async fn random_kv_operations_answer_exactly_like_etcd() {
         if let Some(rev) = etcd_rev {
             current = current.max(rev);
         }
+    }
+    // The watches saw the same events.
+    let (_, end) = send(
+        &mut etcd,
+        &Op::Put(pb::PutRequest {
+            key: b"zz-end".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    send(
+        &mut keel,
+        &Op::Put(pb::PutRequest {
+            key: b"zz-end".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let expected = etcd_watch.finish().await;
+    let got = keel_watch.finish().await;
+    assert!(!expected[0].is_empty(), "no events watched ({end})");
+    for (w, (e, g)) in expected.iter().zip(&got).enumerate() {
+        for (n, (e, g)) in e.iter().zip(g).enumerate() {
+            assert_eq!(g, e, "seed {seed}: watch {w}, event {n}");
+        }
+        assert_eq!(g.len(), e.len(), "seed {seed}: watch {w}: events");
+    }
+}
+
+/// Two watches on one stream, opened before the operations: every key from revision 1 with
+/// previous values, and keys from "k5" on without deletes. Collected until the "zz-end" key.
+struct Watches {
+    task: tokio::task::JoinHandle<[Vec<String>; 2]>,
+}
+
+impl Watches {
+    async fn open(endpoint: &str) -> Watches {
+        use futures::StreamExt;
+        use pb::watch_request::RequestUnion;
+        let create = |req: pb::WatchCreateRequest| pb::WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(req)),
+        };
+        let requests = vec![
+            create(pb::WatchCreateRequest {
+                key: vec![0],
+                range_end: vec![0],
+                start_revision: 1,
+                prev_kv: true,
+                ..Default::default()
+            }),
+            create(pb::WatchCreateRequest {
+                key: b"k5".to_vec(),
+                range_end: vec![0],
+                filters: vec![pb::watch_create_request::FilterType::Nodelete as i32],
+                ..Default::default()
+            }),
+        ];
+        // The request side stays open for the whole run.
+        let requests = futures::stream::iter(requests).chain(futures::stream::pending());
+        let mut client = WatchClient::connect(endpoint.to_string()).await.unwrap();
+        let mut stream = client.watch(requests).await.unwrap().into_inner();
+        let mut created = 0;
+        while created < 2 {
+            let r = stream.message().await.unwrap().unwrap();
+            created += usize::from(r.created);
+        }
+        let endpoint = endpoint.to_string();
+        let task = tokio::spawn(async move {
+            let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+            let mut ended = [false, false];
+            while !(ended[0] && ended[1]) {
+                let r = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "{endpoint}: no watch events for 30 s; ended {ended:?}, seen {} and {}",
+                            seen[0].len(),
+                            seen[1].len()
+                        )
+                    })
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    !r.canceled,
+                    "{endpoint}: watch {} canceled: {r:?} after {} and {} events",
+                    r.watch_id,
+                    seen[0].len(),
+                    seen[1].len()
+                );
+                let w = r.watch_id as usize;
+                for e in &r.events {
+                    if e.kv.as_ref().is_some_and(|kv| kv.key == b"zz-end") {
+                        ended[w] = true;
+                    }
+                    seen[w].push(format!("{e:?}"));
+                }
+            }
+            seen
+        });
+        Watches { task }
+    }
+
+    async fn finish(self) -> [Vec<String>; 2] {
+        self.task.await.unwrap()
     }
 }
