@@ -5,6 +5,7 @@
 //! - [`client`]: connections, TLS, authentication, error classification.
 //! - [`run`]: the concurrent runner (clients, connections, rate, progress, compaction).
 //! - [`workloads`]: the requests of each subcommand. [`mvcc`]: the engine without network.
+//! - [`watchlease`]: `watch-latency` and `lease-keepalive`.
 //! - [`report`]: latency histograms and etcd's report layout, or JSON.
 //! - [`compare`]: the side-by-side comparison against etcd.
 
@@ -13,4 +14,5 @@ pub mod compare;
 pub mod mvcc;
 pub mod report;
 pub mod run;
+pub mod watchlease;
 pub mod workloads;

@@ -12,6 +12,7 @@ use keel_bench::compare::{self, CompareOptions};
 use keel_bench::mvcc;
 use keel_bench::report::{Recorder, Stats};
 use keel_bench::run::{self, Outcome, RunOptions, Workload};
+use keel_bench::watchlease::{self, LeaseKeepalive, WatchLatency};
 use keel_bench::workloads::{Put, Range, TxnMixed, TxnPut, value};
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -164,6 +165,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         rw_ratio: f64,
     },
+    /// Benchmark the latency from a put to its watchers' events (`--clients` watchers).
+    WatchLatency {
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        /// Puts per second.
+        #[arg(long, default_value_t = 100.0)]
+        put_rate: f64,
+        #[arg(long, default_value_t = 32)]
+        key_size: usize,
+        #[arg(long, default_value_t = 32)]
+        val_size: usize,
+        /// Watch the key as a prefix (Keel's extension).
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Benchmark lease keep-alives.
+    LeaseKeepalive {
+        /// Keep-alive requests in all.
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        /// Leases granted first, over the clients (Keel's extension; default one per client).
+        #[arg(long, default_value_t = 0)]
+        leases: u64,
+        /// TTL of the granted leases, seconds.
+        #[arg(long, default_value_t = 100)]
+        ttl: i64,
+    },
     /// Benchmark the MVCC store directly (no network).
     Mvcc {
         #[command(subcommand)]
@@ -271,17 +299,22 @@ impl Cli {
 async fn network(cli: &Cli, workload: Arc<dyn Workload>, opts: RunOptions) -> anyhow::Result<bool> {
     let (channels, token) = cli.connect_options().connect(cli.conns).await?;
     let names = workload.classes();
+    let outcome = run::run(workload, &channels, &token, &opts).await;
+    finish(cli, &names, outcome, opts.total)
+}
+
+/// Prints a run's report; fails if the server stopped answering.
+fn finish(cli: &Cli, names: &[&str], outcome: Outcome, total: u64) -> anyhow::Result<bool> {
     let Outcome {
         recorders,
         elapsed,
         aborted,
-    } = run::run(workload, &channels, &token, &opts).await;
-    let ok = cli.print(&names, &recorders, elapsed);
+    } = outcome;
+    let ok = cli.print(names, &recorders, elapsed);
     if let Some(why) = aborted {
         let done: u64 = recorders.iter().map(|r| r.successes()).sum();
         anyhow::bail!(
-            "the run stopped after {done} of {} requests: the server cannot be reached ({why})",
-            opts.total
+            "the run stopped after {done} of {total} requests: the server cannot be reached ({why})"
         );
     }
     Ok(ok)
@@ -370,6 +403,38 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 key_space: *key_space_size,
             };
             network(&cli, Arc::new(w), cli.run_options(*total, *rate)).await
+        }
+        Cmd::WatchLatency {
+            total,
+            put_rate,
+            key_size,
+            val_size,
+            prefix,
+        } => {
+            let o = WatchLatency {
+                total: *total,
+                put_rate: *put_rate,
+                key: value(*key_size),
+                value: value(*val_size),
+                prefix: *prefix,
+                sample: cli.sample,
+            };
+            let (channels, token) = cli.connect_options().connect(cli.conns + 1).await?;
+            let (put, watch) = channels.split_first().expect("at least one");
+            let outcome =
+                watchlease::watch_latency(&o, watch, put.clone(), &token, cli.clients).await;
+            finish(&cli, &[""], outcome, o.total * cli.clients.max(1) as u64)
+        }
+        Cmd::LeaseKeepalive { total, leases, ttl } => {
+            let o = LeaseKeepalive {
+                total: *total,
+                leases: *leases,
+                ttl: *ttl,
+                sample: cli.sample,
+            };
+            let (channels, token) = cli.connect_options().connect(cli.conns).await?;
+            let outcome = watchlease::lease_keepalive(&o, &channels, &token, cli.clients).await;
+            finish(&cli, &[""], outcome, o.total)
         }
         Cmd::Mvcc {
             command:

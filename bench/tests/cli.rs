@@ -136,6 +136,12 @@ fn every_subcommand_runs_against_keel_and_etcd() {
         );
         assert_eq!(reads + writes, 300);
         assert!(reads > writes, "{reads} reads, {writes} writes at 2:1");
+        // 5 watchers × 40 puts: every event timed.
+        let watch = run(&["watch-latency", "--total=40", "--put-rate=400", "--prefix"]);
+        assert_eq!(watch["report"]["requests"], 8 * 40);
+        assert_eq!(watch["report"]["failures"], 0);
+        let keepalive = run(&["lease-keepalive", "--total=400", "--leases=20"]);
+        assert_eq!(keepalive["report"]["requests"], 400);
     }
     // Text output: etcd's layout.
     let out = bench(&[
