@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        // Keys and values of `mvccpb.KeyValue` as `bytes::Bytes`: a watch event delivered to
+        // many watchers shares one copy of them instead of one per watcher.
+        .bytes(".mvccpb.KeyValue")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

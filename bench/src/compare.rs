@@ -403,6 +403,117 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Settings of the watch and lease scale comparison.
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    pub watchers: usize,
+    pub put_rate: f64,
+    pub puts: u64,
+    pub leases: u64,
+}
+
+fn rss_now(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The watch and lease scale comparison on fresh servers: `watchers` watchers of one prefix
+/// while puts arrive at `put_rate` (event latency from put to receipt), then `leases` leases
+/// granted and each kept alive twice. Server CPU seconds and resident memory after each.
+pub async fn compare_scale(o: &CompareOptions, s: &ScaleOptions) -> anyhow::Result<String> {
+    use crate::watchlease::{LeaseKeepalive, WatchLatency, lease_keepalive, watch_latency};
+    std::fs::create_dir_all(&o.dir)?;
+    let dir = tempfile::tempdir_in(&o.dir)?;
+    let etcd = Server::start("etcd", &o.etcd, dir.path())?;
+    let keel = Server::start("keel", &o.keel, dir.path())?;
+    let mut out = String::new();
+    out += "| workload | server | p50 ms | p99 ms | requests or events/s | failures | server CPU s | server RSS after MiB |\n";
+    out += "|---|---|---|---|---|---|---|---|\n";
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for server in [&etcd, &keel] {
+        let opts = ConnectOptions {
+            endpoints: vec![server.endpoint.clone()],
+            ..Default::default()
+        };
+        let conns = 100.min(s.watchers.max(1));
+        let (channels, token) = opts.connect(conns + 1).await?;
+        let (put, watch) = channels.split_first().expect("at least one");
+        let w = WatchLatency {
+            total: s.puts,
+            put_rate: s.put_rate,
+            key: b"scale/".to_vec(),
+            value: value(256),
+            prefix: true,
+            sample: false,
+        };
+        eprintln!("{} watchers on {}", s.watchers, server.name);
+        let before = server.proc();
+        let outcome = watch_latency(&w, watch, put.clone(), &token, s.watchers).await;
+        let cpu = server.proc().cpu_seconds - before.cpu_seconds;
+        let mut all = crate::report::Recorder::new(false);
+        for r in &outcome.recorders {
+            all.merge(r);
+        }
+        let st = Stats::new(&all, outcome.elapsed);
+        let _ = writeln!(
+            out,
+            "| {} watchers of one prefix, {} puts at {}/s | {} | {:.3} | {:.3} | {:.0} | {} | {:.1} | {:.1} |",
+            s.watchers,
+            s.puts,
+            s.put_rate,
+            server.name,
+            st.percentile(50.0) * 1e3,
+            st.percentile(99.0) * 1e3,
+            st.rps,
+            st.failures,
+            cpu,
+            mib(rss_now(server.child.id())),
+        );
+        drop(channels);
+        let (channels, token) = opts.connect(100).await?;
+        let l = LeaseKeepalive {
+            total: s.leases * 2,
+            leases: s.leases,
+            ttl: 600,
+            sample: false,
+        };
+        eprintln!("{} leases on {}", s.leases, server.name);
+        let before = server.proc();
+        let outcome = lease_keepalive(&l, &channels, &token, 1000).await;
+        let cpu = server.proc().cpu_seconds - before.cpu_seconds;
+        let mut all = crate::report::Recorder::new(false);
+        for r in &outcome.recorders {
+            all.merge(r);
+        }
+        let st = Stats::new(&all, outcome.elapsed);
+        let _ = writeln!(
+            out,
+            "| {} leases granted, each kept alive twice (1000 clients) | {} | {:.3} | {:.3} | {:.0} | {} | {:.1} | {:.1} |",
+            s.leases,
+            server.name,
+            st.percentile(50.0) * 1e3,
+            st.percentile(99.0) * 1e3,
+            st.rps,
+            st.failures,
+            cpu,
+            mib(rss_now(server.child.id())),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nPeak RSS over the run: etcd {:.1} MiB, keel {:.1} MiB.",
+        mib(etcd.proc().peak_rss_bytes),
+        mib(keel.proc().peak_rss_bytes)
+    );
+    Ok(out)
+}
+
 /// Today's UTC date as `YYYY-MM-DD` (civil-from-days).
 pub fn today() -> String {
     let days = std::time::SystemTime::now()

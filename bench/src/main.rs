@@ -223,6 +223,21 @@ enum Cmd {
         /// Append the report, with date, machine and command, to this file.
         #[arg(long)]
         results: Option<PathBuf>,
+        /// Run the watch and lease scale comparison instead of the KV table.
+        #[arg(long)]
+        watch_lease: bool,
+        /// Watchers of the scale comparison.
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        /// Puts per second while they watch.
+        #[arg(long, default_value_t = 1000.0)]
+        put_rate: f64,
+        /// Puts in all while they watch.
+        #[arg(long, default_value_t = 5000)]
+        puts: u64,
+        /// Leases granted and kept alive.
+        #[arg(long, default_value_t = 100_000)]
+        leases: u64,
     },
 }
 
@@ -464,6 +479,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             members,
             only,
             results,
+            watch_lease,
+            watchers,
+            put_rate,
+            puts,
+            leases,
         } => {
             let keel = match keel {
                 Some(k) => k.clone(),
@@ -478,7 +498,17 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 members: *members,
                 only: only.clone(),
             };
-            let table = compare::compare(&o).await?;
+            let table = if *watch_lease {
+                let s = compare::ScaleOptions {
+                    watchers: *watchers,
+                    put_rate: *put_rate,
+                    puts: *puts,
+                    leases: *leases,
+                };
+                compare::compare_scale(&o, &s).await?
+            } else {
+                compare::compare(&o).await?
+            };
             let command: Vec<String> = std::env::args().collect();
             let section = format!(
                 "## {} · keel vs etcd (keel-bench compare)\n\nMachine: {}. etcd: `{}`.\n\nCommand:\n\n```sh\n{}\n```\n\n{table}",

@@ -40,11 +40,11 @@ mod tests {
     #[test]
     fn keyvalue_bytes_match_the_engines_and_etcds() {
         let kv = super::mvccpb::KeyValue {
-            key: b"foo".to_vec(),
+            key: b"foo".to_vec().into(),
             create_revision: 2,
             mod_revision: 2,
             version: 1,
-            value: b"bar".to_vec(),
+            value: b"bar".to_vec().into(),
             lease: 0,
         };
         let engine = keel_engine::mvcc::KeyValue {

@@ -36,11 +36,11 @@ pub fn status(e: &Error) -> Status {
 
 pub fn kv(k: KeyValue) -> mvccpb::KeyValue {
     mvccpb::KeyValue {
-        key: k.key,
+        key: k.key.into(),
         create_revision: k.create_revision,
         mod_revision: k.mod_revision,
         version: k.version,
-        value: k.value,
+        value: k.value.into(),
         lease: k.lease,
     }
 }

@@ -398,8 +398,8 @@ impl Hub {
         events
     }
 
-    /// The responses carrying `events` for watcher `id`: one, or fragments if it is too large
-    /// and the watcher allows fragmenting.
+    /// The responses carrying `events` (from history) for watcher `id`, previous values added
+    /// if it asked for them.
     fn responses(
         &self,
         id: i64,
@@ -412,50 +412,13 @@ impl Hub {
         } else {
             events
         };
-        let header = self.core.header().with(revision);
-        let whole = pb::WatchResponse {
-            header,
-            watch_id: id,
+        fragments(
+            self.core.header().with(revision),
+            id,
             events,
-            ..Default::default()
-        };
-        if !w.fragment || whole.encoded_len() < self.max_response_bytes || whole.events.len() < 2 {
-            return vec![whole];
-        }
-        // As etcd's sendFragments: events are added to a fragment while its encoded size stays
-        // below the limit (a fragment has at least one event).
-        let base = pb::WatchResponse {
-            header,
-            watch_id: id,
-            fragment: true,
-            ..Default::default()
-        }
-        .encoded_len();
-        let mut parts = Vec::new();
-        let mut part: Vec<mvccpb::Event> = Vec::new();
-        let mut size = base;
-        for e in whole.events {
-            let n = prost::encoding::message::encoded_len(11, &e);
-            if !part.is_empty() && size + n >= self.max_response_bytes {
-                parts.push(std::mem::take(&mut part));
-                size = base;
-            }
-            size += n;
-            part.push(e);
-        }
-        parts.push(part);
-        let last = parts.len() - 1;
-        parts
-            .into_iter()
-            .enumerate()
-            .map(|(i, events)| pb::WatchResponse {
-                header,
-                watch_id: id,
-                events,
-                fragment: i < last,
-                ..Default::default()
-            })
-            .collect()
+            w.fragment,
+            self.max_response_bytes,
+        )
     }
 
     fn publish(&mut self, p: Published) {
@@ -464,38 +427,48 @@ impl Hub {
             return;
         }
         self.current = p.revision;
-        let mut deliveries = Vec::new();
-        for (&sid, s) in &self.streams {
+        // The events are built once (keys and values are shared `Bytes`); each watcher gets
+        // the ones it wants.
+        let all: Vec<mvccpb::Event> = p.changes.iter().map(event).collect();
+        let wants_prev = self.streams.values().any(|s| {
+            s.watchers.values().any(|w| {
+                w.prev_kv
+                    && w.synced
+                    && w.next_rev <= p.revision
+                    && p.changes.iter().any(|c| w.wants(c))
+            })
+        });
+        let all_prev = wants_prev.then(|| self.with_prev(all.clone()));
+        let header = self.core.header().with(p.revision);
+        let max = self.max_response_bytes;
+        let now = Instant::now();
+        for s in self.streams.values_mut() {
             let room = s.outbox.has_room();
-            for (&id, w) in &s.watchers {
+            for (&id, w) in s.watchers.iter_mut() {
                 if !w.synced || w.next_rev > p.revision {
                     continue;
                 }
-                let events: Vec<mvccpb::Event> =
-                    p.changes.iter().filter(|c| w.wants(c)).map(event).collect();
-                deliveries.push((sid, id, events, room));
-            }
-        }
-        for (sid, id, events, room) in deliveries {
-            let responses = {
-                let w = &self.streams[&sid].watchers[&id];
-                if room && !events.is_empty() {
-                    Some(self.responses(id, w, events, p.revision))
-                } else {
-                    None
+                if !room {
+                    // The stream is behind: this watcher will catch up from history.
+                    w.synced = false;
+                    continue;
                 }
-            };
-            let s = self.streams.get_mut(&sid).expect("listed");
-            let w = s.watchers.get_mut(&id).expect("listed");
-            if !room {
-                // The stream is behind: this watcher will catch up from history.
-                w.synced = false;
-                continue;
-            }
-            w.next_rev = p.revision + 1;
-            if let Some(responses) = responses {
-                w.last_sent = Instant::now();
-                for r in responses {
+                w.next_rev = p.revision + 1;
+                let source = match (&all_prev, w.prev_kv) {
+                    (Some(prev), true) => prev,
+                    _ => &all,
+                };
+                let events: Vec<mvccpb::Event> = source
+                    .iter()
+                    .zip(&p.changes)
+                    .filter(|(_, c)| w.wants(c))
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                if events.is_empty() {
+                    continue;
+                }
+                w.last_sent = now;
+                for r in fragments(header, id, events, w.fragment, max) {
                     s.outbox.push(r);
                 }
             }
@@ -588,6 +561,59 @@ impl Hub {
             }
         }
     }
+}
+
+/// The responses carrying `events` for watcher `id`: one, or, if the watcher allows it and the
+/// response reaches `max` bytes, fragments as etcd's `sendFragments` cuts them (events are added
+/// to a fragment while its encoded size stays below `max`; each has at least one event).
+fn fragments(
+    header: Option<pb::ResponseHeader>,
+    id: i64,
+    events: Vec<mvccpb::Event>,
+    fragment: bool,
+    max: usize,
+) -> Vec<pb::WatchResponse> {
+    let whole = pb::WatchResponse {
+        header,
+        watch_id: id,
+        events,
+        ..Default::default()
+    };
+    if !fragment || whole.events.len() < 2 || whole.encoded_len() < max {
+        return vec![whole];
+    }
+    let base = pb::WatchResponse {
+        header,
+        watch_id: id,
+        fragment: true,
+        ..Default::default()
+    }
+    .encoded_len();
+    let mut parts = Vec::new();
+    let mut part: Vec<mvccpb::Event> = Vec::new();
+    let mut size = base;
+    for e in whole.events {
+        let n = prost::encoding::message::encoded_len(11, &e);
+        if !part.is_empty() && size + n >= max {
+            parts.push(std::mem::take(&mut part));
+            size = base;
+        }
+        size += n;
+        part.push(e);
+    }
+    parts.push(part);
+    let last = parts.len() - 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, events)| pb::WatchResponse {
+            header,
+            watch_id: id,
+            events,
+            fragment: i < last,
+            ..Default::default()
+        })
+        .collect()
 }
 
 #[tonic::async_trait]

@@ -403,7 +403,7 @@ impl Watches {
                 );
                 let w = r.watch_id as usize;
                 for e in &r.events {
-                    if e.kv.as_ref().is_some_and(|kv| kv.key == b"zz-end") {
+                    if e.kv.as_ref().is_some_and(|kv| kv.key.as_ref() == b"zz-end") {
                         ended[w] = true;
                     }
                     seen[w].push(format!("{e:?}"));
