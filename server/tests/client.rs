@@ -428,10 +428,16 @@ async fn lease_scenario(endpoint: &str) -> Vec<String> {
     log.push(format!(
         "ttl granted {} keys {:?}",
         r.granted_ttl(),
-        r.keys()
-            .iter()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect::<Vec<_>>()
+        // etcd lists them in no particular order.
+        {
+            let mut keys: Vec<String> = r
+                .keys()
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            keys.sort();
+            keys
+        }
     ));
     let r = c.lease_time_to_live(4242, None).await.unwrap();
     assert!(r.keys().is_empty());
