@@ -16,6 +16,16 @@ fn normalize(text: &str, id: &str) -> String {
         let end = t[start..].find(')').map_or(t.len(), |e| start + e + 1);
         t.replace_range(start..end, "remaining(N)");
     }
+    // etcd lists attached keys in no particular order.
+    if let Some(start) = t.find("attached keys([") {
+        let from = start + "attached keys([".len();
+        if let Some(len) = t[from..].find(']') {
+            let mut keys: Vec<&str> = t[from..from + len].split(' ').collect();
+            keys.sort_unstable();
+            let sorted = keys.join(" ");
+            t.replace_range(from..from + len, &sorted);
+        }
+    }
     t
 }
 
