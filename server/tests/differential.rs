@@ -233,8 +233,10 @@ async fn send(clients: &mut Clients, op: &Op) -> (Option<i64>, String) {
         }),
         Op::TimeToLive(r) => lease.lease_time_to_live(*r).await.map(|r| {
             let mut r = r.into_inner();
-            // The remaining TTL depends on timing: whether it is positive is compared.
+            // The remaining TTL depends on timing: whether it is positive is compared. etcd
+            // lists the keys in no particular order.
             r.ttl = r.ttl.signum();
+            r.keys.sort();
             (clean(&mut r.header), format!("{r:?}"))
         }),
         Op::Leases => lease
