@@ -165,6 +165,41 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         rw_ratio: f64,
     },
+    /// Benchmark watch: watcher creation, then puts to the watched keys.
+    Watch {
+        /// Watch streams.
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        /// Watchers per stream.
+        #[arg(long, default_value_t = 100)]
+        watch_per_stream: usize,
+        /// Enable prev_kv on the watches.
+        #[arg(long)]
+        prevkv: bool,
+        /// Puts per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        put_rate: f64,
+        #[arg(long, default_value_t = 1000)]
+        put_total: u64,
+        #[arg(long, default_value_t = 32)]
+        key_size: usize,
+        #[arg(long, default_value_t = 1)]
+        key_space_size: u64,
+        #[arg(long)]
+        sequential_keys: bool,
+    },
+    /// Benchmark ranges while watchers receive events.
+    WatchGet {
+        /// Watchers in all.
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        /// Watch streams.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Events (puts) each watcher receives.
+        #[arg(long, default_value_t = 8)]
+        events: u64,
+    },
     /// Benchmark the latency from a put to its watchers' events (`--clients` watchers).
     WatchLatency {
         #[arg(long, default_value_t = 10_000)]
@@ -418,6 +453,57 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 key_space: *key_space_size,
             };
             network(&cli, Arc::new(w), cli.run_options(*total, *rate)).await
+        }
+        Cmd::Watch {
+            streams,
+            watch_per_stream,
+            prevkv,
+            put_rate,
+            put_total,
+            key_size,
+            key_space_size,
+            sequential_keys,
+        } => {
+            let o = watchlease::WatchBench {
+                streams: *streams,
+                per_stream: *watch_per_stream,
+                put_total: *put_total,
+                put_rate: *put_rate,
+                key_size: *key_size,
+                key_space: *key_space_size,
+                sequential: *sequential_keys,
+                prev_kv: *prevkv,
+                sample: cli.sample,
+            };
+            let (channels, token) = cli.connect_options().connect(cli.conns).await?;
+            let out = watchlease::watch(&o, &channels, &token).await;
+            if cli.output == Output::Text {
+                println!("Watch creation summary:");
+            }
+            let created = finish(&cli, &[""], out.creation, (o.streams * o.per_stream) as u64)?;
+            if cli.output == Output::Text {
+                println!("\nWatch put summary:");
+            }
+            let puts = finish(&cli, &[""], out.puts, o.put_total)?;
+            Ok(created && puts)
+        }
+        Cmd::WatchGet {
+            watchers,
+            streams,
+            events,
+        } => {
+            let o = watchlease::WatchGet {
+                watchers: *watchers,
+                streams: *streams,
+                events: *events,
+                sample: cli.sample,
+            };
+            let (channels, token) = cli.connect_options().connect(cli.conns).await?;
+            let outcome = watchlease::watch_get(&o, &channels, &token, cli.clients).await;
+            if cli.output == Output::Text {
+                println!("Get summary:");
+            }
+            finish(&cli, &[""], outcome, 0)
         }
         Cmd::WatchLatency {
             total,

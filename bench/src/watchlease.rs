@@ -350,3 +350,329 @@ mod tests {
         assert_eq!(prefix_end(&[0xff]), vec![0]);
     }
 }
+
+/// Settings of `watch`.
+#[derive(Debug, Clone)]
+pub struct WatchBench {
+    pub streams: usize,
+    pub per_stream: usize,
+    pub put_total: u64,
+    pub put_rate: f64,
+    pub key_size: usize,
+    pub key_space: u64,
+    pub sequential: bool,
+    pub prev_kv: bool,
+    pub sample: bool,
+}
+
+/// The outcome of `watch`: watcher creation, then puts (with every event accounted for).
+#[derive(Debug)]
+pub struct WatchOutcome {
+    pub creation: Outcome,
+    pub puts: Outcome,
+}
+
+fn watch_request(key: Vec<u8>, prev_kv: bool) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key,
+                prev_kv,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// Runs `watch` as etcd's benchmark: `streams` streams of `per_stream` watchers each on keys of
+/// a `key_space` pool (creation timed from request to `created`), then `put_total` puts on the
+/// pool's keys at `put_rate` (each timed), waiting until every watcher got its events.
+pub async fn watch(o: &WatchBench, channels: &[Channel], token: &Token) -> WatchOutcome {
+    use rand::Rng;
+    let space = o.key_space.max(1);
+    let pool: Vec<Vec<u8>> = (0..space)
+        .map(|n| crate::workloads::key(n, o.key_size.max(8)))
+        .collect();
+    let mut rng = rand::rng();
+    let mut pick = |i: u64| -> u64 {
+        if o.sequential {
+            i % space
+        } else {
+            rng.random_range(0..space)
+        }
+    };
+    // Watchers per key, to know how many events each put must produce.
+    let mut watchers_of = vec![0u64; space as usize];
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let aborted: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut creation = Recorder::new(o.sample);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..o.streams.max(1) {
+        let channel = channels[s % channels.len()].clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(o.per_stream.max(1) + 1);
+        let mut client = WatchClient::with_interceptor(channel, token.clone());
+        let keys: Vec<u64> = (0..o.per_stream.max(1))
+            .map(|w| pick((s * o.per_stream.max(1) + w) as u64))
+            .collect();
+        for &k in &keys {
+            watchers_of[k as usize] += 1;
+        }
+        // The first create goes with the call (see lease_keepalive).
+        let first = Instant::now();
+        let _ = tx
+            .send(watch_request(pool[keys[0] as usize].clone(), o.prev_kv))
+            .await;
+        let mut stream = match client.watch(tokio_stream_from(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                creation.error(client::status_text(&e));
+                *aborted.lock().expect("not poisoned") = Some(client::status_text(&e));
+                break;
+            }
+        };
+        let mut sent = vec![first];
+        for &k in &keys[1..] {
+            sent.push(Instant::now());
+            let _ = tx
+                .send(watch_request(pool[k as usize].clone(), o.prev_kv))
+                .await;
+        }
+        // Creation latencies: responses to creates come back in order.
+        let mut created = 0;
+        while created < keys.len() {
+            match stream.message().await {
+                Ok(Some(r)) if r.created => {
+                    creation.success(SystemTime::now(), sent[created].elapsed());
+                    created += 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    creation.error("watch stream closed");
+                    break;
+                }
+                Err(e) => {
+                    creation.error(client::status_text(&e));
+                    break;
+                }
+            }
+        }
+        let (received, stop) = (received.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let _requests = tx;
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if stop.load(Ordering::Relaxed) { break; }
+                        continue;
+                    }
+                };
+                match msg {
+                    Ok(Some(r)) => {
+                        received.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let creation = Outcome {
+        recorders: vec![creation],
+        elapsed: start.elapsed(),
+        aborted: aborted.lock().expect("not poisoned").take(),
+    };
+    let mut puts = Recorder::new(o.sample);
+    let mut kv = client::kv(channels[0].clone(), token);
+    let mut expected = 0u64;
+    let start = Instant::now();
+    let mut aborted = None;
+    if creation.aborted.is_none() {
+        for i in 0..o.put_total {
+            if o.put_rate > 0.0 {
+                let at = start + Duration::from_secs_f64(i as f64 / o.put_rate);
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let k = pick(i);
+            let r = pb::PutRequest {
+                key: pool[k as usize].clone(),
+                value: b"data".to_vec(),
+                ..Default::default()
+            };
+            let (began, t) = (SystemTime::now(), Instant::now());
+            match kv.put(r).await {
+                Ok(_) => {
+                    puts.success(began, t.elapsed());
+                    expected += watchers_of[k as usize];
+                }
+                Err(s) => {
+                    puts.error(client::status_text(&s));
+                    if client::is_fatal(&s) {
+                        aborted = Some(client::status_text(&s));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let missing = expected.saturating_sub(received.load(Ordering::Relaxed));
+    for _ in 0..missing.min(1_000_000) {
+        puts.error("event not received within 30 s of the last put");
+    }
+    WatchOutcome {
+        creation,
+        puts: Outcome {
+            recorders: vec![puts],
+            elapsed,
+            aborted,
+        },
+    }
+}
+
+/// Settings of `watch-get`.
+#[derive(Debug, Clone)]
+pub struct WatchGet {
+    pub watchers: usize,
+    pub streams: usize,
+    pub events: u64,
+    pub sample: bool,
+}
+
+/// Runs `watch-get` as etcd's benchmark: `watchers` watchers (over `streams` streams) of one key
+/// receive `events` puts while `clients` clients range the key; the ranges are timed until
+/// every watcher has every event.
+pub async fn watch_get(
+    o: &WatchGet,
+    channels: &[Channel],
+    token: &Token,
+    clients: usize,
+) -> Outcome {
+    const KEY: &[u8] = b"watchkey";
+    let streams = o.streams.clamp(1, o.watchers.max(1));
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let mut rec = Recorder::new(o.sample);
+    for s in 0..streams {
+        let n = o.watchers / streams + usize::from(s < o.watchers % streams);
+        if n == 0 {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(n + 1);
+        for _ in 0..n {
+            let _ = tx.send(watch_request(KEY.to_vec(), false)).await;
+        }
+        let mut client =
+            WatchClient::with_interceptor(channels[s % channels.len()].clone(), token.clone());
+        let mut stream = match client.watch(tokio_stream_from(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                rec.error(client::status_text(&e));
+                return Outcome {
+                    recorders: vec![rec],
+                    elapsed: Duration::ZERO,
+                    aborted: Some(client::status_text(&e)),
+                };
+            }
+        };
+        let mut created = 0;
+        while created < n {
+            match stream.message().await {
+                Ok(Some(r)) => created += usize::from(r.created),
+                _ => break,
+            }
+        }
+        let (received, done) = (received.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let _requests = tx;
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if done.load(Ordering::Relaxed) { break; }
+                        continue;
+                    }
+                };
+                match msg {
+                    Ok(Some(r)) => {
+                        received.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let start = Instant::now();
+    let expected = o.events * o.watchers as u64;
+    let mut getters = Vec::new();
+    for c in 0..clients.max(1) {
+        let mut kv = client::kv(channels[c % channels.len()].clone(), token);
+        let (received, done, sample) = (received.clone(), done.clone(), o.sample);
+        getters.push(tokio::spawn(async move {
+            let mut rec = Recorder::new(sample);
+            while received.load(Ordering::Relaxed) < expected && !done.load(Ordering::Relaxed) {
+                let (began, t) = (SystemTime::now(), Instant::now());
+                let r = pb::RangeRequest {
+                    key: KEY.to_vec(),
+                    ..Default::default()
+                };
+                match kv.range(r).await {
+                    Ok(_) => rec.success(began, t.elapsed()),
+                    Err(s) => {
+                        rec.error(client::status_text(&s));
+                        if client::is_fatal(&s) {
+                            break;
+                        }
+                    }
+                }
+            }
+            rec
+        }));
+    }
+    let mut kv = client::kv(channels[0].clone(), token);
+    let mut aborted = None;
+    for _ in 0..o.events {
+        let r = pb::PutRequest {
+            key: KEY.to_vec(),
+            value: b"data".to_vec(),
+            ..Default::default()
+        };
+        if let Err(s) = kv.put(r).await {
+            rec.error(client::status_text(&s));
+            aborted = Some(client::status_text(&s));
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    for g in getters {
+        if let Ok(r) = g.await {
+            rec.merge(&r);
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let missing = expected.saturating_sub(received.load(Ordering::Relaxed));
+    for _ in 0..missing.min(1_000_000) {
+        rec.error("event not received within 30 s of the last put");
+    }
+    Outcome {
+        recorders: vec![rec],
+        elapsed: start.elapsed(),
+        aborted,
+    }
+}

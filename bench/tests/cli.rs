@@ -142,6 +142,37 @@ fn every_subcommand_runs_against_keel_and_etcd() {
         assert_eq!(watch["report"]["failures"], 0);
         let keepalive = run(&["lease-keepalive", "--total=400", "--leases=20"]);
         assert_eq!(keepalive["report"]["requests"], 400);
+        // watch prints two JSON reports (creation, puts); watch-get one (ranges).
+        let out = bench(
+            &[
+                &common[..],
+                &[
+                    "watch",
+                    "--streams=3",
+                    "--watch-per-stream=10",
+                    "--put-total=50",
+                    "--key-space-size=5",
+                    "--sequential-keys",
+                ],
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let reports: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(reports[0]["report"]["requests"], 30, "watchers created");
+        assert_eq!(reports[1]["report"]["requests"], 50, "puts");
+        assert_eq!(reports[1]["report"]["failures"], 0, "every event arrived");
+        let get = run(&["watch-get", "--watchers=50", "--streams=5", "--events=4"]);
+        assert_eq!(get["report"]["failures"], 0);
+        assert!(get["report"]["requests"].as_u64().unwrap() > 0);
     }
     // Text output: etcd's layout.
     let out = bench(&[
