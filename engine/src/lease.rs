@@ -239,6 +239,16 @@ impl Lessor {
         Ok(l.ttl)
     }
 
+    /// Number of leases.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether there are no leases.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
     /// Lease `id`.
     pub fn get(&self, id: i64) -> Option<&Lease> {
         self.leases.get(&id)

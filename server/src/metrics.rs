@@ -52,6 +52,13 @@ pub struct Metrics {
     resident_memory: Gauge,
     cpu_seconds: Gauge<f64, AtomicU64>,
     open_fds: Gauge,
+    /// `etcd_debugging_mvcc_watcher_total` and `etcd_debugging_mvcc_watch_stream_total`.
+    pub watchers: Gauge,
+    pub watch_streams: Gauge,
+    /// `etcd_debugging_mvcc_slow_watcher_total`: watchers catching up from history.
+    pub slow_watchers: Gauge,
+    /// Leases alive (`etcd_debugging_lease_total` is not in etcd 3.4; Keel's name).
+    leases: Gauge,
 }
 
 /// etcd's buckets for disk latencies: 1 ms to about 8 s, doubling.
@@ -192,6 +199,22 @@ impl Metrics {
             "Total user and system CPU time spent in seconds.",
             cpu_seconds.clone(),
         );
+        let watchers = gauge(
+            &mut r,
+            "etcd_debugging_mvcc_watcher_total",
+            "Total number of watchers.",
+        );
+        let watch_streams = gauge(
+            &mut r,
+            "etcd_debugging_mvcc_watch_stream_total",
+            "Total number of watch streams.",
+        );
+        let slow_watchers = gauge(
+            &mut r,
+            "etcd_debugging_mvcc_slow_watcher_total",
+            "Total number of unsynced slow watchers.",
+        );
+        let leases = gauge(&mut r, "keel_lease_total", "Number of leases alive.");
         let open_fds = gauge(
             &mut r,
             "process_open_fds",
@@ -220,6 +243,10 @@ impl Metrics {
             resident_memory,
             cpu_seconds,
             open_fds,
+            watchers,
+            watch_streams,
+            slow_watchers,
+            leases,
         })
     }
 
@@ -229,7 +256,8 @@ impl Metrics {
     }
 
     /// The text a scrape returns, with the store's and the process's current figures.
-    pub fn render(&self, store: &Store) -> String {
+    pub fn render(&self, store: &Store, leases: usize) -> String {
+        self.leases.set(leases as i64);
         let backend = store.backend();
         self.db_total_size.set(as_i64(backend.file_size()));
         self.db_in_use_size.set(as_i64(backend.size_in_use()));
@@ -319,7 +347,7 @@ mod tests {
         let m = Metrics::new(2 << 30);
         m.puts.inc();
         Metrics::observe(&m.wal_fsync, Duration::from_micros(300));
-        let text = m.render(&store);
+        let text = m.render(&store, 0);
         for line in [
             "etcd_mvcc_put_total 1",
             "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 1",

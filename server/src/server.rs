@@ -141,7 +141,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                                 axum::http::header::CONTENT_TYPE,
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )],
-                            core.metrics().render(core.store()),
+                            core.metrics().render(core.store(), core.lessor().len()),
                         )
                     }
                 }),

@@ -236,8 +236,9 @@ impl Hub {
                         return;
                     }
                 },
-                _ = tick.tick() => {
+                                _ = tick.tick() => {
                     self.catch_up();
+                    self.gauges();
                     if last_progress.elapsed() >= self.progress_interval {
                         last_progress = Instant::now();
                         self.progress_notify();
@@ -249,6 +250,18 @@ impl Hub {
 
     fn header(&self) -> Option<pb::ResponseHeader> {
         self.core.header().with(self.current)
+    }
+
+    fn gauges(&self) {
+        let m = self.core.metrics();
+        let (mut all, mut slow) = (0, 0);
+        for s in self.streams.values() {
+            all += s.watchers.len();
+            slow += s.watchers.values().filter(|w| !w.synced).count();
+        }
+        m.watchers.set(all as i64);
+        m.slow_watchers.set(slow as i64);
+        m.watch_streams.set(self.streams.len() as i64);
     }
 
     fn handle(&mut self, msg: HubMsg) {

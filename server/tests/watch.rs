@@ -395,3 +395,72 @@ async fn progress_notifications_and_fragments_answer_like_etcd() {
         "the response was fragmented: {expected:?}"
     );
 }
+
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, text) = common::http_get(port, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 10 s) for a gauge to reach `want`.
+async fn gauge_reaches(port: u16, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(port, name);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_streams_and_revoked_leases_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let port = keel.port;
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let mut s = c.watch(format!("leak/{i}"), None).await.unwrap();
+        s.watch(format!("leak/{i}/b"), None).await.unwrap();
+        s.watch(
+            format!("leak/{i}/c"),
+            Some(WatchOptions::new().with_start_revision(1)),
+        )
+        .await
+        .unwrap();
+        streams.push(s);
+    }
+    gauge_reaches(port, "etcd_debugging_mvcc_watch_stream_total", 20.0).await;
+    gauge_reaches(port, "etcd_debugging_mvcc_watcher_total", 60.0).await;
+    // Cancelling one watcher, twice, and an unknown one.
+    streams[0].cancel(1).await.unwrap();
+    streams[0].cancel(1).await.unwrap();
+    streams[0].cancel(99).await.unwrap();
+    gauge_reaches(port, "etcd_debugging_mvcc_watcher_total", 59.0).await;
+    drop(streams);
+    gauge_reaches(port, "etcd_debugging_mvcc_watch_stream_total", 0.0).await;
+    gauge_reaches(port, "etcd_debugging_mvcc_watcher_total", 0.0).await;
+    // Leases: granted, one revoked, one expired; keep-alives of both answer TTL 0 after.
+    let a = c.lease_grant(60, None).await.unwrap().id();
+    let b = c.lease_grant(1, None).await.unwrap().id();
+    gauge_reaches(port, "keel_lease_total", 2.0).await;
+    c.lease_revoke(a).await.unwrap();
+    gauge_reaches(port, "keel_lease_total", 0.0).await;
+    for id in [a, b] {
+        let r = c.lease_time_to_live(id, None).await.unwrap();
+        assert_eq!(r.ttl(), -1);
+        assert!(
+            c.lease_keep_alive(id).await.is_err(),
+            "keep-alive of a dead lease"
+        );
+    }
+    c.put("still", "serving", None).await.unwrap();
+}
