@@ -80,8 +80,8 @@ pub struct CoreConfig {
     pub metrics: Arc<Metrics>,
     /// How often the leader records the leases' remaining TTLs.
     pub lease_checkpoint_interval: Duration,
-    /// Where the changes of each applied revision go (the watch hub).
-    pub watch_events: Option<mpsc::UnboundedSender<Published>>,
+    /// Where the changes of each applied revision go (every watch hub).
+    pub watch_events: Vec<mpsc::UnboundedSender<Arc<Published>>>,
 }
 
 /// A write, as carried in a raft entry: etcd's own request messages.
@@ -326,7 +326,7 @@ struct Storage {
     lease_checked_at: Instant,
     lease_checkpoint_interval: Duration,
     lease_checkpointed_at: Instant,
-    watch_events: Option<mpsc::UnboundedSender<Published>>,
+    watch_events: Vec<mpsc::UnboundedSender<Arc<Published>>>,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -686,9 +686,12 @@ impl Storage {
         drop(lessor);
         self.applied = last_index;
         // Committed and readable: watchers may see these revisions now.
-        if let Some(events) = &self.watch_events {
+        if !self.watch_events.is_empty() {
             for p in published {
-                let _ = events.send(p);
+                let p = Arc::new(p);
+                for hub in &self.watch_events {
+                    let _ = hub.send(p.clone());
+                }
             }
         }
         for (reply, result) in replies {

@@ -81,7 +81,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let net_threads = config.net_threads.unwrap_or(cpus);
+    // One watch hub per network thread.
+    let (events_tx, events_rx): (Vec<_>, Vec<_>) = (0..net_threads)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
     let (core, core_thread) = Core::start(CoreConfig {
         data_dir: config.data_dir.clone(),
         cluster_id,
@@ -93,7 +98,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         snapshot_count: config.snapshot_count,
         metrics: Metrics::new(config.quota_backend_bytes),
         lease_checkpoint_interval: config.lease_checkpoint_interval,
-        watch_events: Some(events_tx),
+        watch_events: events_tx,
     })
     .context("starting the storage core")?;
     tracing::info!(
@@ -103,9 +108,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cluster_id = format!("{cluster_id:x}"),
         "member ready"
     );
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.net_threads.unwrap_or(cpus))
+        .worker_threads(net_threads)
         .thread_name("keel-net")
         .enable_all()
         .build()

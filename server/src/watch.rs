@@ -158,12 +158,15 @@ struct Hub {
     current: i64,
     max_response_bytes: usize,
     progress_interval: Duration,
+    /// Watchers, slow watchers and streams last added to the gauges by this shard.
+    reported: (i64, i64, i64),
 }
 
-/// Handle of the Watch service; one hub task behind it.
+/// Handle of the Watch service; hub tasks (shards) behind it, each owning the watchers of
+/// some streams.
 #[derive(Debug, Clone)]
 pub struct WatchService {
-    hub: mpsc::UnboundedSender<HubMsg>,
+    hubs: Vec<mpsc::UnboundedSender<HubMsg>>,
     next_stream: Arc<AtomicU64>,
 }
 
@@ -174,26 +177,33 @@ impl std::fmt::Debug for HubMsg {
 }
 
 impl WatchService {
-    /// Starts the hub on the current runtime: it consumes what the storage core publishes on
-    /// `published`. Responses are split in fragments (for watchers that allow it) above
-    /// `max_response_bytes`; `progress_interval` paces progress notifications.
+    /// Starts one hub per receiver on the current runtime; each consumes everything the
+    /// storage core publishes and serves the streams given to it (round robin), so the fan-out
+    /// of a revision to many watchers runs on several network threads. Responses are split in
+    /// fragments (for watchers that allow it) above `max_response_bytes`; `progress_interval`
+    /// paces progress notifications.
     pub fn start(
         core: Core,
-        published: mpsc::UnboundedReceiver<Published>,
+        published: Vec<mpsc::UnboundedReceiver<Arc<Published>>>,
         max_response_bytes: usize,
         progress_interval: Duration,
     ) -> WatchService {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let hub = Hub {
-            current: core.store().current_revision(),
-            core,
-            streams: HashMap::new(),
-            max_response_bytes,
-            progress_interval,
-        };
-        tokio::spawn(hub.run(rx, published));
+        let mut hubs = Vec::new();
+        for published in published {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let hub = Hub {
+                current: core.store().current_revision(),
+                core: core.clone(),
+                streams: HashMap::new(),
+                max_response_bytes,
+                progress_interval,
+                reported: (0, 0, 0),
+            };
+            tokio::spawn(hub.run(rx, published));
+            hubs.push(tx);
+        }
         WatchService {
-            hub: tx,
+            hubs,
             next_stream: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -215,7 +225,7 @@ impl Hub {
     async fn run(
         mut self,
         mut requests: mpsc::UnboundedReceiver<HubMsg>,
-        mut published: mpsc::UnboundedReceiver<Published>,
+        mut published: mpsc::UnboundedReceiver<Arc<Published>>,
     ) {
         let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,7 +237,7 @@ impl Hub {
                     None => return,
                 },
                 p = published.recv() => match p {
-                    Some(p) => self.publish(p),
+                                        Some(p) => self.publish(&p),
                     // The storage core stopped: end every stream.
                     None => {
                         for s in self.streams.values() {
@@ -252,16 +262,19 @@ impl Hub {
         self.core.header().with(self.current)
     }
 
-    fn gauges(&self) {
-        let m = self.core.metrics();
+    /// Adds this shard's changes since its last report to the member's gauges.
+    fn gauges(&mut self) {
         let (mut all, mut slow) = (0, 0);
         for s in self.streams.values() {
-            all += s.watchers.len();
-            slow += s.watchers.values().filter(|w| !w.synced).count();
+            all += s.watchers.len() as i64;
+            slow += s.watchers.values().filter(|w| !w.synced).count() as i64;
         }
-        m.watchers.set(all as i64);
-        m.slow_watchers.set(slow as i64);
-        m.watch_streams.set(self.streams.len() as i64);
+        let now = (all, slow, self.streams.len() as i64);
+        let m = self.core.metrics();
+        m.watchers.inc_by(now.0 - self.reported.0);
+        m.slow_watchers.inc_by(now.1 - self.reported.1);
+        m.watch_streams.inc_by(now.2 - self.reported.2);
+        self.reported = now;
     }
 
     fn handle(&mut self, msg: HubMsg) {
@@ -434,7 +447,7 @@ impl Hub {
         )
     }
 
-    fn publish(&mut self, p: Published) {
+    fn publish(&mut self, p: &Published) {
         if p.revision <= self.current {
             // Replayed before the hub started: already in the store it read.
             return;
@@ -640,7 +653,7 @@ impl pb::watch_server::Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
-        let hub = self.hub.clone();
+        let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
         hub.send(HubMsg::Open(id, outbox.clone()))
             .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         let mut requests = request.into_inner();
