@@ -360,6 +360,8 @@ impl Hub {
             [0] => Some(Vec::new()),
             e => Some(e.to_vec()),
         };
+        // As etcd: an empty key is "\0", the smallest key.
+        let key = if req.key.is_empty() { vec![0] } else { req.key };
         let filters = |f: pb::watch_create_request::FilterType| req.filters.contains(&(f as i32));
         let start = if req.start_revision > 0 {
             req.start_revision
@@ -367,7 +369,7 @@ impl Hub {
             current + 1
         };
         let w = Watcher {
-            key: req.key,
+            key,
             end,
             no_put: filters(pb::watch_create_request::FilterType::Noput),
             no_delete: filters(pb::watch_create_request::FilterType::Nodelete),
