@@ -46,6 +46,9 @@ pub struct Lease {
     pub ttl: i64,
     /// Remaining TTL at the last checkpoint, seconds (0: none since the last grant or renewal).
     pub remaining_ttl: i64,
+    /// The remaining TTL in the stored record (a renewal clears `remaining_ttl` at once, the
+    /// record only through a checkpoint of 0: see [`Lessor::stale_checkpoints`]).
+    pub persisted_remaining_ttl: i64,
     /// When it expires, unless renewed.
     pub expiry: Instant,
     pub keys: BTreeSet<Vec<u8>>,
@@ -105,6 +108,7 @@ impl Lessor {
                     id: r.id,
                     ttl: r.ttl,
                     remaining_ttl: r.remaining_ttl,
+                    persisted_remaining_ttl: r.remaining_ttl,
                     expiry: now + Duration::from_secs(left.max(0) as u64),
                     keys: BTreeSet::new(),
                 },
@@ -160,6 +164,7 @@ impl Lessor {
                 id,
                 ttl,
                 remaining_ttl: 0,
+                persisted_remaining_ttl: 0,
                 expiry: now + Duration::from_secs(ttl as u64),
                 keys: BTreeSet::new(),
             },
@@ -199,6 +204,7 @@ impl Lessor {
         };
         txn.put_raw(LEASE_BUCKET, &id_key(id), &record.encode_to_vec())?;
         l.remaining_ttl = remaining_ttl;
+        l.persisted_remaining_ttl = remaining_ttl;
         Ok(())
     }
 
@@ -247,6 +253,20 @@ impl Lessor {
     /// Whether there are no leases.
     pub fn is_empty(&self) -> bool {
         self.leases.is_empty()
+    }
+
+    /// Leases renewed since their last checkpoint: their stored remaining TTL must be cleared
+    /// (a checkpoint of 0, as etcd proposes on the first renewal), or a restart would give them
+    /// the old, shorter TTL.
+    pub fn stale_checkpoints(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .leases
+            .values()
+            .filter(|l| l.remaining_ttl == 0 && l.persisted_remaining_ttl != 0)
+            .map(|l| l.id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Lease `id`.
@@ -382,6 +402,17 @@ mod tests {
         drop(w);
         assert!(matches!(lessor.renew(8, later), Err(Error::LeaseNotFound)));
         assert_eq!(lessor.renew(7, later).unwrap(), 2);
+        // A renewal after a checkpoint leaves the stored remaining TTL to clear.
+        let mut w = store.write().unwrap();
+        lessor.checkpoint(&mut w, 7, 1).unwrap();
+        w.end(None).unwrap();
+        assert!(lessor.stale_checkpoints().is_empty());
+        lessor.renew(7, later).unwrap();
+        assert_eq!(lessor.stale_checkpoints(), vec![7]);
+        let mut w = store.write().unwrap();
+        lessor.checkpoint(&mut w, 7, 0).unwrap();
+        w.end(None).unwrap();
+        assert!(lessor.stale_checkpoints().is_empty());
         assert_eq!(
             lessor.get(7).unwrap().remaining(later),
             Duration::from_secs(2)

@@ -477,7 +477,8 @@ impl Storage {
     }
 
     /// Expiry and checkpoints of leases, on the leader: expired leases are revoked through raft
-    /// (etcd checks every 500 ms); every checkpoint interval the remaining TTLs are recorded.
+    /// (etcd checks every 500 ms), and so are the stale stored TTLs of renewed leases cleared;
+    /// every checkpoint interval the remaining TTLs are recorded.
     fn lease_maintenance(&mut self) {
         if self.node.raft.state != StateRole::Leader {
             return;
@@ -485,7 +486,10 @@ impl Storage {
         let now = Instant::now();
         if now.duration_since(self.lease_checked_at) >= LEASE_CHECK_INTERVAL {
             self.lease_checked_at = now;
-            let expired = lock(&self.lessor).expired(now);
+            let (expired, stale) = {
+                let lessor = lock(&self.lessor);
+                (lessor.expired(now), lessor.stale_checkpoints())
+            };
             // A revocation not applied within the retry time (a lost proposal) is proposed again.
             self.revoking.retain(|id, at| {
                 expired.contains(id) && now.duration_since(*at) < LEASE_REVOKE_RETRY
@@ -496,6 +500,17 @@ impl Storage {
                     self.propose(Request::LeaseRevoke(pb::LeaseRevokeRequest { id }), None);
                 }
             }
+            // Renewed since their last checkpoint: a checkpoint of 0 clears the stored TTL, as
+            // etcd does on the first renewal after a checkpoint.
+            self.propose_checkpoints(
+                stale
+                    .into_iter()
+                    .map(|id| pb::LeaseCheckpoint {
+                        id,
+                        remaining_ttl: 0,
+                    })
+                    .collect(),
+            );
         }
         if !self.lease_checkpoint_interval.is_zero()
             && now.duration_since(self.lease_checkpointed_at) >= self.lease_checkpoint_interval
@@ -510,12 +525,16 @@ impl Storage {
                 })
                 .filter(|c| c.remaining_ttl > 0)
                 .collect();
-            for batch in checkpoints.chunks(LEASE_CHECKPOINT_BATCH) {
-                let request = pb::LeaseCheckpointRequest {
-                    checkpoints: batch.to_vec(),
-                };
-                self.propose(Request::LeaseCheckpoint(request), None);
-            }
+            self.propose_checkpoints(checkpoints);
+        }
+    }
+
+    fn propose_checkpoints(&mut self, checkpoints: Vec<pb::LeaseCheckpoint>) {
+        for batch in checkpoints.chunks(LEASE_CHECKPOINT_BATCH) {
+            let request = pb::LeaseCheckpointRequest {
+                checkpoints: batch.to_vec(),
+            };
+            self.propose(Request::LeaseCheckpoint(request), None);
         }
     }
 
@@ -620,8 +639,8 @@ impl Storage {
         };
         let (last_index, last_term) = (last.index, last.term);
         let mut replies: Vec<(Reply<Applied>, Result<Applied>)> = Vec::new();
-        let lessor = self.lessor.clone();
-        let mut lessor = lock(&lessor);
+        let lessor_lock = self.lessor.clone();
+        let mut lessor = lock(&lessor_lock);
         let mut published = Vec::new();
         let mut w = Some(self.store.write()?);
         for e in entries {
@@ -645,12 +664,16 @@ impl Storage {
                     Err(status) => Err(Error::InvalidArgument(status.message().to_string())),
                 },
                 Some(Request::Compaction(c)) => {
-                    // Compaction runs its own backend transactions: commit the batch so far.
+                    // Compaction runs its own backend transactions: commit the batch so far. The
+                    // lessor is released meanwhile: keep-alives must not wait for a long
+                    // compaction (their leases would expire behind the lock).
                     w.take().expect("open").end(Some((e.index - 1, e.term)))?;
+                    drop(lessor);
                     let result = self
                         .store
                         .compact(c.revision)
                         .map(|()| Applied::Compaction(self.store.current_revision()));
+                    lessor = lock(&lessor_lock);
                     w = Some(self.store.write()?);
                     result
                 }

@@ -41,6 +41,9 @@ use crate::core::Core;
 pub const OUTBOX_BYTES: usize = 4 << 20;
 /// Most events read from history per catch-up step of one watcher (a revision is never split).
 pub const CATCH_UP_EVENTS: usize = 1000;
+/// Most bytes of values read from history per catch-up step of one watcher (a revision is never
+/// split).
+pub const CATCH_UP_BYTES: usize = 1 << 20;
 /// How often unsynced watchers are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -148,6 +151,8 @@ struct StreamState {
     outbox: Arc<Outbox>,
     watchers: HashMap<i64, Watcher>,
     next_id: i64,
+    /// A progress request waits for every watcher of the stream to be synced (as etcd).
+    progress_pending: bool,
 }
 
 /// The hub: every watcher of the member.
@@ -207,6 +212,15 @@ impl WatchService {
             next_stream: Arc::new(AtomicU64::new(0)),
         }
     }
+}
+
+/// Whether a history chunk stopped at its byte budget.
+fn chunk_full(changes: &[Change]) -> bool {
+    changes
+        .iter()
+        .map(|c| c.kv.key.len() + c.kv.value.len())
+        .sum::<usize>()
+        >= CATCH_UP_BYTES
 }
 
 fn event(c: &Change) -> mvccpb::Event {
@@ -286,6 +300,7 @@ impl Hub {
                         outbox,
                         watchers: HashMap::new(),
                         next_id: 0,
+                        progress_pending: false,
                     },
                 );
             }
@@ -310,16 +325,10 @@ impl Hub {
                 // Unknown IDs (or a second cancel) get no answer, as in etcd.
             }
             HubMsg::Progress(id) => {
-                let header = self.header();
-                if let Some(s) = self.streams.get(&id)
-                    && s.watchers.values().all(|w| w.synced)
-                {
-                    s.outbox.push(pb::WatchResponse {
-                        header,
-                        watch_id: -1,
-                        ..Default::default()
-                    });
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.progress_pending = true;
                 }
+                self.flush_progress();
             }
         }
     }
@@ -328,6 +337,7 @@ impl Hub {
         let header = self.header();
         let compacted_header = self.core.header().with(0);
         let current = self.current;
+        let store_rev = self.core.store().current_revision();
         let compacted = self.core.store().compact_revision();
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
@@ -362,11 +372,24 @@ impl Hub {
         };
         // As etcd: an empty key is "\0", the smallest key.
         let key = if req.key.is_empty() { vec![0] } else { req.key };
+        if end.as_ref().is_some_and(|e| !e.is_empty() && key >= *e) {
+            s.outbox.push(pb::WatchResponse {
+                header,
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: "mvcc: watcher range is empty".into(),
+                ..Default::default()
+            });
+            return;
+        }
         let filters = |f: pb::watch_create_request::FilterType| req.filters.contains(&(f as i32));
+        // From now: after the store's revision, which may be ahead of the hub's (a write
+        // acknowledged before the watch was made must not be delivered).
         let start = if req.start_revision > 0 {
             req.start_revision
         } else {
-            current + 1
+            current.max(store_rev) + 1
         };
         let w = Watcher {
             key,
@@ -398,11 +421,8 @@ impl Hub {
             });
             return;
         }
-        let synced = w.synced;
+        // Caught up at the next tick, if behind.
         s.watchers.insert(id, w);
-        if !synced {
-            self.catch_up();
-        }
     }
 
     /// Adds `prev_kv` to events whose watcher asked for it: the key's value at the revision
@@ -503,6 +523,22 @@ impl Hub {
         }
     }
 
+    /// Answers the progress requests of streams whose watchers are all synced: an empty response
+    /// at the hub's revision, watch ID -1.
+    fn flush_progress(&mut self) {
+        let header = self.header();
+        for s in self.streams.values_mut() {
+            if s.progress_pending && s.watchers.values().all(|w| w.synced) {
+                s.progress_pending = false;
+                s.outbox.push(pb::WatchResponse {
+                    header,
+                    watch_id: -1,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
     /// One catch-up step for every unsynced watcher whose stream has room.
     fn catch_up(&mut self) {
         let current = self.current;
@@ -518,11 +554,22 @@ impl Hub {
             }
         }
         for (sid, id) in work {
+            if !self.streams[&sid].outbox.has_room() {
+                // Filled by the other watchers of its stream in this step.
+                continue;
+            }
             let result = {
                 let w = &self.streams[&sid].watchers[&id];
                 let end = w.end.as_deref();
                 let view = self.core.store().read();
-                view.changes(w.next_rev, current, &w.key, end, CATCH_UP_EVENTS)
+                view.changes(
+                    w.next_rev,
+                    current,
+                    &w.key,
+                    end,
+                    CATCH_UP_EVENTS,
+                    CATCH_UP_BYTES,
+                )
             };
             match result {
                 Err(Error::Compacted) => {
@@ -543,9 +590,11 @@ impl Hub {
                 Ok(changes) => {
                     let w = &self.streams[&sid].watchers[&id];
                     let (done, next) = match changes.last() {
-                        // A full chunk: continue after its last revision.
-                        Some(last) if changes.len() >= CATCH_UP_EVENTS => {
-                            (false, last.kv.mod_revision + 1)
+                        // A full chunk: continue after its last revision (synced if that was
+                        // the hub's revision).
+                        Some(last) if changes.len() >= CATCH_UP_EVENTS || chunk_full(&changes) => {
+                            let next = last.kv.mod_revision + 1;
+                            (next > current, next)
                         }
                         _ => (true, current + 1),
                     };
@@ -569,6 +618,7 @@ impl Hub {
                 }
             }
         }
+        self.flush_progress();
     }
 
     /// An empty response to every synced watcher that asked for progress notifications and got
@@ -578,7 +628,8 @@ impl Hub {
         let interval = self.progress_interval;
         for s in self.streams.values_mut() {
             for (&id, w) in s.watchers.iter_mut() {
-                if w.progress_notify && w.synced && w.last_sent.elapsed() >= interval {
+                let future = w.next_rev > self.current + 1;
+                if w.progress_notify && w.synced && !future && w.last_sent.elapsed() >= interval {
                     w.last_sent = Instant::now();
                     s.outbox.push(pb::WatchResponse {
                         header,

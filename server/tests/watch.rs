@@ -174,6 +174,11 @@ async fn scenario(endpoint: &str) -> Vec<String> {
         .await
         .unwrap();
     log.extend(next(&mut s, 1).await);
+    // An empty range is refused.
+    s.watch("w/z", Some(WatchOptions::new().with_range("w/a")))
+        .await
+        .unwrap();
+    log.extend(next(&mut s, 1).await);
     c.put("w/a", "3", None).await.unwrap(); // 4: watcher 0 only (7 filters puts)
     log.extend(next(&mut s, 1).await);
     c.delete("w/a", None).await.unwrap(); // 5: both

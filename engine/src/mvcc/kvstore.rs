@@ -475,7 +475,8 @@ impl ReadView<'_> {
     }
 
     /// The changes of revisions `from..=to` to keys in the range (see [`super::index`] for
-    /// `end`), in revision order, at most `max` (more if the last revision has more): what a
+    /// `end`), in revision order, at most `max` changes and about `max_bytes` of keys and values
+    /// (more if the last revision has more): what a
     /// watcher catching up from `from` is sent. Fails with `Compacted` if `from` is below the
     /// compacted revision (whose own changes are kept), as etcd's watchers.
     pub fn changes(
@@ -485,6 +486,7 @@ impl ReadView<'_> {
         key: &[u8],
         end: Option<&[u8]>,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Change>> {
         if from < self.store.compact_revision() {
             return Err(Error::Compacted);
@@ -498,10 +500,11 @@ impl ReadView<'_> {
         };
         let mut out: Vec<Change> = Vec::new();
         let mut last_main = 0;
+        let mut bytes = 0;
         for kv in self.txn.range(KEY_BUCKET, &start, Some(&stop))? {
             let (k, v) = kv?;
             let (rev, tombstone) = Revision::from_bytes(k)?;
-            if out.len() >= max && rev.main != last_main {
+            if (out.len() >= max || bytes >= max_bytes) && rev.main != last_main {
                 break;
             }
             let mut kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
@@ -512,6 +515,7 @@ impl ReadView<'_> {
                 // A tombstone's value holds only the key: its revision is the delete's.
                 kv.mod_revision = rev.main;
             }
+            bytes += kv.key.len() + kv.value.len();
             last_main = rev.main;
             out.push(Change {
                 kv,
