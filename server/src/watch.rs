@@ -104,6 +104,17 @@ impl Outbox {
     }
 }
 
+/// The gRPC sender's hold on an outbox: when tonic drops the response stream (the client went
+/// away), the outbox is closed, so the request reader stops waiting and the hub forgets the
+/// stream.
+struct SenderSide(Arc<Outbox>);
+
+impl Drop for SenderSide {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// What streams ask the hub.
 enum HubMsg {
     Open(u64, Arc<Outbox>),
@@ -710,8 +721,16 @@ impl pb::watch_server::Watch for WatchService {
         hub.send(HubMsg::Open(id, outbox.clone()))
             .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         let mut requests = request.into_inner();
+        let reader_outbox = outbox.clone();
         tokio::spawn(async move {
             while let Some(Ok(req)) = requests.next().await {
+                // A client that sends but does not read waits here once its outbox is well over
+                // the limit: its requests cannot grow the server's memory without bound.
+                while reader_outbox.bytes.load(Ordering::Acquire) >= 2 * OUTBOX_BYTES
+                    && !reader_outbox.closed.load(Ordering::Acquire)
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let msg = match req.request_union {
                     Some(RequestUnion::CreateRequest(c)) => HubMsg::Create(id, c),
                     Some(RequestUnion::CancelRequest(c)) => HubMsg::Cancel(id, c.watch_id),
@@ -724,9 +743,9 @@ impl pb::watch_server::Watch for WatchService {
             }
             let _ = hub.send(HubMsg::Close(id));
         });
-        let stream = futures::stream::unfold(outbox, |outbox| async move {
-            let r = outbox.next().await?;
-            Some((Ok(r), outbox))
+        let stream = futures::stream::unfold(SenderSide(outbox), |side| async move {
+            let r = side.0.next().await?;
+            Some((Ok(r), side))
         });
         Ok(Response::new(Box::pin(stream)))
     }

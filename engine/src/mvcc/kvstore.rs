@@ -78,6 +78,13 @@ pub struct Change {
     pub delete: bool,
 }
 
+/// The key field of a stored `mvccpb.KeyValue` (field 1), without copying the value.
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeyOnly {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+}
+
 /// etcd's HashKV answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashKv {
@@ -507,10 +514,13 @@ impl ReadView<'_> {
             if (out.len() >= max || bytes >= max_bytes) && rev.main != last_main {
                 break;
             }
-            let mut kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
-            if !in_range(&kv.key) {
+            // The key alone first (prost skips the value): most of a busy history is usually
+            // outside a watcher's range.
+            let key = KeyOnly::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
+            if !in_range(&key.key) {
                 continue;
             }
+            let mut kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
             if tombstone {
                 // A tombstone's value holds only the key: its revision is the delete's.
                 kv.mod_revision = rev.main;
