@@ -57,7 +57,8 @@ pub struct Published {
 /// A stream's queue of responses.
 #[derive(Debug, Default)]
 struct Outbox {
-    queue: Mutex<VecDeque<pb::WatchResponse>>,
+    /// Responses with their encoded sizes.
+    queue: Mutex<VecDeque<(pb::WatchResponse, usize)>>,
     /// Encoded size of what is queued.
     bytes: AtomicUsize,
     notify: Notify,
@@ -65,7 +66,7 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<pb::WatchResponse>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(pb::WatchResponse, usize)>> {
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -77,8 +78,9 @@ impl Outbox {
     }
 
     fn push(&self, r: pb::WatchResponse) {
-        self.bytes.fetch_add(r.encoded_len(), Ordering::AcqRel);
-        self.queue().push_back(r);
+        let size = r.encoded_len();
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        self.queue().push_back((r, size));
         self.notify.notify_one();
     }
 
@@ -92,8 +94,8 @@ impl Outbox {
         loop {
             let notified = self.notify.notified();
             let next = self.queue().pop_front();
-            if let Some(r) = next {
-                self.bytes.fetch_sub(r.encoded_len(), Ordering::AcqRel);
+            if let Some((r, size)) = next {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
                 return Some(r);
             }
             if self.closed.load(Ordering::Acquire) {
@@ -345,10 +347,11 @@ impl Hub {
     }
 
     fn create(&mut self, stream: u64, req: pb::WatchCreateRequest) {
-        let header = self.header();
-        let compacted_header = self.core.header().with(0);
         let current = self.current;
         let store_rev = self.core.store().current_revision();
+        // The store's revision, as etcd's: the hub may not have seen the newest one yet.
+        let header = self.core.header().with(current.max(store_rev));
+        let compacted_header = self.core.header().with(0);
         let compacted = self.core.store().compact_revision();
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
