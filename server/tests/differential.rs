@@ -380,9 +380,29 @@ impl Watches {
             let r = stream.message().await.unwrap().unwrap();
             created += usize::from(r.created);
         }
+        // The history watch must be caught up before the operations start: a compaction while
+        // it is still replaying would cancel it, on etcd as on keel.
+        let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+        KvClient::connect(endpoint.to_string())
+            .await
+            .unwrap()
+            .put(pb::PutRequest {
+                key: b"a-sync".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        'sync: loop {
+            let r = stream.message().await.unwrap().unwrap();
+            for e in &r.events {
+                seen[r.watch_id as usize].push(format!("{e:?}"));
+                if e.kv.as_ref().is_some_and(|kv| kv.key.as_ref() == b"a-sync") {
+                    break 'sync;
+                }
+            }
+        }
         let endpoint = endpoint.to_string();
         let task = tokio::spawn(async move {
-            let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
             let mut ended = [false, false];
             while !(ended[0] && ended[1]) {
                 let r = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
