@@ -210,7 +210,12 @@ impl Lessor {
 
     /// Follows the keys written in a revision: a put attaches its key to the lease its value
     /// names (detaching it from any other), a delete detaches it.
-    pub fn apply_changes(&mut self, changes: &[Change]) {
+        pub fn apply_changes(&mut self, changes: &[Change]) {
+        if self.leases.is_empty() {
+            // Nothing can attach, and nothing is attached (a revoke detaches its keys): the
+            // usual case, kept off the storage core's path.
+            return;
+        }
         for c in changes {
             let new = if c.delete { 0 } else { c.kv.lease };
             let old = self.items.get(&c.kv.key).copied().unwrap_or(0);

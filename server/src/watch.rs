@@ -439,27 +439,6 @@ impl Hub {
         s.watchers.insert(id, w);
     }
 
-    /// Adds `prev_kv` to events whose watcher asked for it: the key's value at the revision
-    /// before, except for a put that created the key (as etcd), and left out if compacted away.
-    fn with_prev(&self, mut events: Vec<mvccpb::Event>) -> Vec<mvccpb::Event> {
-        let view = self.core.store().read();
-        for e in &mut events {
-            let Some(kv) = &e.kv else { continue };
-            let put = e.r#type == mvccpb::event::EventType::Put as i32;
-            if put && kv.create_revision == kv.mod_revision {
-                continue;
-            }
-            let opts = RangeOptions {
-                rev: kv.mod_revision - 1,
-                ..Default::default()
-            };
-            if let Ok(r) = view.range(&kv.key, None, opts) {
-                e.prev_kv = r.kvs.into_iter().next().map(convert::kv);
-            }
-        }
-        events
-    }
-
     /// The responses carrying `events` (from history) for watcher `id`, previous values added
     /// if it asked for them.
     fn responses(
@@ -470,7 +449,7 @@ impl Hub {
         revision: i64,
     ) -> Vec<pb::WatchResponse> {
         let events = if w.prev_kv {
-            self.with_prev(events)
+            with_prev(&self.core, events)
         } else {
             events
         };
@@ -492,15 +471,8 @@ impl Hub {
         // The events are built once (keys and values are shared `Bytes`); each watcher gets
         // the ones it wants.
         let all: Vec<mvccpb::Event> = p.changes.iter().map(event).collect();
-        let wants_prev = self.streams.values().any(|s| {
-            s.watchers.values().any(|w| {
-                w.prev_kv
-                    && w.synced
-                    && w.next_rev <= p.revision
-                    && p.changes.iter().any(|c| w.wants(c))
-            })
-        });
-        let all_prev = wants_prev.then(|| self.with_prev(all.clone()));
+        // With previous values: read once, when the first watcher asking for them matches.
+        let mut all_prev: Option<Vec<mvccpb::Event>> = None;
         let header = self.core.header().with(p.revision);
         let max = self.max_response_bytes;
         let now = Instant::now();
@@ -516,9 +488,13 @@ impl Hub {
                     continue;
                 }
                 w.next_rev = p.revision + 1;
-                let source = match (&all_prev, w.prev_kv) {
-                    (Some(prev), true) => prev,
-                    _ => &all,
+                if !p.changes.iter().any(|c| w.wants(c)) {
+                    continue;
+                }
+                let source = if w.prev_kv {
+                    all_prev.get_or_insert_with(|| with_prev(&self.core, all.clone()))
+                } else {
+                    &all
                 };
                 let events: Vec<mvccpb::Event> = source
                     .iter()
@@ -526,9 +502,6 @@ impl Hub {
                     .filter(|(_, c)| w.wants(c))
                     .map(|(e, _)| e.clone())
                     .collect();
-                if events.is_empty() {
-                    continue;
-                }
                 w.last_sent = now;
                 for r in fragments(header, id, events, w.fragment, max) {
                     s.outbox.push(r);
@@ -654,6 +627,27 @@ impl Hub {
             }
         }
     }
+}
+
+/// `events` with their previous values: the key's value at the revision before, except for a
+/// put that created the key (as etcd), and left out if compacted away.
+fn with_prev(core: &Core, mut events: Vec<mvccpb::Event>) -> Vec<mvccpb::Event> {
+    let view = core.store().read();
+    for e in &mut events {
+        let Some(kv) = &e.kv else { continue };
+        let put = e.r#type == mvccpb::event::EventType::Put as i32;
+        if put && kv.create_revision == kv.mod_revision {
+            continue;
+        }
+        let opts = RangeOptions {
+            rev: kv.mod_revision - 1,
+            ..Default::default()
+        };
+        if let Ok(r) = view.range(&kv.key, None, opts) {
+            e.prev_kv = r.kvs.into_iter().next().map(convert::kv);
+        }
+    }
+    events
 }
 
 /// The responses carrying `events` for watcher `id`: one, or, if the watcher allows it and the
