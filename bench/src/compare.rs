@@ -123,11 +123,12 @@ pub fn table() -> Vec<Spec> {
     ]
 }
 
-/// A server under test.
-struct Server {
+/// A server under test (etcd or keel: the same flags), killed when dropped.
+pub struct Server {
     name: &'static str,
     child: Child,
-    endpoint: String,
+    /// Its client URL.
+    pub endpoint: String,
     log: PathBuf,
 }
 
@@ -145,7 +146,19 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Server {
-    fn start(name: &'static str, bin: &Path, dir: &Path) -> anyhow::Result<Server> {
+    /// Starts `bin` as member `name` on free loopback ports, data in `dir/name`, log in
+    /// `dir/name.log`; waits until it listens.
+    pub fn start(name: &'static str, bin: &Path, dir: &Path) -> anyhow::Result<Server> {
+        Server::start_with(name, bin, dir, &[])
+    }
+
+    /// [`start`](Self::start) with extra flags.
+    pub fn start_with(
+        name: &'static str,
+        bin: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Server> {
         let (port, peer) = (free_port()?, free_port()?);
         let endpoint = format!("http://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -158,6 +171,7 @@ impl Server {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=bench={peer_url}"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -186,6 +200,11 @@ impl Server {
 
     fn proc(&self) -> ProcStats {
         ProcStats::of(self.child.id()).unwrap_or_default()
+    }
+
+    /// Kills it now (SIGKILL).
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
     }
 }
 
@@ -264,11 +283,7 @@ async fn measure(server: &Server, spec: &Spec, total: u64) -> anyhow::Result<Sam
     )
     .await;
     let after = server.proc();
-    let mut all = crate::report::Recorder::new(false);
-    for r in &outcome.recorders {
-        all.merge(r);
-    }
-    let stats = Stats::new(&all, outcome.elapsed);
+    let stats = outcome.stats();
     if let Some(why) = outcome.aborted {
         bail!(
             "{} stopped answering during {:?}: {why}",
@@ -456,25 +471,11 @@ pub async fn compare_scale(o: &CompareOptions, s: &ScaleOptions) -> anyhow::Resu
         let before = server.proc();
         let outcome = watch_latency(&w, watch, put.clone(), &token, s.watchers).await;
         let cpu = server.proc().cpu_seconds - before.cpu_seconds;
-        let mut all = crate::report::Recorder::new(false);
-        for r in &outcome.recorders {
-            all.merge(r);
-        }
-        let st = Stats::new(&all, outcome.elapsed);
-        let _ = writeln!(
-            out,
-            "| {} watchers of one prefix, {} puts at {}/s | {} | {:.3} | {:.3} | {:.0} | {} | {:.1} | {:.1} |",
-            s.watchers,
-            s.puts,
-            s.put_rate,
-            server.name,
-            st.percentile(50.0) * 1e3,
-            st.percentile(99.0) * 1e3,
-            st.rps,
-            st.failures,
-            cpu,
-            mib(rss_now(server.child.id())),
+        let workload = format!(
+            "{} watchers of one prefix, {} puts at {}/s",
+            s.watchers, s.puts, s.put_rate
         );
+        scale_row(&mut out, &workload, server, &outcome.stats(), cpu);
         drop(channels);
         let (channels, token) = opts.connect(100).await?;
         let l = LeaseKeepalive {
@@ -487,23 +488,11 @@ pub async fn compare_scale(o: &CompareOptions, s: &ScaleOptions) -> anyhow::Resu
         let before = server.proc();
         let outcome = lease_keepalive(&l, &channels, &token, 1000).await;
         let cpu = server.proc().cpu_seconds - before.cpu_seconds;
-        let mut all = crate::report::Recorder::new(false);
-        for r in &outcome.recorders {
-            all.merge(r);
-        }
-        let st = Stats::new(&all, outcome.elapsed);
-        let _ = writeln!(
-            out,
-            "| {} leases granted, each kept alive twice (1000 clients) | {} | {:.3} | {:.3} | {:.0} | {} | {:.1} | {:.1} |",
-            s.leases,
-            server.name,
-            st.percentile(50.0) * 1e3,
-            st.percentile(99.0) * 1e3,
-            st.rps,
-            st.failures,
-            cpu,
-            mib(rss_now(server.child.id())),
+        let workload = format!(
+            "{} leases granted, each kept alive twice (1000 clients)",
+            s.leases
         );
+        scale_row(&mut out, &workload, server, &outcome.stats(), cpu);
     }
     let _ = writeln!(
         out,
@@ -512,6 +501,21 @@ pub async fn compare_scale(o: &CompareOptions, s: &ScaleOptions) -> anyhow::Resu
         mib(keel.proc().peak_rss_bytes)
     );
     Ok(out)
+}
+
+/// A row of the scale table: latencies, rate, failures, the server's CPU seconds during the
+/// workload and its RSS after it.
+fn scale_row(out: &mut String, workload: &str, server: &Server, st: &Stats, cpu: f64) {
+    let _ = writeln!(
+        out,
+        "| {workload} | {} | {:.3} | {:.3} | {:.0} | {} | {cpu:.1} | {:.1} |",
+        server.name,
+        st.percentile(50.0) * 1e3,
+        st.percentile(99.0) * 1e3,
+        st.rps,
+        st.failures,
+        rss_now(server.child.id()) as f64 / (1 << 20) as f64,
+    );
 }
 
 /// Today's UTC date as `YYYY-MM-DD` (civil-from-days).

@@ -64,6 +64,17 @@ pub struct Outcome {
     pub aborted: Option<String>,
 }
 
+impl Outcome {
+    /// The figures of every class together.
+    pub fn stats(&self) -> crate::report::Stats {
+        let mut all = Recorder::new(false);
+        for r in &self.recorders {
+            all.merge(r);
+        }
+        crate::report::Stats::new(&all, self.elapsed)
+    }
+}
+
 /// Recorders shared by the clients.
 const SHARDS: usize = 8;
 

@@ -332,6 +332,34 @@ pub async fn lease_keepalive(
     }
 }
 
+/// Counts the events arriving on `stream` into `received` until `stop` (or the stream ends);
+/// `requests` is kept so the request side stays open.
+fn count_events(
+    mut stream: tonic::Streaming<pb::WatchResponse>,
+    requests: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _requests = requests;
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if stop.load(Ordering::Relaxed) { break; }
+                    continue;
+                }
+            };
+            match msg {
+                Ok(Some(r)) => {
+                    received.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                }
+                _ => break,
+            }
+        }
+    })
+}
+
 /// A request stream fed by a channel.
 fn tokio_stream_from<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<T>,
@@ -458,25 +486,7 @@ pub async fn watch(o: &WatchBench, channels: &[Channel], token: &Token) -> Watch
                 }
             }
         }
-        let (received, stop) = (received.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let _requests = tx;
-            loop {
-                let msg = tokio::select! {
-                    m = stream.message() => m,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                        if stop.load(Ordering::Relaxed) { break; }
-                        continue;
-                    }
-                };
-                match msg {
-                    Ok(Some(r)) => {
-                        received.fetch_add(r.events.len() as u64, Ordering::Relaxed);
-                    }
-                    _ => break,
-                }
-            }
-        }));
+        tasks.push(count_events(stream, tx, received.clone(), stop.clone()));
     }
     let creation = Outcome {
         recorders: vec![creation],
@@ -592,25 +602,7 @@ pub async fn watch_get(
                 _ => break,
             }
         }
-        let (received, done) = (received.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let _requests = tx;
-            loop {
-                let msg = tokio::select! {
-                    m = stream.message() => m,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                        if done.load(Ordering::Relaxed) { break; }
-                        continue;
-                    }
-                };
-                match msg {
-                    Ok(Some(r)) => {
-                        received.fetch_add(r.events.len() as u64, Ordering::Relaxed);
-                    }
-                    _ => break,
-                }
-            }
-        }));
+        tasks.push(count_events(stream, tx, received.clone(), done.clone()));
     }
     let start = Instant::now();
     let expected = o.events * o.watchers as u64;

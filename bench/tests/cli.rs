@@ -3,22 +3,12 @@
 //! (checked in the JSON report); unreachable endpoints, refused requests and a server killed
 //! mid-run give a clear message, a partial report and a non-zero exit. No timings are asserted.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use keel_bench::compare::Server;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -42,30 +32,8 @@ fn keel_bin() -> PathBuf {
     bin
 }
 
-fn start(bin: &Path, data: &Path, extra: &[&str]) -> Server {
-    let (port, peer) = (free_port(), free_port());
-    let endpoint = format!("127.0.0.1:{port}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut child = Command::new(bin)
-        .arg("--name=b")
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls=http://{endpoint}"))
-        .arg(format!("--advertise-client-urls=http://{endpoint}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=b={peer_url}"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&endpoint).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "{bin:?} exited");
-        assert!(Instant::now() < deadline, "{bin:?} did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { child, endpoint }
+fn start(name: &'static str, bin: &Path, dir: &Path, extra: &[&str]) -> Server {
+    Server::start_with(name, bin, dir, extra).unwrap()
 }
 
 fn bench(args: &[&str]) -> Output {
@@ -84,8 +52,8 @@ fn json(out: &Output) -> serde_json::Value {
 #[test]
 fn every_subcommand_runs_against_keel_and_etcd() {
     let dir = tempfile::tempdir().unwrap();
-    let keel = start(&keel_bin(), &dir.path().join("keel"), &[]);
-    let etcd = start(Path::new("etcd"), &dir.path().join("etcd"), &[]);
+    let keel = start("keel", &keel_bin(), dir.path(), &[]);
+    let etcd = start("etcd", Path::new("etcd"), dir.path(), &[]);
     for server in [&keel, &etcd] {
         let e = format!("--endpoints={}", server.endpoint);
         let common = [e.as_str(), "--conns=2", "--clients=8", "--output=json"];
@@ -225,7 +193,12 @@ fn an_unreachable_endpoint_fails_fast_with_a_clear_message() {
 #[test]
 fn refused_requests_are_reported_and_fail_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let keel = start(&keel_bin(), dir.path(), &["--max-request-bytes=1024"]);
+    let keel = start(
+        "keel",
+        &keel_bin(),
+        dir.path(),
+        &["--max-request-bytes=1024"],
+    );
     let out = bench(&[
         &format!("--endpoints={}", keel.endpoint),
         "put",
@@ -243,7 +216,7 @@ fn refused_requests_are_reported_and_fail_the_run() {
 #[test]
 fn a_server_killed_mid_run_gives_a_partial_report_and_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut keel = start(&keel_bin(), dir.path(), &[]);
+    let mut keel = start("keel", &keel_bin(), dir.path(), &[]);
     let mut run = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
         .args([
             &format!("--endpoints={}", keel.endpoint),
@@ -256,7 +229,7 @@ fn a_server_killed_mid_run_gives_a_partial_report_and_an_error() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    keel.child.kill().unwrap();
+    keel.kill().unwrap();
     let started = Instant::now();
     let out = loop {
         if run.try_wait().unwrap().is_some() {

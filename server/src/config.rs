@@ -190,6 +190,13 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The value of `flag`, a Go duration above zero.
+fn positive_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    parse_go_duration(value)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| err(flag, format!("{value:?} is not a positive duration")))
+}
+
 fn err(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         flag,
@@ -354,30 +361,14 @@ impl Flags {
                 })?,
             }),
         };
-        let lease_checkpoint_interval =
-            parse_go_duration(&self.experimental_lease_checkpoint_interval)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    err(
-                        "experimental-lease-checkpoint-interval",
-                        format!(
-                            "{:?} is not a positive duration",
-                            self.experimental_lease_checkpoint_interval
-                        ),
-                    )
-                })?;
-        let watch_progress_notify_interval =
-            parse_go_duration(&self.experimental_watch_progress_notify_interval)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    err(
-                        "experimental-watch-progress-notify-interval",
-                        format!(
-                            "{:?} is not a positive duration",
-                            self.experimental_watch_progress_notify_interval
-                        ),
-                    )
-                })?;
+        let lease_checkpoint_interval = positive_duration(
+            "experimental-lease-checkpoint-interval",
+            &self.experimental_lease_checkpoint_interval,
+        )?;
+        let watch_progress_notify_interval = positive_duration(
+            "experimental-watch-progress-notify-interval",
+            &self.experimental_watch_progress_notify_interval,
+        )?;
         if self.storage_core.is_some_and(|c| c >= 1024) {
             return Err(err("storage-core", "not a CPU number"));
         }
