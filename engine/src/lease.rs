@@ -210,7 +210,7 @@ impl Lessor {
 
     /// Follows the keys written in a revision: a put attaches its key to the lease its value
     /// names (detaching it from any other), a delete detaches it.
-        pub fn apply_changes(&mut self, changes: &[Change]) {
+    pub fn apply_changes(&mut self, changes: &[Change]) {
         if self.leases.is_empty() {
             // Nothing can attach, and nothing is attached (a revoke detaches its keys): the
             // usual case, kept off the storage core's path.
