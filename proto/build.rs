@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Keys and values of `mvccpb.KeyValue` as `bytes::Bytes`: a watch event delivered to
         // many watchers shares one copy of them instead of one per watcher.
         .bytes(".mvccpb.KeyValue")
+        // prost's codec plus a nesting check of txns before they are decoded.
+        .codec_path("crate::codec::KeelCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -75,6 +75,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A record read back from the backend does not decode or breaks an invariant (a value of
+    /// the `key` or `lease` bucket, say): the data is damaged, not the request.
+    #[error("corrupt record: {0}")]
+    CorruptRecord(String),
     /// A key exceeds what the backend can store.
     #[error("key of {size} bytes exceeds the maximum of {max} bytes")]
     KeyTooLarge {
@@ -127,6 +131,14 @@ pub enum Error {
     /// The backend would exceed its quota (etcd's `ErrNoSpace`).
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// A response would exceed the largest message the server sends (etcd's gRPC send limit).
+    #[error(
+        "etcdserver: range response exceeds the {limit}-byte message limit (use a limit and page, or RangeStream)"
+    )]
+    ResponseTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// No raft leader to take the request (etcd's `ErrNoLeader`).
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -142,6 +154,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this error means the member's own state can no longer be trusted (an I/O
+    /// failure, a poisoned WAL or backend, corruption): a server stops rather than continue on
+    /// it. The others concern one request.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. }
+                | Error::Corruption { .. }
+                | Error::CorruptPage { .. }
+                | Error::CorruptRecord(_)
+                | Error::Poisoned(_)
+                | Error::Closed
+        )
+    }
+
     /// Wraps an I/O error with the operation and path it concerns.
     pub fn io(
         op: &'static str,

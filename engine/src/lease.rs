@@ -96,7 +96,15 @@ impl Lessor {
         let view = store.read();
         for (k, v) in view.raw_range(LEASE_BUCKET)? {
             let r = LeaseRecord::decode(v.as_slice())
-                .map_err(|e| Error::InvalidArgument(format!("lease bucket entry {k:02x?}: {e}")))?;
+                .map_err(|e| Error::CorruptRecord(format!("lease bucket entry {k:02x?}: {e}")))?;
+            if !(0..=MAX_LEASE_TTL).contains(&r.ttl)
+                || !(0..=MAX_LEASE_TTL).contains(&r.remaining_ttl)
+            {
+                return Err(Error::CorruptRecord(format!(
+                    "lease {:x}: TTL {} or remaining TTL {} outside 0..={MAX_LEASE_TTL} seconds",
+                    r.id, r.ttl, r.remaining_ttl
+                )));
+            }
             let left = if r.remaining_ttl > 0 {
                 r.remaining_ttl
             } else {
@@ -298,16 +306,17 @@ impl Lessor {
         ids
     }
 
-    /// Makes every lease expire its (remaining) TTL after `now`: after this member becomes
-    /// leader, or restarts.
-    pub fn promote(&mut self, now: Instant) {
+    /// Makes every lease expire its (remaining) TTL plus `extend` after `now`: after this
+    /// member becomes leader (etcd's `Promote`, extended by an election timeout so that no lease
+    /// expires because of the failover), or restarts.
+    pub fn promote(&mut self, now: Instant, extend: Duration) {
         for l in self.leases.values_mut() {
             let left = if l.remaining_ttl > 0 {
                 l.remaining_ttl
             } else {
                 l.ttl
             };
-            l.expiry = now + Duration::from_secs(left.max(0) as u64);
+            l.expiry = now + extend + Duration::from_secs(left.max(0) as u64);
         }
     }
 }

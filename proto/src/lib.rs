@@ -8,6 +8,8 @@
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// `mvccpb`: KeyValue and Event.
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");

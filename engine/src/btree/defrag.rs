@@ -109,6 +109,8 @@ impl Backend {
         // fail, so that no later write goes to the old, unlinked file.
         new_writer.path = path.clone();
         new_writer.observer = w.observer.take();
+        new_writer.sizes = w.sizes.clone();
+        new_writer.update_sizes(&new_current);
         let size_after = new_writer.file_len;
         // The copy's file descriptor carries its flock; the old one is released with the old
         // state (its inode stays alive for readers mapping it).

@@ -40,6 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use self::check::CheckReport;
@@ -166,11 +167,23 @@ impl Version {
     }
 }
 
+/// Sizes readable without any lock: the quota check and `/metrics` read them on network threads
+/// and must never wait behind a commit or an fdatasync holding the writer mutex.
+#[derive(Debug, Default)]
+pub(crate) struct Sizes {
+    /// The file's length in bytes.
+    pub file_len: AtomicU64,
+    /// Bytes in use: pages in use by the newest version (free and pending pages excluded).
+    pub in_use: AtomicU64,
+}
+
 /// State only the writer touches (behind the writer mutex).
 pub(crate) struct WriterState {
     pub file: Arc<File>,
     pub path: PathBuf,
     pub file_len: u64,
+    /// Lock-free copies of the sizes (shared with [`Shared::sizes`]).
+    pub sizes: Arc<Sizes>,
     /// Pages free to reuse now.
     pub free: BTreeSet<u64>,
     /// Pages freed by the commit with this txid, reusable once no reader or durable version is
@@ -230,6 +243,9 @@ pub(crate) struct Readers {
 pub(crate) struct Shared {
     pub writer: Mutex<WriterState>,
     pub readers: Mutex<Readers>,
+    /// One [`Backend::sync`] at a time (it releases the writer mutex during its I/O).
+    pub sync: Mutex<()>,
+    pub sizes: Arc<Sizes>,
     /// Held for the lifetime of the backend: the exclusive flock.
     _lock: Arc<File>,
 }
@@ -288,15 +304,38 @@ impl Backend {
         Ok(WriteTxn::new(self, w, base))
     }
 
-    /// Makes the latest committed version durable (see the module docs for the protocol).
-    pub fn sync(&self) -> Result<()> {
-        let mut w = lock(&self.shared.writer);
-        if let Some(why) = &w.poisoned {
-            return Err(Error::Poisoned(why.clone()));
-        }
+    /// Makes the latest committed version durable (see the module docs for the protocol) and
+    /// returns its txid. The writer mutex is held only to plan the sync and to record it: the
+    /// writes and fdatasyncs run without it, so commits (and readers of [`Backend::file_size`])
+    /// continue meanwhile. Syncs run one at a time.
+    pub fn sync(&self) -> Result<u64> {
+        let _one = lock(&self.shared.sync);
         let current = lock(&self.shared.readers).current.clone();
-        let result = sync_locked(&mut w, &current);
-        poison_on_error(&mut w, result)
+        let plan = {
+            let mut w = lock(&self.shared.writer);
+            if let Some(why) = &w.poisoned {
+                return Err(Error::Poisoned(why.clone()));
+            }
+            if current.txid == w.durable_txid {
+                return Ok(current.txid);
+            }
+            let plan = plan_sync(&mut w, &current);
+            poison_on_error(&mut w, plan)?
+        };
+        // The version's pages stay intact meanwhile: pages it uses that a newer commit frees
+        // wait in `pending` until the durable version passes them, and the durable version only
+        // moves in `finish_sync` below.
+        let mut plan = plan;
+        let written = write_sync(&mut plan);
+        let mut w = lock(&self.shared.writer);
+        if let Some(obs) = plan.observer.take() {
+            // Unless a test installed another one meanwhile.
+            w.observer.get_or_insert(obs);
+        }
+        let written = poison_on_error(&mut w, written);
+        written?;
+        finish_sync(&mut w, plan);
+        Ok(current.txid)
     }
 
     /// Creates every bucket etcd uses, if missing, and commits durably.
@@ -308,18 +347,15 @@ impl Backend {
         txn.commit(true)
     }
 
-    /// Size of the file in bytes.
+    /// Size of the file in bytes. Lock-free: never waits for a commit or a sync.
     pub fn file_size(&self) -> u64 {
-        lock(&self.shared.writer).file_len
+        self.shared.sizes.file_len.load(Ordering::Acquire)
     }
 
-    /// Bytes in use: the high-water mark minus free pages (etcd's "size in use").
+    /// Bytes in use: the pages of the newest version, free and pending pages excluded (etcd's
+    /// "size in use"). Lock-free, as of the latest commit or sync.
     pub fn size_in_use(&self) -> u64 {
-        let w = lock(&self.shared.writer);
-        let r = lock(&self.shared.readers);
-        let p = r.current.page_size as u64;
-        let free = w.free.len() + w.pending.values().map(Vec::len).sum::<usize>();
-        (r.current.page_count - free as u64) * p
+        self.shared.sizes.in_use.load(Ordering::Acquire)
     }
 
     /// The txid of the latest committed version.
@@ -404,12 +440,14 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
     let high_water = version
         .page_count
         .max(durable_freelist.iter().max().map_or(0, |m| m + 1));
+    let sizes = Arc::new(Sizes::default());
     let writer = WriterState {
         high_water,
         map: version.map.clone(),
         file: file.clone(),
         path,
         file_len,
+        sizes: sizes.clone(),
         free,
         pending: BTreeMap::new(),
         durable_txid: meta.txid,
@@ -419,14 +457,18 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
         observer: None,
         poisoned: None,
     };
+    let version = Arc::new(version);
+    writer.update_sizes(&version);
     let readers = Readers {
-        current: Arc::new(version),
+        current: version,
         live: BTreeMap::new(),
     };
     Ok(Backend {
         shared: Arc::new(Shared {
             writer: Mutex::new(writer),
             readers: Mutex::new(readers),
+            sync: Mutex::new(()),
+            sizes,
             _lock: file,
         }),
     })
@@ -608,6 +650,7 @@ pub(crate) fn ensure_len(w: &mut WriterState, pages: u64, page_size: usize) -> R
         .next_multiple_of(page_size as u64);
     w.file.set_len(new_len).map_err(io("growing", &w.path))?;
     w.file_len = new_len;
+    w.sizes.file_len.store(new_len, Ordering::Release);
     let map = Map::new(&w.file, new_len as usize).map_err(io("mapping", &w.path))?;
     w.map = Arc::new(map);
     Ok(())
@@ -623,22 +666,34 @@ pub(crate) fn write_at(w: &mut WriterState, offset: u64, bytes: &[u8]) -> Result
         .map_err(io("writing", &w.path))
 }
 
-fn fdatasync(w: &mut WriterState) -> Result<()> {
-    if let Some(obs) = w.observer.as_mut() {
-        obs(IoEvent::Sync);
-    }
-    w.file.sync_data().map_err(io("fdatasync", &w.path))
+/// A sync in progress: what `plan_sync` decided under the writer mutex, for `write_sync` (no
+/// lock) and `finish_sync` (under the mutex again).
+pub(crate) struct SyncPlan {
+    file: Arc<File>,
+    path: PathBuf,
+    page_size: usize,
+    /// The version made durable.
+    txid: u64,
+    catalog: u64,
+    /// Pages the version's meta declares (its own, plus the free list's if they extend the file).
+    page_count: u64,
+    /// Where the free list goes (reserved: out of the free set from planning on).
+    list_pages: Vec<u64>,
+    /// The free list's encoded pages.
+    list: Vec<u8>,
+    slot: u64,
+    /// The test observer, moved out of the writer state while the lock is released.
+    observer: Option<WriteObserver>,
 }
 
-/// The sync protocol: data, then free list, then meta (see the module docs).
-pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> {
-    if current.txid == w.durable_txid {
-        return Ok(());
-    }
+/// Plans a sync of `current`: encodes the free list and reserves the pages it goes to.
+pub(crate) fn plan_sync(w: &mut WriterState, current: &Version) -> Result<SyncPlan> {
     let p = current.page_size;
     // The free list lists every page free or pending: after a restart there are no readers.
     // So do the pages of the previous durable list: once the new meta is durable they are free.
     // (In memory they are reused only after that, so the old meta stays intact if this sync tears.)
+    // Pages a commit takes from the free set after this point were free in `current` too, so
+    // listing them is right for the version this sync makes durable.
     let mut listed: Vec<u64> = w.free.iter().copied().collect();
     listed.extend(w.pending.values().flatten().copied());
     listed.extend(w.durable_freelist.iter().copied());
@@ -663,34 +718,107 @@ pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> 
     }
     page::seal(&mut buf, Kind::Freelist, 0, (pages - 1) as u32);
     ensure_len(w, page_count, p)?;
-    let first = list_pages[0];
-    // One fdatasync covers the version's pages and the free list: both lie in pages no durable
-    // meta references yet.
-    write_at(w, first * p as u64, &buf)?;
-    fdatasync(w)?;
-    let meta = Meta {
-        page_size: p as u32,
-        txid: current.txid,
-        catalog: current.catalog,
-        freelist: first,
-        page_count,
-    };
-    let slot = 1 - w.durable_slot;
-    let mut mbuf = vec![0u8; p];
-    meta.encode(&mut mbuf);
-    write_at(w, slot * p as u64, &mbuf)?;
-    fdatasync(w)?;
-    // The new list's pages leave the free set; the old list's pages become free; pages past the
-    // version's high-water mark used for the list are accounted as in use by the durable meta.
+    // Reserved: no commit may allocate the list's pages while it is being written.
     for id in &list_pages {
         w.free.remove(id);
     }
-    let old = std::mem::replace(&mut w.durable_freelist, list_pages);
+    w.high_water = w.high_water.max(page_count);
+    Ok(SyncPlan {
+        file: w.file.clone(),
+        path: w.path.clone(),
+        page_size: p,
+        txid: current.txid,
+        catalog: current.catalog,
+        page_count,
+        list_pages,
+        list: buf,
+        slot: 1 - w.durable_slot,
+        observer: w.observer.take(),
+    })
+}
+
+/// The I/O of a sync: the free list, fdatasync (covering the version's pages, written at their
+/// commits), the meta into the slot not holding the newest durable meta, fdatasync.
+pub(crate) fn write_sync(plan: &mut SyncPlan) -> Result<()> {
+    let p = plan.page_size;
+    let SyncPlan {
+        file,
+        path,
+        observer,
+        ..
+    } = plan;
+    let mut observe = |event: IoEvent<'_>| {
+        if let Some(obs) = observer.as_mut() {
+            obs(event);
+        }
+    };
+    let write = |offset: u64, bytes: &[u8], observe: &mut dyn FnMut(IoEvent<'_>)| {
+        observe(IoEvent::Write(offset, bytes));
+        file.write_all_at(bytes, offset).map_err(io("writing", path))
+    };
+    // One fdatasync covers the version's pages and the free list: both lie in pages no durable
+    // meta references yet.
+    write(plan.list_pages[0] * p as u64, &plan.list, &mut observe)?;
+    observe(IoEvent::Sync);
+    file.sync_data().map_err(io("fdatasync", path))?;
+    let meta = Meta {
+        page_size: p as u32,
+        txid: plan.txid,
+        catalog: plan.catalog,
+        freelist: plan.list_pages[0],
+        page_count: plan.page_count,
+    };
+    let mut mbuf = vec![0u8; p];
+    meta.encode(&mut mbuf);
+    write(plan.slot * p as u64, &mbuf, &mut observe)?;
+    observe(IoEvent::Sync);
+    file.sync_data().map_err(io("fdatasync", path))
+}
+
+/// Records a sync that completed: the old list's pages become free, the new list's pages are
+/// accounted as in use by the durable meta.
+pub(crate) fn finish_sync(w: &mut WriterState, plan: SyncPlan) {
+    let old = std::mem::replace(&mut w.durable_freelist, plan.list_pages);
     w.free.extend(old);
-    w.durable_txid = current.txid;
-    w.durable_slot = slot;
-    w.high_water = page_count;
+    w.durable_txid = plan.txid;
+    w.durable_slot = plan.slot;
+    w.high_water = w.high_water.max(plan.page_count);
+    let sizes = w.sizes.clone();
+    sizes
+        .in_use
+        .store(w.in_use(plan.page_count, plan.page_size), Ordering::Release);
+}
+
+/// The whole sync protocol under the writer mutex (a commit with `sync = true`).
+pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> {
+    if current.txid == w.durable_txid {
+        return Ok(());
+    }
+    let mut plan = plan_sync(w, current)?;
+    let written = write_sync(&mut plan);
+    if let Some(obs) = plan.observer.take() {
+        w.observer = Some(obs);
+    }
+    written?;
+    finish_sync(w, plan);
     Ok(())
+}
+
+impl WriterState {
+    /// Bytes in use by a version of `page_count` pages.
+    fn in_use(&self, page_count: u64, page_size: usize) -> u64 {
+        let free = (self.free.len() + self.pending.values().map(Vec::len).sum::<usize>()) as u64;
+        page_count.saturating_sub(free) * page_size as u64
+    }
+
+    /// Publishes the lock-free sizes after a change of `version`'s pages.
+    pub(crate) fn update_sizes(&self, version: &Version) {
+        self.sizes.file_len.store(self.file_len, Ordering::Release);
+        self.sizes.in_use.store(
+            self.in_use(version.page_count, version.page_size),
+            Ordering::Release,
+        );
+    }
 }
 
 /// Poisons the backend if `result` is an error (see `WriterState::poisoned`).

@@ -693,6 +693,7 @@ impl<'b> WriteTxn<'b> {
             .or_default()
             .extend(freed);
         lock(&self.backend.shared.readers).current = version.clone();
+        self.w.update_sizes(&version);
         if sync {
             sync_locked(&mut self.w, &version)?;
         }

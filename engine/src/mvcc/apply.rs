@@ -57,6 +57,9 @@ pub struct RangeRequest {
     pub max_mod_revision: i64,
     pub min_create_revision: i64,
     pub max_create_revision: i64,
+    /// The largest response accepted, in bytes of keys and values (0: no limit); over it the
+    /// range fails with `ResponseTooLarge` (not an etcd field: the server's send limit).
+    pub max_bytes: usize,
 }
 
 /// etcd's `RangeResponse` (the header's revision in `revision`).
@@ -408,6 +411,8 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
         limit,
         rev: r.revision,
         count: r.count_only,
+        max_bytes: r.max_bytes,
+        keys_only: r.keys_only,
     };
     let rr = reader.range(&r.key, range_end(&r.range_end), opts)?;
     let mut kvs = rr.kvs;

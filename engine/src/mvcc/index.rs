@@ -170,11 +170,43 @@ impl TreeIndex {
     /// Compacts every key at `at`; returns the revisions at or below `at` that stay.
     pub fn compact(&mut self, at: i64) -> HashSet<Revision> {
         let mut available = HashSet::new();
-        self.keys.retain(|_, ki| {
-            ki.compact(at, &mut available);
-            !ki.is_empty()
-        });
+        let mut from = Vec::new();
+        while let Some(next) = self.compact_some(at, &from, usize::MAX, &mut available) {
+            from = next;
+        }
         available
+    }
+
+    /// Compacts at `at` at most `max` keys from `from` on, adding the revisions at or below `at`
+    /// that stay to `available`. Returns the key to continue from, `None` when past the last.
+    /// (Bounded steps keep the index lock short: readers wait at most one step.)
+    pub fn compact_some(
+        &mut self,
+        at: i64,
+        from: &[u8],
+        max: usize,
+        available: &mut HashSet<Revision>,
+    ) -> Option<Vec<u8>> {
+        let mut emptied = Vec::new();
+        let mut next = None;
+        for (n, (key, ki)) in self
+            .keys
+            .range_mut::<[u8], _>((Bound::Included(from), Bound::Unbounded))
+            .enumerate()
+        {
+            if n == max {
+                next = Some(key.clone());
+                break;
+            }
+            ki.compact(at, available);
+            if ki.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.keys.remove(&key);
+        }
+        next
     }
 
     /// The revisions a compaction at `at` would keep (tombstones at `at` excepted), for hashing.

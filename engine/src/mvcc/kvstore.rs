@@ -44,8 +44,36 @@ const CONSISTENT_INDEX: &[u8] = b"consistent_index";
 const TERM: &[u8] = b"term";
 const SCHEDULED_COMPACT: &[u8] = b"scheduledCompactRev";
 const FINISHED_COMPACT: &[u8] = b"finishedCompactRev";
-/// Keys deleted per backend transaction during a physical compaction (etcd's default).
-const COMPACTION_BATCH: usize = 1000;
+/// Revisions deleted per backend transaction during a physical compaction (etcd's
+/// `compactionBatchLimit`).
+pub const COMPACTION_BATCH: usize = 1000;
+/// Revisions examined per step of a physical compaction at most: a history where most
+/// revisions stay still advances in bounded steps.
+pub const COMPACTION_EXAMINE: usize = 10_000;
+/// Stored revisions one [`ReadView::changes`] call examines at most (a revision is never split,
+/// so one with more changes than this is read whole).
+pub const CHANGES_EXAMINE: usize = 10_000;
+/// Keys of the index compacted per step (the index lock is held for one step).
+pub const COMPACTION_INDEX_KEYS: usize = 10_000;
+
+/// A compaction in progress (see [`Store::schedule_compaction`]).
+#[derive(Debug)]
+pub struct Compaction {
+    rev: i64,
+    /// Revisions at or below `rev` that stay (filled while the index is compacted).
+    keep: HashSet<Revision>,
+    /// The index is compacted from this key on next; `None` once done.
+    index_from: Option<Vec<u8>>,
+    /// The deletion continues from this revision key.
+    from: Vec<u8>,
+}
+
+impl Compaction {
+    /// The revision compacted at.
+    pub fn revision(&self) -> i64 {
+        self.rev
+    }
+}
 
 /// Options of a store-level range.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,6 +84,11 @@ pub struct RangeOptions {
     pub rev: i64,
     /// Count only, return no keys.
     pub count: bool,
+    /// Fail with `ResponseTooLarge` once the keys (and values, unless `keys_only`) read pass
+    /// this many bytes (0: no limit), counting 32 bytes of framing per key.
+    pub max_bytes: usize,
+    /// Values will not be returned: they do not count towards `max_bytes`.
+    pub keys_only: bool,
 }
 
 /// A store-level range result.
@@ -130,7 +163,7 @@ fn be_u64(v: u64) -> [u8; 8] {
 }
 
 fn corrupt_kv(rev: Revision, what: &str) -> Error {
-    Error::InvalidArgument(format!(
+    Error::CorruptRecord(format!(
         "key bucket entry at revision {}/{}: {what}",
         rev.main, rev.sub
     ))
@@ -183,8 +216,13 @@ impl Store {
             && s > compact
         {
             store.compact_rev.store(s, Ordering::SeqCst);
-            let keep = write_index(&store.index).compact(s);
-            store.delete_compacted(s, &keep)?;
+            let mut job = Compaction {
+                rev: s,
+                keep: HashSet::new(),
+                index_from: Some(Vec::new()),
+                from: Vec::new(),
+            };
+            while !store.compact_step(&mut job)? {}
         }
         Ok(store)
     }
@@ -238,9 +276,19 @@ impl Store {
         })
     }
 
-    /// Compacts the history at `rev`: reads below it fail with `ErrCompacted` from now on, and
-    /// every revision no read at or after `rev` needs is deleted.
+    /// Compacts the history at `rev` in one go (see [`Store::schedule_compaction`] for the
+    /// stepwise form the server uses).
     pub fn compact(&self, rev: i64) -> Result<()> {
+        let mut job = self.schedule_compaction(rev)?;
+        while !self.compact_step(&mut job)? {}
+        Ok(())
+    }
+
+    /// Schedules a compaction at `rev`: recorded (so that a restart finishes it) and published at
+    /// once (reads below `rev` fail with `ErrCompacted` from now on). The work (compacting the
+    /// key index, then deleting every revision no read at or after `rev` needs) is done by
+    /// [`Store::compact_step`], in bounded steps, as etcd's compactor does between its batches.
+    pub fn schedule_compaction(&self, rev: i64) -> Result<Compaction> {
         let mut txn = self.backend.begin_write()?;
         if rev <= self.compact_revision() {
             return Err(Error::Compacted);
@@ -256,45 +304,61 @@ impl Store {
         txn.commit(false)?;
         // Published first: a read that started before now and could miss history fails.
         self.compact_rev.store(rev, Ordering::SeqCst);
-        let keep = write_index(&self.index).compact(rev);
-        self.delete_compacted(rev, &keep)
+        Ok(Compaction {
+            rev,
+            keep: HashSet::new(),
+            index_from: Some(Vec::new()),
+            from: Vec::new(),
+        })
     }
 
-    /// Deletes the revisions at or below `rev` not in `keep` (what the index compaction kept), in
-    /// batches, then records the compaction as finished.
-    fn delete_compacted(&self, rev: i64, keep: &HashSet<Revision>) -> Result<()> {
-        let end = Revision::main_prefix(rev + 1);
-        let mut from = Vec::new();
-        loop {
-            let mut txn = self.backend.begin_write()?;
-            let mut victims = Vec::new();
-            let mut next = None;
-            for kv in txn.range(KEY_BUCKET, &from, Some(&end))? {
-                let (k, _) = kv?;
-                if victims.len() == COMPACTION_BATCH {
-                    next = Some(k.to_vec());
-                    break;
-                }
-                let (r, _) = Revision::from_bytes(k)?;
-                if !keep.contains(&r) {
-                    victims.push(k.to_vec());
-                }
+    /// One bounded step of `job`: [`COMPACTION_INDEX_KEYS`] keys of the index, or one backend
+    /// transaction deleting at most [`COMPACTION_BATCH`] revisions after examining at most
+    /// [`COMPACTION_EXAMINE`]. Returns `true` once the compaction is finished (and recorded as
+    /// such). A job superseded by a newer compaction may simply be dropped: the newer one
+    /// deletes everything it would have.
+    pub fn compact_step(&self, job: &mut Compaction) -> Result<bool> {
+        if let Some(from) = job.index_from.take() {
+            job.index_from = write_index(&self.index).compact_some(
+                job.rev,
+                &from,
+                COMPACTION_INDEX_KEYS,
+                &mut job.keep,
+            );
+            return Ok(false);
+        }
+        let end = Revision::main_prefix(job.rev + 1);
+        let mut txn = self.backend.begin_write()?;
+        let mut victims = Vec::new();
+        let mut next = None;
+        for (examined, kv) in txn.range(KEY_BUCKET, &job.from, Some(&end))?.enumerate() {
+            let (k, _) = kv?;
+            if victims.len() == COMPACTION_BATCH || examined == COMPACTION_EXAMINE {
+                next = Some(k.to_vec());
+                break;
             }
-            for k in &victims {
-                txn.delete(KEY_BUCKET, k)?;
+            let (r, _) = Revision::from_bytes(k)?;
+            if !job.keep.contains(&r) {
+                victims.push(k.to_vec());
             }
-            if next.is_none() {
-                txn.put(
-                    META_BUCKET,
-                    FINISHED_COMPACT,
-                    &Revision::new(rev, 0).to_bytes(false),
-                )?;
+        }
+        for k in &victims {
+            txn.delete(KEY_BUCKET, k)?;
+        }
+        if next.is_none() {
+            txn.put(
+                META_BUCKET,
+                FINISHED_COMPACT,
+                &Revision::new(job.rev, 0).to_bytes(false),
+            )?;
+        }
+        txn.commit(false)?;
+        match next {
+            Some(k) => {
+                job.from = k;
+                Ok(false)
             }
-            txn.commit(false)?;
-            match next {
-                Some(k) => from = k,
-                None => return Ok(()),
-            }
+            None => Ok(true),
         }
     }
 
@@ -356,9 +420,13 @@ impl Store {
         Ok(hash)
     }
 
-    /// Makes everything committed durable in the backend (a checkpoint).
-    pub fn sync(&self) -> Result<()> {
-        self.backend.sync()
+    /// Makes everything committed durable in the backend (a checkpoint). Returns the applied
+    /// raft index and term recorded in what is now durable, at least: commits that race with the
+    /// sync may make it more. Commits and reads continue while it runs (see [`Backend::sync`]).
+    pub fn sync(&self) -> Result<(u64, u64)> {
+        let applied = self.consistent_index()?;
+        self.backend.sync()?;
+        Ok(applied)
     }
 }
 
@@ -426,6 +494,7 @@ fn range_with<'t>(
 ) -> Result<RangeResult> {
     let (revs, count) = index_range(store, key, end, current, opts)?;
     let mut kvs = Vec::with_capacity(revs.len());
+    let mut size = 0usize;
     for (k, rev) in &revs {
         let bytes = get(&rev.to_bytes(false))?.ok_or_else(|| {
             corrupt_kv(
@@ -433,7 +502,16 @@ fn range_with<'t>(
                 &format!("missing value of key {:?}", String::from_utf8_lossy(k)),
             )
         })?;
-        kvs.push(KeyValue::decode(bytes).map_err(|e| corrupt_kv(*rev, &e.to_string()))?);
+        let kv = KeyValue::decode(bytes).map_err(|e| corrupt_kv(*rev, &e.to_string()))?;
+        if opts.max_bytes > 0 {
+            size += 32 + kv.key.len() + if opts.keys_only { 0 } else { kv.value.len() };
+            if size > opts.max_bytes {
+                return Err(Error::ResponseTooLarge {
+                    limit: opts.max_bytes,
+                });
+            }
+        }
+        kvs.push(kv);
     }
     Ok(RangeResult {
         kvs,
@@ -482,10 +560,12 @@ impl ReadView<'_> {
     }
 
     /// The changes of revisions `from..=to` to keys in the range (see [`super::index`] for
-    /// `end`), in revision order, at most `max` changes and about `max_bytes` of keys and values
-    /// (more if the last revision has more): what a
-    /// watcher catching up from `from` is sent. Fails with `Compacted` if `from` is below the
-    /// compacted revision (whose own changes are kept), as etcd's watchers.
+    /// `end`), in revision order: what a watcher catching up from `from` is sent. One call is
+    /// bounded: it stops after about `max` changes or `max_bytes` of keys and values (never
+    /// splitting a revision), or after examining [`CHANGES_EXAMINE`] stored revisions, matching
+    /// or not. Returns the changes and the revision to continue from (`to + 1` once done).
+    /// Fails with `Compacted` if `from` is below the compacted revision (whose own changes are
+    /// kept), as etcd's watchers.
     pub fn changes(
         &self,
         from: i64,
@@ -494,7 +574,7 @@ impl ReadView<'_> {
         end: Option<&[u8]>,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Change>> {
+    ) -> Result<(Vec<Change>, i64)> {
         if from < self.store.compact_revision() {
             return Err(Error::Compacted);
         }
@@ -506,14 +586,18 @@ impl ReadView<'_> {
             Some(e) => k >= key && k < e,
         };
         let mut out: Vec<Change> = Vec::new();
-        let mut last_main = 0;
+        let mut last_main = from - 1;
         let mut bytes = 0;
-        for kv in self.txn.range(KEY_BUCKET, &start, Some(&stop))? {
+        let mut next = to.saturating_add(1);
+        for (examined, kv) in self.txn.range(KEY_BUCKET, &start, Some(&stop))?.enumerate() {
             let (k, v) = kv?;
             let (rev, tombstone) = Revision::from_bytes(k)?;
-            if (out.len() >= max || bytes >= max_bytes) && rev.main != last_main {
+            let full = out.len() >= max || bytes >= max_bytes || examined >= CHANGES_EXAMINE;
+            if full && rev.main != last_main {
+                next = rev.main;
                 break;
             }
+            last_main = rev.main;
             // The key alone first (prost skips the value): most of a busy history is usually
             // outside a watcher's range.
             let key = KeyOnly::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
@@ -526,7 +610,6 @@ impl ReadView<'_> {
                 kv.mod_revision = rev.main;
             }
             bytes += kv.key.len() + kv.value.len();
-            last_main = rev.main;
             out.push(Change {
                 kv,
                 delete: tombstone,
@@ -536,7 +619,7 @@ impl ReadView<'_> {
         if from < self.store.compact_revision() {
             return Err(Error::Compacted);
         }
-        Ok(out)
+        Ok((out, next))
     }
 }
 

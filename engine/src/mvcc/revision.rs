@@ -67,7 +67,7 @@ impl Revision {
             REV_BYTES => false,
             MARKED_REV_BYTES if b[17] == TOMBSTONE => true,
             _ => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::CorruptRecord(format!(
                     "malformed revision key of {} bytes in the key bucket",
                     b.len()
                 )));
