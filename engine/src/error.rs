@@ -142,6 +142,25 @@ pub enum Error {
     /// No raft leader to take the request (etcd's `ErrNoLeader`).
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// The member is stopping, or its storage core has stopped (etcd's `ErrStopped`).
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    /// A proposal or read was not done in time (etcd's `ErrTimeout`).
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// The same, right after a leader change (etcd's `ErrTimeoutDueToLeaderFail`).
+    #[error("etcdserver: request timed out, possibly due to previous leader failure")]
+    TimeoutDueToLeaderFail,
+    /// The same, while the leader was cut off from its peers (etcd's
+    /// `ErrTimeoutDueToConnectionLost`).
+    #[error("etcdserver: request timed out, possibly due to connection lost")]
+    TimeoutDueToConnectionLost,
+    /// The leader changed while a linearizable read waited (etcd's `ErrLeaderChanged`).
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    /// Too much is queued already (etcd's `ErrTooManyRequests`).
+    #[error("etcdserver: too many requests")]
+    TooManyRequests,
     /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,

@@ -195,6 +195,28 @@ impl Lessor {
         Ok(())
     }
 
+    /// The keys attached to lease `id`: the first half of a revocation that deletes them without
+    /// holding the lessor (delete them in the transaction, then [`Lessor::finish_revoke`]).
+    pub fn keys_of(&self, id: i64) -> Result<Vec<Vec<u8>>> {
+        let lease = self.leases.get(&id).ok_or(Error::LeaseNotFound)?;
+        Ok(lease.keys.iter().cloned().collect())
+    }
+
+    /// The second half of a revocation: removes lease `id` (its keys were deleted in `txn`).
+    pub fn finish_revoke(&mut self, txn: &mut WriteTxn<'_>, id: i64) -> Result<()> {
+        if !self.leases.contains_key(&id) {
+            return Err(Error::LeaseNotFound);
+        }
+        txn.delete_raw(LEASE_BUCKET, &id_key(id))?;
+        let lease = self.leases.remove(&id).expect("checked");
+        for key in lease.keys {
+            if self.items.get(&key) == Some(&id) {
+                self.items.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
     /// Records the remaining TTL of lease `id` (a lease gone meanwhile is skipped, as etcd).
     pub fn checkpoint(
         &mut self,

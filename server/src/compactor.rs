@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use keel_engine::Error;
 
 use crate::config::AutoCompaction;
-use crate::core::{Core, Request};
+use crate::raft::{Core, Request};
 
 /// How often revision mode checks (etcd's `revInterval`).
 pub const REVISION_INTERVAL: Duration = Duration::from_secs(300);

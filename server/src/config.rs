@@ -11,8 +11,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::raft::node::MAX_REQUEST_BYTES_LIMIT;
+
 /// etcd's default backend quota (2 GiB), used when `--quota-backend-bytes` is 0.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// etcd's longest election timeout (50 s).
+pub const MAX_ELECTION_TIMEOUT_MS: u64 = 50_000;
 
 /// Flags as given, before validation. Each has etcd's name and environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -76,6 +80,14 @@ pub struct Flags {
     /// Number of committed transactions to trigger a snapshot to disk.
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
+    /// Number of entries kept in the raft log after a compaction, for slow followers to catch
+    /// up from (etcd 3.5's flag).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5000
+    )]
+    pub experimental_snapshot_catchup_entries: u64,
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
@@ -167,6 +179,7 @@ pub struct Config {
     pub initial_cluster_state_new: bool,
     pub initial_cluster_token: String,
     pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     pub quota_backend_bytes: u64,
@@ -330,10 +343,33 @@ impl Flags {
         if self.heartbeat_interval == 0 {
             return Err(err("heartbeat-interval", "must be positive"));
         }
-        if self.election_timeout < 5 * self.heartbeat_interval {
+        // etcd's own bound ("should be set less than 50 seconds").
+        if self.election_timeout > MAX_ELECTION_TIMEOUT_MS {
+            return Err(err(
+                "election-timeout",
+                format!(
+                    "{} is too long, and should be set less than {MAX_ELECTION_TIMEOUT_MS} ms (50 seconds)",
+                    self.election_timeout
+                ),
+            ));
+        }
+        if self
+            .heartbeat_interval
+            .checked_mul(5)
+            .is_none_or(|min| self.election_timeout < min)
+        {
             return Err(err(
                 "election-timeout",
                 "must be at least 5 times --heartbeat-interval",
+            ));
+        }
+        if self.max_request_bytes as usize > MAX_REQUEST_BYTES_LIMIT {
+            return Err(err(
+                "max-request-bytes",
+                format!(
+                    "{} exceeds the largest request a WAL record holds ({MAX_REQUEST_BYTES_LIMIT} bytes)",
+                    self.max_request_bytes
+                ),
             ));
         }
         if self.max_txn_ops == 0 {
@@ -352,7 +388,12 @@ impl Flags {
             })?),
             (_, r) => AutoCompaction::Periodic(match r.parse::<u64>() {
                 // A bare number means hours in periodic mode, as in etcd.
-                Ok(hours) => Duration::from_secs(hours * 3600),
+                Ok(hours) => hours
+                    .checked_mul(3600)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| {
+                        err("auto-compaction-retention", format!("{r} hours overflows"))
+                    })?,
                 Err(_) => parse_go_duration(r).ok_or_else(|| {
                     err(
                         "auto-compaction-retention",
@@ -387,7 +428,13 @@ impl Flags {
             initial_cluster,
             initial_cluster_state_new: self.initial_cluster_state == "new",
             initial_cluster_token: self.initial_cluster_token,
-            snapshot_count: self.snapshot_count,
+            // 0 means the default, as in etcd.
+            snapshot_count: if self.snapshot_count == 0 {
+                100_000
+            } else {
+                self.snapshot_count
+            },
+            snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
             quota_backend_bytes: if self.quota_backend_bytes == 0 {
@@ -507,6 +554,25 @@ mod tests {
             (vec!["--initial-cluster-state", "maybe"], "invalid value"),
             (vec!["--snapshot-count=-1"], "invalid value"),
             (vec!["--no-such-flag"], "unexpected argument"),
+            (
+                vec!["--auto-compaction-retention", "18446744073709551615"],
+                "overflows",
+            ),
+            (
+                vec!["--heartbeat-interval", "18446744073709551615"],
+                "5 times",
+            ),
+            (
+                vec![
+                    "--heartbeat-interval",
+                    "4611686018427387904",
+                    "--election-timeout",
+                    "40000",
+                ],
+                "5 times",
+            ),
+            (vec!["--election-timeout", "60000"], "50 seconds"),
+            (vec!["--max-request-bytes", "4294967295"], "WAL record"),
         ] {
             let e = parse(&args).unwrap_err();
             assert!(e.contains(expect), "{args:?}: {e}");
@@ -534,7 +600,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 22);
+        assert_eq!(checked, 23);
     }
 
     #[test]

@@ -1,25 +1,64 @@
-//! Starting a member: ids, the storage core, the client listeners (gRPC and the HTTP endpoints
-//! etcd serves on the same port), and an orderly stop on SIGINT/SIGTERM.
+//! Starting a member: the data dir, the storage core, the client listeners (gRPC and the HTTP
+//! endpoints etcd serves on the same port); an orderly stop on SIGINT/SIGTERM, and an exit with
+//! an error when the storage core stops on its own (a failed fdatasync, a poisoned backend), so
+//! that a supervisor restarts the member and clients fail over rather than talk to a zombie.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::routing::get;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 
+use crate::api::kv::KvService;
+use crate::api::lease::LeaseService;
+use crate::api::watch::WatchService;
 use crate::config::{Config, Url};
-use crate::core::{Core, CoreConfig, stable_id};
-use crate::kv::KvService;
-use crate::lease::LeaseService;
-use crate::metrics::{ETCD_VERSION, Metrics};
-use crate::watch::WatchService;
+use crate::metrics::Metrics;
+use crate::raft::{self, CoreConfig, Feed};
 
-/// etcd answers `/version` with the server and cluster versions; Keel reports the etcd API level
-/// it implements.
-fn version_json() -> String {
-    format!(r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"3.4.0"}}"#)
+/// How long an orderly stop waits for client connections to close after their streams were
+/// ended, before it drops them.
+pub const STOP_CONNECTIONS: Duration = Duration::from_secs(5);
+/// How long an orderly stop waits for the storage core to checkpoint and close the WAL.
+pub const STOP_CORE: Duration = Duration::from_secs(10);
+
+/// A stop signal the services' long-lived streams (watch, keep-alive) end on. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+/// Fires a [`Shutdown`].
+#[derive(Debug)]
+pub struct ShutdownTrigger(tokio::sync::watch::Sender<bool>);
+
+impl Shutdown {
+    /// A new signal and its trigger.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (ShutdownTrigger(tx), Shutdown(rx))
+    }
+
+    /// Resolves once the stop is fired.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|fired| *fired).await;
+    }
+
+    /// Whether the stop was fired.
+    pub fn fired(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+impl ShutdownTrigger {
+    /// Fires the stop.
+    pub fn fire(&self) {
+        let _ = self.0.send(true);
+    }
 }
 
 async fn resolve(url: &Url) -> anyhow::Result<SocketAddr> {
@@ -36,12 +75,62 @@ async fn resolve(url: &Url) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{url} resolves to no address"))
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// A file mode as Go's `os.FileMode.String` prints it (etcd's permission warning quotes it).
+fn go_mode(mode: u32, dir: bool) -> String {
+    let mut s = String::from(if dir { "d" } else { "-" });
+    for (i, c) in "rwxrwxrwx".chars().enumerate() {
+        s.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
+    }
+    s
+}
+
+/// Creates the data dir with mode 0700, or warns (as etcd 3.4) if it exists with another mode.
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode != 0o700 {
+                tracing::warn!(
+                    "check file permission: directory {:?} exist, but the permission is {:?}. The \
+                     recommended permission is {:?} to prevent possible unprivileged access to \
+                     the data.",
+                    dir.display().to_string(),
+                    go_mode(mode, true),
+                    go_mode(0o700, false)
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => raft::node::private_dir(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display())),
+        Err(e) => Err(e).with_context(|| format!("reading the data directory {}", dir.display())),
+    }
+}
+
+/// Counts SIGINT/SIGTERM: the first starts an orderly stop, a second exits at once.
+async fn signals(trigger: Arc<ShutdownTrigger>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install the signal handlers");
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        seen += 1;
+        if seen == 1 {
+            tracing::info!("received a stop signal: stopping (a second signal exits at once)");
+            trigger.fire();
+        } else {
+            tracing::warn!("received a second stop signal: exiting at once");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -60,47 +149,45 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(url) = config.listen_client_urls.iter().find(|u| u.tls) {
         bail!("TLS client URLs are not supported yet: {url}");
     }
-    let peers: Vec<String> = config
-        .initial_advertise_peer_urls
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let mut cluster_parts: Vec<String> = config
-        .initial_cluster
-        .iter()
-        .flat_map(|(name, urls)| urls.iter().map(move |u| format!("{name}={u}")))
-        .collect();
-    cluster_parts.sort();
-    let mut parts: Vec<&str> = vec![&config.initial_cluster_token];
-    parts.extend(cluster_parts.iter().map(String::as_str));
-    let cluster_id = stable_id(&parts);
-    let mut member_parts: Vec<&str> = vec![&config.initial_cluster_token];
-    member_parts.extend(peers.iter().map(String::as_str));
-    let member_id = stable_id(&member_parts);
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    if config.initial_cluster.len() > 1 {
+        bail!(
+            "--initial-cluster names {} members, but this build of Keel runs single-member \
+             clusters only: starting each member alone would give independent leaders (split \
+             brain)",
+            config.initial_cluster.len()
+        );
+    }
+    // Everything the member creates is private to its user (dirs 0700, files 0600), as etcd's.
+    // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    prepare_data_dir(&config.data_dir)?;
+    let ids = crate::membership::Ids::new(&config);
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let net_threads = config.net_threads.unwrap_or(cpus);
     // One watch hub per network thread.
-    let (events_tx, events_rx): (Vec<_>, Vec<_>) = (0..net_threads)
-        .map(|_| tokio::sync::mpsc::unbounded_channel())
-        .unzip();
-    let (core, core_thread) = Core::start(CoreConfig {
+    let feeds: Vec<Arc<Feed>> = (0..net_threads).map(|_| Arc::new(Feed::default())).collect();
+    let metrics = Metrics::new(config.quota_backend_bytes);
+    let started = raft::start(CoreConfig {
         data_dir: config.data_dir.clone(),
-        cluster_id,
-        member_id,
+        cluster_id: ids.cluster_id,
+        member_id: ids.member_id,
+        initial_voters: ids.voters.clone(),
         heartbeat: config.heartbeat_interval,
         election_ticks,
         cpu: config.storage_core,
         max_request_bytes: config.max_request_bytes as usize,
         snapshot_count: config.snapshot_count,
-        metrics: Metrics::new(config.quota_backend_bytes),
+        snapshot_catchup_entries: config.snapshot_catchup_entries,
+        metrics,
         lease_checkpoint_interval: config.lease_checkpoint_interval,
-        watch_events: events_tx,
+        feeds: feeds.clone(),
     })
     .context("starting the storage core")?;
+    let core = started.core;
+    let mut done = started.done;
+    let (cluster_id, member_id) = core.ids();
     tracing::info!(
         name = %config.name,
         data_dir = %config.data_dir.display(),
@@ -111,78 +198,89 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(net_threads)
         .thread_name("keel-net")
+        // Decoding and answering a txn nested 128 deep recurses through prost and the engine.
+        .thread_stack_size(16 << 20)
         .enable_all()
         .build()
         .context("starting the network runtime")?;
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
+        let (trigger, shutdown) = Shutdown::new();
+        let trigger = Arc::new(trigger);
+        tokio::spawn(signals(trigger.clone()));
         let limit = config.max_request_bytes as usize + 512 * 1024;
         let kv = KvServer::new(KvService::new(
             core.clone(),
             config.max_txn_ops as usize,
             config.quota_backend_bytes,
         ))
-        .max_decoding_message_size(limit);
-        let lease = LeaseServer::new(LeaseService::new(core.clone()));
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(i32::MAX as usize);
+        let lease = LeaseServer::new(LeaseService::new(core.clone(), shutdown.clone()))
+            .max_decoding_message_size(limit);
         let watch = WatchServer::new(WatchService::start(
             core.clone(),
-            events_rx,
+            feeds,
             limit,
             config.watch_progress_notify_interval,
-        ));
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(limit);
         let router = tonic::service::Routes::new(kv)
             .add_service(lease)
             .add_service(watch)
             .into_axum_router()
-            .route("/health", get(|| async { r#"{"health":"true"}"# }))
-            .route("/version", get(|| async { version_json() }))
-            .route(
-                "/metrics",
-                get({
-                    let core = core.clone();
-                    move || async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            core.metrics().render(core.store(), core.lessor().len()),
-                        )
-                    }
-                }),
-            );
+            .merge(crate::http::router(core.clone()));
         let routes = tonic::service::Routes::from(router);
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
-        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut servers = Vec::new();
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
-            let mut stop = stop_tx.subscribe();
+            let stop = shutdown.clone();
             let server = tonic::transport::Server::builder()
                 .accept_http1(true)
                 .add_routes(routes.clone())
-                .serve_with_shutdown(addr, async move {
-                    let _ = stop.recv().await;
-                });
+                .serve_with_shutdown(addr, async move { stop.wait().await });
             tracing::info!(%url, %addr, "serving client requests");
             servers.push(tokio::spawn(server));
         }
-        shutdown_signal().await;
-        tracing::info!("stopping");
-        let _ = stop_tx.send(());
-        compactor.abort();
-        for s in servers {
-            s.await
-                .context("client server task")?
-                .context("client server")?;
+        let fatal = tokio::select! {
+            _ = shutdown.wait() => None,
+            result = &mut done => Some(result),
+        };
+        if let Some(result) = fatal {
+            trigger.fire();
+            return match result {
+                Ok(Err(e)) => Err(e).context("the storage core stopped"),
+                _ => bail!("the storage core stopped"),
+            };
         }
-        anyhow::Ok(())
-    });
-    drop(runtime);
-    drop(core);
-    match core_thread.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e).context("storage core"),
-        Err(_) => bail!("the storage core panicked"),
+        compactor.abort();
+        // Watch and keep-alive streams have ended; connections close as their calls finish.
+        let closing = futures::future::join_all(servers);
+        if tokio::time::timeout(STOP_CONNECTIONS, closing).await.is_err() {
+            tracing::warn!("client connections still open after {STOP_CONNECTIONS:?}: dropping them");
+        }
+        core.stop(STOP_CORE).await;
+        match tokio::time::timeout(STOP_CORE, &mut done).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(e).context("stopping the storage core"),
+            Ok(Err(_)) => bail!("the storage core ended without a result"),
+            Err(_) => bail!("the storage core did not stop within {STOP_CORE:?}"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_print_as_go_prints_them() {
+        assert_eq!(go_mode(0o755, true), "drwxr-xr-x");
+        assert_eq!(go_mode(0o700, false), "-rwx------");
+        assert_eq!(go_mode(0o640, false), "-rw-r-----");
     }
-    result
 }

@@ -256,6 +256,33 @@ fn rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// Writes `TXNS` txns of `PER_TXN` puts of 1 KiB under `prefix`, from four clients.
+async fn write_load(c: &Client, prefix: &str, txns: usize, per_txn: usize) {
+    let value = "v".repeat(1024);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut c = c.clone();
+        let value = value.clone();
+        let prefix = prefix.to_string();
+        writers.push(tokio::spawn(async move {
+            for t in (w..txns).step_by(4) {
+                let ops: Vec<TxnOp> = (0..per_txn)
+                    .map(|i| TxnOp::put(format!("{prefix}{t:04}/{i:03}"), value.clone(), None))
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+/// A watcher whose client reads nothing while about 100 MiB of events are written: the server's
+/// memory grows by far less than that (its watchers go unsynced instead of buffering), then the
+/// client reads every event once, in order, from history. The same load is run first without
+/// the watcher, so that the comparison leaves out what any load costs (the key index, the WAL
+/// tail cache, allocator arenas).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_watcher_costs_bounded_memory_and_gets_every_event() {
     const TXNS: usize = 1000;
@@ -265,6 +292,8 @@ async fn a_slow_watcher_costs_bounded_memory_and_gets_every_event() {
     let mut c = Client::connect([keel.endpoint.as_str()], None)
         .await
         .unwrap();
+    // The same keys first: the key index holds every key's history, so new keys would grow it.
+    write_load(&c, "s/", TXNS, PER_TXN).await;
     let start = c
         .put("warmup", "x", None)
         .await
@@ -279,42 +308,19 @@ async fn a_slow_watcher_costs_bounded_memory_and_gets_every_event() {
         .unwrap();
     assert!(s.message().await.unwrap().unwrap().created());
     let before = rss_bytes(keel.child.id());
-    // 100,000 events of 1 KiB values (about 100 MiB) while the watcher reads nothing.
-    let value = "v".repeat(1024);
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let mut c = c.clone();
-        let value = value.clone();
-        writers.push(tokio::spawn(async move {
-            for t in (w..TXNS).step_by(4) {
-                let ops: Vec<TxnOp> = (0..PER_TXN)
-                    .map(|i| TxnOp::put(format!("s/{t:04}/{i:03}"), value.clone(), None))
-                    .collect();
-                c.txn(Txn::new().and_then(ops)).await.unwrap();
-            }
-        }));
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
+    write_load(&c, "s/", TXNS, PER_TXN).await;
     let after = rss_bytes(keel.child.id());
     let growth = after.saturating_sub(before);
     assert!(
-        growth < 48 << 20,
+        growth < 32 << 20,
         "server RSS grew {} MiB while a watcher did not read ~100 MiB of events",
         growth >> 20
     );
     // Now read: every event once, revisions in order.
     let mut seen = 0usize;
     let mut last_rev = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
     while seen < TXNS * PER_TXN {
-        assert!(Instant::now() < deadline, "only {seen} events arrived");
-        let r = tokio::time::timeout(Duration::from_secs(30), s.message())
-            .await
-            .expect("events keep coming")
-            .unwrap()
-            .unwrap();
+        let r = s.message().await.unwrap().expect("the stream stays open");
         for e in r.events() {
             assert_eq!(e.event_type(), EventType::Put);
             let rev = e.kv().unwrap().mod_revision();

@@ -72,7 +72,7 @@ pub struct BackendOptions {
     pub page_size: usize,
     /// Largest value accepted. Default 16 MiB (etcd requests are at most 1.5 MiB).
     pub max_value_size: usize,
-    /// The file grows in steps of at least this many bytes (doubling up to 1 GiB steps).
+    /// The file grows in steps of this many bytes, or 1/32 of its size if that is more.
     /// Default 16 MiB.
     pub min_grow_bytes: u64,
 }
@@ -644,7 +644,9 @@ pub(crate) fn ensure_len(w: &mut WriterState, pages: u64, page_size: usize) -> R
     if needed <= w.file_len {
         return Ok(());
     }
-    let step = w.file_len.clamp(w.options.min_grow_bytes, 1 << 30);
+    // Small steps, as bbolt's (16 MiB), so the file's size stays close to what it holds: etcd's
+    // quota counts the file's size. Large files grow by 1/32 of their size, bounding the remaps.
+    let step = (w.file_len / 32).max(w.options.min_grow_bytes);
     let new_len = needed
         .max(w.file_len + step)
         .next_multiple_of(page_size as u64);

@@ -250,6 +250,13 @@ impl Store {
         Ok((get(CONSISTENT_INDEX)?, get(TERM)?))
     }
 
+    /// The value of `key` in bucket `bucket` (state kept beside the history: `meta`, `lease`,
+    /// `members`, ...), as of the latest commit.
+    pub fn get_raw(&self, bucket: &[u8], key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let r = self.backend.begin_read();
+        Ok(r.get(bucket, key)?.map(<[u8]>::to_vec))
+    }
+
     /// A read view at the current revision. It pins a backend version: hold it briefly.
     pub fn read(&self) -> ReadView<'_> {
         let rev = self.current_revision();

@@ -8,6 +8,10 @@ use keel_proto::etcdserverpb as pb;
 use keel_proto::mvccpb;
 use tonic::{Code, Status};
 
+/// The largest range response sent, in bytes of keys and values: etcd's gRPC send limit
+/// (`math.MaxInt32`). A larger range fails with `ResourceExhausted` before it is built whole.
+pub const MAX_RANGE_RESPONSE_BYTES: usize = i32::MAX as usize;
+
 /// etcd's message for an unknown sort order or target.
 pub const INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
 
@@ -24,12 +28,19 @@ pub fn status(e: &Error) -> Status {
         | Error::DuplicateKey
         | Error::TooManyOps
         | Error::RequestTooLarge => Status::new(Code::InvalidArgument, e.to_string()),
-        Error::NoSpace => Status::new(Code::ResourceExhausted, e.to_string()),
-        Error::NoLeader => Status::new(Code::Unavailable, e.to_string()),
+        Error::NoSpace | Error::TooManyRequests | Error::ResponseTooLarge { .. } => {
+            Status::new(Code::ResourceExhausted, e.to_string())
+        }
+        Error::NoLeader
+        | Error::Stopped
+        | Error::Timeout
+        | Error::TimeoutDueToLeaderFail
+        | Error::TimeoutDueToConnectionLost
+        | Error::LeaderChanged => Status::new(Code::Unavailable, e.to_string()),
         Error::LeaseNotFound => Status::new(Code::NotFound, e.to_string()),
         Error::LeaseExists => Status::new(Code::FailedPrecondition, e.to_string()),
         Error::LeaseTtlTooLarge => Status::new(Code::OutOfRange, e.to_string()),
-        Error::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
+        Error::InvalidArgument(m) => Status::new(Code::InvalidArgument, m.clone()),
         other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
     }
 }
@@ -74,6 +85,7 @@ pub fn range_request(r: pb::RangeRequest) -> Result<a::RangeRequest, Status> {
         max_mod_revision: r.max_mod_revision,
         min_create_revision: r.min_create_revision,
         max_create_revision: r.max_create_revision,
+        max_bytes: MAX_RANGE_RESPONSE_BYTES,
     })
 }
 
@@ -284,6 +296,28 @@ mod tests {
         assert_eq!(
             s.message(),
             "etcdserver: duplicate key given in txn request"
+        );
+    }
+
+    #[test]
+    fn stopped_or_overloaded_cores_tell_clients_to_go_elsewhere() {
+        for e in [
+            Error::Stopped,
+            Error::NoLeader,
+            Error::Timeout,
+            Error::TimeoutDueToLeaderFail,
+            Error::LeaderChanged,
+        ] {
+            assert_eq!(status(&e).code(), Code::Unavailable, "{e}");
+        }
+        let s = status(&Error::TooManyRequests);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::ResourceExhausted, "etcdserver: too many requests")
+        );
+        assert_eq!(
+            status(&Error::Stopped).message(),
+            "etcdserver: server stopped"
         );
     }
 

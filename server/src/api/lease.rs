@@ -12,18 +12,21 @@ use keel_proto::etcdserverpb as pb;
 use rand::Rng;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::status;
-use crate::core::{Applied, Core, Request as Write};
+use super::convert::status;
+use crate::raft::{Applied, Core, Request as Write};
+use crate::server::Shutdown;
 
 /// The Lease service.
 #[derive(Debug, Clone)]
 pub struct LeaseService {
     core: Core,
+    shutdown: Shutdown,
 }
 
 impl LeaseService {
-    pub fn new(core: Core) -> Self {
-        LeaseService { core }
+    /// The service; its keep-alive streams end when `shutdown` fires.
+    pub fn new(core: Core, shutdown: Shutdown) -> Self {
+        LeaseService { core, shutdown }
     }
 
     fn revision(&self) -> i64 {
@@ -109,10 +112,14 @@ impl pb::lease_server::Lease for LeaseService {
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let core = self.core.clone();
-        let stream = request.into_inner().map(move |req| match req {
-            Ok(r) => Ok(renew(&core, r.id)),
-            Err(s) => Err(s),
-        });
+        let stop = self.shutdown.clone();
+        let stream = request
+            .into_inner()
+            .take_until(async move { stop.wait().await })
+            .map(move |req| match req {
+                Ok(r) => Ok(renew(&core, r.id)),
+                Err(s) => Err(s),
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -1,13 +1,18 @@
 //! The etcd v3 KV gRPC service: validation as etcd's `v3rpc/key.go`, writes through the storage
 //! core (raft, WAL, apply), reads served on the network thread from a read view (after a batched
 //! ReadIndex unless serializable).
+//!
+//! Limits: a range response over [`convert::MAX_RANGE_RESPONSE_BYTES`] (etcd's gRPC send limit)
+//! fails with `ResourceExhausted` while it is read, before it is built whole; `RangeStream` sends
+//! key-ordered ranges in pages of [`STREAM_CHUNK`] keys read one at a time, so its memory is one
+//! page whatever the range.
 
 use keel_engine::mvcc::apply as a;
 use keel_proto::etcdserverpb as pb;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, Header, status};
-use crate::core::{Applied, Core, Request as Write};
+use super::convert::{self, Header, status};
+use crate::raft::{Applied, Core, Request as Write};
 
 /// The KV service.
 #[derive(Debug, Clone)]
@@ -85,9 +90,78 @@ impl KvService {
         if !r.serializable {
             self.core.linearizable().await.map_err(|e| status(&e))?;
         }
-        let resp = a::range(&self.core.store().read(), &r).map_err(|e| status(&e))?;
+        let store = self.core.store();
+        let resp = a::range(&store.read(), &r).map_err(|e| status(&e))?;
         let header = self.header().with(resp.revision);
         Ok(convert::range_response(resp, header))
+    }
+}
+
+/// A `RangeStream` read in pages: the next page starts after the last key sent.
+struct Pager {
+    core: Core,
+    request: a::RangeRequest,
+    /// Keys still to send under the client's limit (`None`: no limit).
+    left: Option<i64>,
+    /// Keys in the whole range, and the revision read (fixed by the first page).
+    count: i64,
+    revision: i64,
+    first: bool,
+    done: bool,
+}
+
+impl Pager {
+    /// The next page, or `None` after the last.
+    fn next_page(&mut self) -> Option<Result<pb::RangeStreamResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        let mut page = self.request.clone();
+        page.limit = match self.left {
+            Some(left) => left.min(STREAM_CHUNK as i64),
+            None => STREAM_CHUNK as i64,
+        };
+        let store = self.core.store();
+        let resp = match a::range(&store.read(), &page) {
+            Ok(r) => r,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(status(&e)));
+            }
+        };
+        if self.first {
+            self.first = false;
+            self.revision = resp.revision;
+            self.count = resp.count;
+            if self.request.revision == 0 {
+                // Every later page reads at the first one's revision.
+                self.request.revision = resp.revision;
+            }
+        }
+        if let Some(left) = self.left.as_mut() {
+            *left -= resp.kvs.len() as i64;
+        }
+        let last = resp.kvs.last().map(|kv| kv.key.clone());
+        let more_in_range = resp.more;
+        let limit_reached = self.left.is_some_and(|l| l <= 0);
+        let mut out = pb::RangeResponse {
+            kvs: resp.kvs.into_iter().map(convert::kv).collect(),
+            ..Default::default()
+        };
+        if !more_in_range || limit_reached || last.is_none() {
+            // The last page carries the header, `more` and `count`, so that merging every page
+            // gives Range's response.
+            self.done = true;
+            out.header = self.core.header().with(self.revision);
+            out.more = limit_reached && more_in_range;
+            out.count = self.count;
+        } else if let Some(mut key) = last {
+            key.push(0);
+            self.request.key = key;
+        }
+        Some(Ok(pb::RangeStreamResponse {
+            range_response: Some(out),
+        }))
     }
 }
 
@@ -105,12 +179,42 @@ impl pb::kv_server::Kv for KvService {
     >;
 
     /// etcd 3.7's chunked Range: the keys in consecutive chunks; the header, `more` and `count`
-    /// on the last one, so that merging every chunk gives Range's response.
+    /// on the last one, so that merging every chunk gives Range's response. Ranges in key order
+    /// are read page by page at one revision; sorted ones are read whole (within the response
+    /// limit) and sent in chunks.
     async fn range_stream(
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
-        let mut full = self.do_range(request.into_inner()).await?;
+        let r = request.into_inner();
+        let key_order = matches!(r.sort_order, 0 | 1) && r.sort_target == 0;
+        let filtered = r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        if key_order && !filtered && !r.count_only {
+            self.core.metrics().ranges.inc();
+            let req = convert::range_request(r.clone())?;
+            a::check_range(&req).map_err(|e| status(&e))?;
+            if !req.serializable {
+                self.core.linearizable().await.map_err(|e| status(&e))?;
+            }
+            let mut pager = Pager {
+                core: self.core.clone(),
+                left: (req.limit > 0).then_some(req.limit),
+                request: a::RangeRequest {
+                    sort_order: a::SortOrder::None,
+                    ..req
+                },
+                count: 0,
+                revision: 0,
+                first: true,
+                done: false,
+            };
+            let stream = futures::stream::iter(std::iter::from_fn(move || pager.next_page()));
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let mut full = self.do_range(r).await?;
         let mut chunks = Vec::new();
         let kvs = std::mem::take(&mut full.kvs);
         let mut iter = kvs.into_iter().peekable();
@@ -185,7 +289,7 @@ impl pb::kv_server::Kv for KvService {
             if !is_serializable(&t) {
                 self.core.linearizable().await.map_err(|e| status(&e))?;
             }
-            a::txn(self.core.store(), &t, &a::NoLeases, None)
+            a::txn(&self.core.store(), &t, &a::NoLeases, None)
                 .map_err(|e| status(&e))?
                 .0
         } else {

@@ -2,21 +2,30 @@
 //!
 //! # Design
 //! The storage core publishes the changes of every applied revision, after they are committed and
-//! readable, on an unbounded channel to the **hub**: one task on the network runtime that owns
-//! every watcher (an actor: streams send it their create/cancel/progress requests, so no lock
-//! orders events). Like etcd's `watchableStore`, watchers are either
+//! readable, to each **hub** through a bounded feed (`crate::raft::Feed`). A hub is one task on
+//! the network runtime that owns the watchers of the streams given to it (an actor: streams send
+//! it their create/cancel/progress requests, so no lock orders events). Like etcd's
+//! `watchableStore`, watchers are either
 //! - **synced**: caught up with the hub's revision; each published revision is matched against
 //!   them and delivered at once, or
-//! - **unsynced**: behind (created with a past start revision, or moved aside because their
-//!   stream is full); the hub catches them up from the MVCC history in bounded chunks whenever
-//!   their stream has room, then they rejoin the synced set.
+//! - **unsynced**: behind (created with a past start revision, moved aside because their stream
+//!   is full, or because the hub's feed overflowed); the hub catches them up from the MVCC
+//!   history whenever their stream has room, then they rejoin the synced set. One history scan
+//!   per step serves every unsynced watcher (etcd's `syncWatchers` shares one too), and each
+//!   scan is bounded by the revisions it examines, not only by the events it finds.
 //!
 //! Each stream has an **outbox**: a queue the hub fills and the stream's gRPC sender drains.
-//! Events are only queued while the outbox holds less than [`OUTBOX_BYTES`]; beyond
-//! that the watcher goes unsynced, so a client that stops reading costs bounded memory, the
-//! storage core never waits, and the client gets every event, once and in order, from history
-//! when it reads again. Control responses (created, canceled) are always queued, ahead of any
-//! event of their watcher.
+//! Events are only queued while the outbox holds less than [`OUTBOX_BYTES`]; beyond that the
+//! watcher goes unsynced, so a client that stops reading costs bounded memory, the storage core
+//! never waits, and the client gets every event, once and in order, from history when it reads
+//! again. Control responses (created, canceled) are always queued, ahead of any event of their
+//! watcher.
+//!
+//! # Limits
+//! A stream holds at most [`MAX_WATCHERS_PER_STREAM`] watchers and the member at most
+//! [`MAX_WATCHERS`] (etcd has no limit); a create beyond them is answered as etcd answers a
+//! refused create (created and canceled, watch ID -1) with the reason. A client that sends
+//! requests faster than it reads responses is held back once its outbox is twice the limit.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -34,25 +43,22 @@ use prost::Message as _;
 use tokio::sync::{Notify, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert;
-use crate::core::Core;
+use super::convert;
+use crate::raft::{Core, Feed, FeedItem, Published};
+use crate::server::Shutdown;
 
 /// Bytes of responses a stream may have queued before its watchers go unsynced.
 pub const OUTBOX_BYTES: usize = 4 << 20;
-/// Most events read from history per catch-up step of one watcher (a revision is never split).
+/// Most events read from history per catch-up step (a revision is never split).
 pub const CATCH_UP_EVENTS: usize = 1000;
-/// Most bytes of values read from history per catch-up step of one watcher (a revision is never
-/// split).
+/// Most bytes of values read from history per catch-up step (a revision is never split).
 pub const CATCH_UP_BYTES: usize = 1 << 20;
 /// How often unsynced watchers are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(20);
-
-/// The changes of one applied revision, as the storage core publishes them.
-#[derive(Debug, Clone)]
-pub struct Published {
-    pub revision: i64,
-    pub changes: Vec<Change>,
-}
+/// Watchers one stream may hold.
+pub const MAX_WATCHERS_PER_STREAM: usize = 100_000;
+/// Watchers the member may hold.
+pub const MAX_WATCHERS: usize = 1_000_000;
 
 /// A stream's queue of responses.
 #[derive(Debug, Default)]
@@ -168,7 +174,7 @@ struct StreamState {
     progress_pending: bool,
 }
 
-/// The hub: every watcher of the member.
+/// The hub: the watchers of some streams.
 struct Hub {
     core: Core,
     streams: HashMap<u64, StreamState>,
@@ -176,6 +182,8 @@ struct Hub {
     current: i64,
     max_response_bytes: usize,
     progress_interval: Duration,
+    /// Watchers of every hub (the member-wide limit).
+    total: Arc<AtomicUsize>,
     /// Watchers, slow watchers and streams last added to the gauges by this shard.
     reported: (i64, i64, i64),
 }
@@ -186,6 +194,7 @@ struct Hub {
 pub struct WatchService {
     hubs: Vec<mpsc::UnboundedSender<HubMsg>>,
     next_stream: Arc<AtomicU64>,
+    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for HubMsg {
@@ -195,19 +204,21 @@ impl std::fmt::Debug for HubMsg {
 }
 
 impl WatchService {
-    /// Starts one hub per receiver on the current runtime; each consumes everything the
-    /// storage core publishes and serves the streams given to it (round robin), so the fan-out
-    /// of a revision to many watchers runs on several network threads. Responses are split in
+    /// Starts one hub per feed on the current runtime; each consumes everything the storage
+    /// core publishes and serves the streams given to it (round robin), so the fan-out of a
+    /// revision to many watchers runs on several network threads. Responses are split in
     /// fragments (for watchers that allow it) above `max_response_bytes`; `progress_interval`
-    /// paces progress notifications.
+    /// paces progress notifications. Streams end when `shutdown` fires.
     pub fn start(
         core: Core,
-        published: Vec<mpsc::UnboundedReceiver<Arc<Published>>>,
+        feeds: Vec<Arc<Feed>>,
         max_response_bytes: usize,
         progress_interval: Duration,
+        shutdown: Shutdown,
     ) -> WatchService {
         let mut hubs = Vec::new();
-        for published in published {
+        let total = Arc::new(AtomicUsize::new(0));
+        for feed in feeds {
             let (tx, rx) = mpsc::unbounded_channel();
             let hub = Hub {
                 current: core.store().current_revision(),
@@ -215,25 +226,18 @@ impl WatchService {
                 streams: HashMap::new(),
                 max_response_bytes,
                 progress_interval,
+                total: total.clone(),
                 reported: (0, 0, 0),
             };
-            tokio::spawn(hub.run(rx, published));
+            tokio::spawn(hub.run(rx, feed, shutdown.clone()));
             hubs.push(tx);
         }
         WatchService {
             hubs,
             next_stream: Arc::new(AtomicU64::new(0)),
+            shutdown,
         }
     }
-}
-
-/// Whether a history chunk stopped at its byte budget.
-fn chunk_full(changes: &[Change]) -> bool {
-    changes
-        .iter()
-        .map(|c| c.kv.key.len() + c.kv.value.len())
-        .sum::<usize>()
-        >= CATCH_UP_BYTES
 }
 
 fn event(c: &Change) -> mvccpb::Event {
@@ -252,7 +256,8 @@ impl Hub {
     async fn run(
         mut self,
         mut requests: mpsc::UnboundedReceiver<HubMsg>,
-        mut published: mpsc::UnboundedReceiver<Arc<Published>>,
+        feed: Arc<Feed>,
+        shutdown: Shutdown,
     ) {
         let mut tick = tokio::time::interval(CATCH_UP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -261,19 +266,16 @@ impl Hub {
             tokio::select! {
                 msg = requests.recv() => match msg {
                     Some(m) => self.handle(m),
-                    None => return,
+                    None => break,
                 },
-                p = published.recv() => match p {
-                                        Some(p) => self.publish(&p),
+                item = feed.next() => match item {
+                    FeedItem::Revision(p) => self.publish(&p),
+                    FeedItem::Lagged(revision) => self.lagged(revision),
                     // The storage core stopped: end every stream.
-                    None => {
-                        for s in self.streams.values() {
-                            s.outbox.close();
-                        }
-                        return;
-                    }
+                    FeedItem::Closed => break,
                 },
-                                _ = tick.tick() => {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {
                     self.catch_up();
                     self.gauges();
                     if last_progress.elapsed() >= self.progress_interval {
@@ -283,6 +285,13 @@ impl Hub {
                 }
             }
         }
+        for s in self.streams.values() {
+            s.outbox.close();
+        }
+        let count: usize = self.streams.values().map(|s| s.watchers.len()).sum();
+        self.total.fetch_sub(count, Ordering::AcqRel);
+        self.streams.clear();
+        self.gauges();
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -319,6 +328,7 @@ impl Hub {
             }
             HubMsg::Close(id) => {
                 if let Some(s) = self.streams.remove(&id) {
+                    self.total.fetch_sub(s.watchers.len(), Ordering::AcqRel);
                     s.outbox.close();
                 }
             }
@@ -328,6 +338,7 @@ impl Hub {
                 if let Some(s) = self.streams.get_mut(&id)
                     && s.watchers.remove(&watch_id).is_some()
                 {
+                    self.total.fetch_sub(1, Ordering::AcqRel);
                     s.outbox.push(pb::WatchResponse {
                         header,
                         watch_id,
@@ -348,14 +359,43 @@ impl Hub {
 
     fn create(&mut self, stream: u64, req: pb::WatchCreateRequest) {
         let current = self.current;
-        let store_rev = self.core.store().current_revision();
+        let store = self.core.store();
+        let store_rev = store.current_revision();
         // The store's revision, as etcd's: the hub may not have seen the newest one yet.
         let header = self.core.header().with(current.max(store_rev));
         let compacted_header = self.core.header().with(0);
-        let compacted = self.core.store().compact_revision();
+        let compacted = store.compact_revision();
+        let total = self.total.clone();
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
+        let refuse = |s: &StreamState, reason: String| {
+            // etcd answers a refused create with ID -1 (no watcher was made).
+            s.outbox.push(pb::WatchResponse {
+                header,
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            });
+        };
+        if s.watchers.len() >= MAX_WATCHERS_PER_STREAM {
+            refuse(
+                s,
+                format!(
+                    "etcdserver: too many watchers on one stream (the limit is {MAX_WATCHERS_PER_STREAM})"
+                ),
+            );
+            return;
+        }
+        if total.load(Ordering::Acquire) >= MAX_WATCHERS {
+            refuse(
+                s,
+                format!("etcdserver: too many watchers (the member's limit is {MAX_WATCHERS})"),
+            );
+            return;
+        }
         let id = if req.watch_id != 0 {
             req.watch_id
         } else {
@@ -365,15 +405,10 @@ impl Hub {
             s.next_id
         };
         if s.watchers.contains_key(&id) || id < 0 {
-            // etcd answers with ID -1 (no watcher was made).
-            s.outbox.push(pb::WatchResponse {
-                header,
-                watch_id: -1,
-                created: true,
-                canceled: true,
-                cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
-                ..Default::default()
-            });
+            refuse(
+                s,
+                "mvcc: duplicate watch ID provided on the WatchStream".into(),
+            );
             return;
         }
         if req.watch_id == 0 {
@@ -387,14 +422,7 @@ impl Hub {
         // As etcd: an empty key is "\0", the smallest key.
         let key = if req.key.is_empty() { vec![0] } else { req.key };
         if end.as_ref().is_some_and(|e| !e.is_empty() && key >= *e) {
-            s.outbox.push(pb::WatchResponse {
-                header,
-                watch_id: -1,
-                created: true,
-                canceled: true,
-                cancel_reason: "mvcc: watcher range is empty".into(),
-                ..Default::default()
-            });
+            refuse(s, "mvcc: watcher range is empty".into());
             return;
         }
         let filters = |f: pb::watch_create_request::FilterType| req.filters.contains(&(f as i32));
@@ -437,29 +465,21 @@ impl Hub {
         }
         // Caught up at the next tick, if behind.
         s.watchers.insert(id, w);
+        total.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The responses carrying `events` (from history) for watcher `id`, previous values added
-    /// if it asked for them.
-    fn responses(
-        &self,
-        id: i64,
-        w: &Watcher,
-        events: Vec<mvccpb::Event>,
-        revision: i64,
-    ) -> Vec<pb::WatchResponse> {
-        let events = if w.prev_kv {
-            with_prev(&self.core, events)
-        } else {
-            events
-        };
-        fragments(
-            self.core.header().with(revision),
-            id,
-            events,
-            w.fragment,
-            self.max_response_bytes,
-        )
+    /// The feed dropped revisions up to `revision` (it was full, or the store was replaced):
+    /// every synced watcher catches up from history.
+    fn lagged(&mut self, revision: i64) {
+        tracing::warn!(revision, "watch hub lagged behind the store: catching up from history");
+        for s in self.streams.values_mut() {
+            for w in s.watchers.values_mut() {
+                if w.synced && w.next_rev <= revision {
+                    w.synced = false;
+                }
+            }
+        }
+        self.current = self.current.max(revision);
     }
 
     fn publish(&mut self, p: &Published) {
@@ -526,86 +546,138 @@ impl Hub {
         }
     }
 
-    /// One catch-up step for every unsynced watcher whose stream has room.
+    /// One catch-up step: one bounded history scan, from the oldest revision any unsynced
+    /// watcher (whose stream has room) needs, shared by all of them.
     fn catch_up(&mut self) {
         let current = self.current;
+        let store = self.core.store();
+        let compacted = store.compact_revision();
         let mut work = Vec::new();
+        let mut cancelled = Vec::new();
+        let mut from = i64::MAX;
         for (&sid, s) in &self.streams {
             if !s.outbox.has_room() {
                 continue;
             }
             for (&id, w) in &s.watchers {
-                if !w.synced {
+                if w.synced {
+                    continue;
+                }
+                if w.next_rev < compacted {
+                    cancelled.push((sid, id));
+                } else {
+                    from = from.min(w.next_rev);
                     work.push((sid, id));
                 }
             }
         }
+        for (sid, id) in cancelled {
+            self.cancel_compacted(sid, id, compacted);
+        }
+        if work.is_empty() {
+            self.flush_progress();
+            return;
+        }
+        let result = {
+            let view = store.read();
+            view.changes(
+                from,
+                current,
+                &[0],
+                Some(&[]),
+                CATCH_UP_EVENTS,
+                CATCH_UP_BYTES,
+            )
+        };
+        let (changes, next) = match result {
+            Ok(r) => r,
+            Err(Error::Compacted) => {
+                // Compacted meanwhile: the next step cancels whoever needs the gap.
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading watch history");
+                return;
+            }
+        };
+        // Every revision before `next` was examined (all of them up to `current` if the scan
+        // did not stop early).
+        let reached = next.min(current + 1);
         for (sid, id) in work {
-            if !self.streams[&sid].outbox.has_room() {
+            let Some(s) = self.streams.get(&sid) else {
+                continue;
+            };
+            if !s.outbox.has_room() {
                 // Filled by the other watchers of its stream in this step.
                 continue;
             }
-            let result = {
-                let w = &self.streams[&sid].watchers[&id];
-                let end = w.end.as_deref();
-                let view = self.core.store().read();
-                view.changes(
-                    w.next_rev,
-                    current,
-                    &w.key,
-                    end,
-                    CATCH_UP_EVENTS,
-                    CATCH_UP_BYTES,
-                )
+            let w = &s.watchers[&id];
+            if w.next_rev >= reached {
+                continue;
+            }
+            let events: Vec<mvccpb::Event> = changes
+                .iter()
+                .filter(|c| c.kv.mod_revision >= w.next_rev && w.wants(c))
+                .map(event)
+                .collect();
+            let responses = if events.is_empty() {
+                Vec::new()
+            } else {
+                self.responses(id, w, events, current)
             };
-            match result {
-                Err(Error::Compacted) => {
-                    let compact_revision = self.core.store().compact_revision();
-                    let s = self.streams.get_mut(&sid).expect("listed");
-                    s.watchers.remove(&id);
-                    s.outbox.push(pb::WatchResponse {
-                        header: self.core.header().with(0),
-                        watch_id: id,
-                        canceled: true,
-                        compact_revision,
-                        ..Default::default()
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading watch history");
-                }
-                Ok(changes) => {
-                    let w = &self.streams[&sid].watchers[&id];
-                    let (done, next) = match changes.last() {
-                        // A full chunk: continue after its last revision (synced if that was
-                        // the hub's revision).
-                        Some(last) if changes.len() >= CATCH_UP_EVENTS || chunk_full(&changes) => {
-                            let next = last.kv.mod_revision + 1;
-                            (next > current, next)
-                        }
-                        _ => (true, current + 1),
-                    };
-                    let events: Vec<mvccpb::Event> =
-                        changes.iter().filter(|c| w.wants(c)).map(event).collect();
-                    let responses = if events.is_empty() {
-                        Vec::new()
-                    } else {
-                        self.responses(id, w, events, current)
-                    };
-                    let s = self.streams.get_mut(&sid).expect("listed");
-                    let w = s.watchers.get_mut(&id).expect("listed");
-                    w.next_rev = next;
-                    w.synced = done;
-                    if !responses.is_empty() {
-                        w.last_sent = Instant::now();
-                    }
-                    for r in responses {
-                        s.outbox.push(r);
-                    }
-                }
+            let s = self.streams.get_mut(&sid).expect("listed");
+            let w = s.watchers.get_mut(&id).expect("listed");
+            w.next_rev = reached;
+            w.synced = reached > current;
+            if !responses.is_empty() {
+                w.last_sent = Instant::now();
+            }
+            for r in responses {
+                s.outbox.push(r);
             }
         }
         self.flush_progress();
+    }
+
+    /// History below the compaction is gone: cancelled with the compacted revision, as etcd.
+    fn cancel_compacted(&mut self, sid: u64, id: i64, compact_revision: i64) {
+        let header = self.core.header().with(0);
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        if s.watchers.remove(&id).is_some() {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            s.outbox.push(pb::WatchResponse {
+                header,
+                watch_id: id,
+                canceled: true,
+                compact_revision,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// The responses carrying `events` (from history) for watcher `id`, previous values added
+    /// if it asked for them.
+    fn responses(
+        &self,
+        id: i64,
+        w: &Watcher,
+        events: Vec<mvccpb::Event>,
+        revision: i64,
+    ) -> Vec<pb::WatchResponse> {
+        let events = if w.prev_kv {
+            with_prev(&self.core, events)
+        } else {
+            events
+        };
+        fragments(
+            self.core.header().with(revision),
+            id,
+            events,
+            w.fragment,
+            self.max_response_bytes,
+        )
     }
 
     /// An empty response to every synced watcher that asked for progress notifications and got
@@ -632,7 +704,8 @@ impl Hub {
 /// `events` with their previous values: the key's value at the revision before, except for a
 /// put that created the key (as etcd), and left out if compacted away.
 fn with_prev(core: &Core, mut events: Vec<mvccpb::Event>) -> Vec<mvccpb::Event> {
-    let view = core.store().read();
+    let store = core.store();
+    let view = store.read();
     for e in &mut events {
         let Some(kv) = &e.kv else { continue };
         let put = e.r#type == mvccpb::event::EventType::Put as i32;
@@ -712,6 +785,9 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        if self.shutdown.fired() {
+            return Err(Status::unavailable("etcdserver: server stopped"));
+        }
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();

@@ -1,0 +1,305 @@
+//! The storage core: one thread, one pinned glommio executor, owning the raft node, the WAL and
+//! the MVCC write path. Network threads reach it through [`Core`], a `Send + Clone` handle, so
+//! neither side knows the other's runtime.
+//!
+//! # Layout
+//! - [`node`]: the raft node and its `Ready` loop: proposals, ReadIndex, ticks, persistence
+//!   (asynchronous: the loop keeps ticking while the WAL syncs), timeouts, lease upkeep.
+//! - [`apply`](self::apply): applying committed entries to the MVCC store, the lessor and the
+//!   membership, one backend transaction per batch.
+//! - [`proposal`]: the wire format of a raft entry's request, checked before it is proposed.
+//! - [`storage`]: raft-rs's `Storage` over the WAL, with the membership and snapshot metadata
+//!   of the backend.
+//! - [`checkpoint`]: backend syncs on a thread of their own.
+//! - [`events`]: the bounded feeds of applied revisions to the watch hubs.
+//!
+//! # The loop
+//! Commands arrive on a bounded channel and are drained up to [`DRAIN`] at a time. One drain
+//! becomes one batch of raft proposals (and one ReadIndex for all its linearizable reads). Each
+//! raft `Ready` is handled at once: messages that may leave before persistence go out, committed
+//! entries are applied in one backend transaction and answered, and the new entries and hard
+//! state are handed to the WAL, whose group commit makes them durable with one write and one
+//! fdatasync. The loop does not wait for that: it goes on ticking and taking commands, and when
+//! the fdatasync completes it tells raft (`on_persist_ready`), which may then commit more.
+
+pub mod apply;
+pub mod checkpoint;
+pub mod events;
+pub mod log;
+pub mod node;
+pub mod proposal;
+pub mod storage;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use keel_engine::lease::Lessor;
+use keel_engine::mvcc::Store;
+use keel_engine::mvcc::apply as a;
+use keel_engine::{Error, Result};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::convert::Header;
+use crate::metrics::Metrics;
+pub use self::events::{Feed, FeedItem, Published};
+pub use self::node::CoreConfig;
+pub use self::proposal::{Proposal, Request};
+
+/// Most commands taken per wake-up.
+pub const DRAIN: usize = 256;
+/// Commands queued for the core at most; senders wait for room beyond.
+pub const COMMAND_QUEUE: usize = 4096;
+/// Bytes of proposals admitted (queued or in raft, not yet answered) at most; beyond it writes
+/// are refused with `etcdserver: too many requests` rather than held in memory.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// The result of an applied write.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Put(a::PutResponse),
+    DeleteRange(a::DeleteRangeResponse),
+    Txn(a::TxnResponse),
+    /// A compaction; the store's revision when it was applied.
+    Compaction(i64),
+    /// A lease granted: its ID and TTL.
+    LeaseGrant { id: i64, ttl: i64 },
+    /// A lease revoked (its keys deleted in one revision).
+    LeaseRevoke,
+    LeaseCheckpoint,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What network threads ask of the core.
+pub(crate) enum Command {
+    /// Propose encoded proposal `data` (with ID `id`) and answer once it is applied.
+    Propose {
+        id: u64,
+        data: Vec<u8>,
+        reply: Reply<Applied>,
+    },
+    /// Answer once a read started now would see every write acknowledged before.
+    ReadIndex(Reply<()>),
+    /// Stop: checkpoint, close the WAL, answer.
+    Stop(oneshot::Sender<()>),
+}
+
+/// State the core shares with the network threads.
+pub struct Shared {
+    /// The MVCC store (replaced as a whole when a snapshot is installed).
+    store: ArcSwap<Store>,
+    /// The lease table (applied state; keep-alives renew it directly on the leader). The core
+    /// locks it per request it applies, never across a batch or an fdatasync.
+    lessor: Mutex<Lessor>,
+    term: AtomicU64,
+    leader: AtomicU64,
+    /// False once the storage core has stopped: nothing is served as if it ran.
+    alive: AtomicBool,
+    /// Bytes of proposals admitted and not yet answered (see [`MAX_QUEUED_BYTES`]).
+    queued_bytes: AtomicUsize,
+    /// Proposal IDs: a random per-process prefix and a counter.
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    cluster_id: u64,
+    member_id: u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("member_id", &self.member_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks the lessor; a panic elsewhere while holding it leaves consistent data (every update is
+/// a single insert or remove), so poisoning is ignored.
+fn lock(l: &Mutex<Lessor>) -> MutexGuard<'_, Lessor> {
+    l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The handle network threads use. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Core {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    max_request_bytes: usize,
+}
+
+/// An admitted proposal's share of [`MAX_QUEUED_BYTES`], given back when dropped.
+struct Admitted<'a> {
+    shared: &'a Shared,
+    bytes: usize,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .queued_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+impl Core {
+    /// The MVCC store, for reads.
+    pub fn store(&self) -> Arc<Store> {
+        self.shared.store.load_full()
+    }
+
+    /// The member's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The lease table.
+    pub fn lessor(&self) -> MutexGuard<'_, Lessor> {
+        lock(&self.shared.lessor)
+    }
+
+    /// Cluster and member IDs.
+    pub fn ids(&self) -> (u64, u64) {
+        (self.shared.cluster_id, self.shared.member_id)
+    }
+
+    /// The response header fields of this member now.
+    pub fn header(&self) -> Header {
+        Header {
+            cluster_id: self.shared.cluster_id,
+            member_id: self.shared.member_id,
+            raft_term: self.raft_term(),
+        }
+    }
+
+    /// The current raft term.
+    pub fn raft_term(&self) -> u64 {
+        self.shared.term.load(Ordering::Relaxed)
+    }
+
+    /// The leader's member ID (0: none known).
+    pub fn leader(&self) -> u64 {
+        self.shared.leader.load(Ordering::Relaxed)
+    }
+
+    /// Whether the storage core runs.
+    pub fn alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Proposes a write and waits until it is applied. The bytes that will be proposed are
+    /// encoded and checked here (size, txn nesting), on the calling thread.
+    pub async fn write(&self, request: Request) -> Result<Applied> {
+        if !self.alive() {
+            return Err(Error::Stopped);
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = Proposal {
+            id,
+            request: Some(request),
+            member: self.shared.member_id,
+        }
+        .encode_checked(self.max_request_bytes)?;
+        let bytes = data.len();
+        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let _admitted = Admitted {
+            shared: &self.shared,
+            bytes,
+        };
+        if before + bytes > MAX_QUEUED_BYTES {
+            return Err(Error::TooManyRequests);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Propose { id, data, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Waits until a read started now would see every write acknowledged before (raft ReadIndex).
+    pub async fn linearizable(&self) -> Result<()> {
+        if !self.alive() {
+            return Err(Error::Stopped);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ReadIndex(reply))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Asks the core to stop (checkpoint, close the WAL) and waits until it has, at most
+    /// `within`.
+    pub async fn stop(&self, within: Duration) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Stop(reply)).await.is_ok() {
+            let _ = tokio::time::timeout(within, rx).await;
+        }
+    }
+}
+
+/// A running storage core: its handle, and a receiver that resolves when its thread ends, with
+/// the error that stopped it if any.
+pub struct Started {
+    pub core: Core,
+    pub done: oneshot::Receiver<Result<()>>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the storage core thread and waits until it has recovered and is ready.
+pub fn start(config: CoreConfig) -> Result<Started> {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<Arc<Shared>>>();
+    let (done_tx, done) = oneshot::channel();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = config.cpu.unwrap_or(cpus - 1).min(cpus - 1);
+    let max_request_bytes = config.max_request_bytes;
+    let thread = std::thread::Builder::new()
+        .name("keel-storage".into())
+        // Applying a txn nested 128 deep recurses through the engine's apply.
+        .stack_size(16 << 20)
+        .spawn(move || {
+            let result = (|| {
+                let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+                    .io_memory(1 << 20)
+                    .spin_before_park(node::SPIN_BEFORE_PARK)
+                    .name("keel-storage")
+                    .make()
+                    .map_err(|e| Error::InvalidArgument(format!("starting the storage core: {e}")))?;
+                ex.run(async move {
+                    let node = match node::Node::open(config).await {
+                        Ok(node) => node,
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e.clone()));
+                            return Err(e);
+                        }
+                    };
+                    let shared = node.shared().clone();
+                    let _ = init_tx.send(Ok(shared.clone()));
+                    let result = node.run(rx).await;
+                    shared.alive.store(false, Ordering::Release);
+                    result
+                })
+            })();
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "the storage core stopped");
+            }
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| Error::io("starting thread", "keel-storage", e))?;
+    let shared = match init_rx.recv() {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Stopped),
+    };
+    Ok(Started {
+        core: Core {
+            tx,
+            shared,
+            max_request_bytes,
+        },
+        done,
+        thread,
+    })
+}

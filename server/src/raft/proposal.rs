@@ -1,0 +1,164 @@
+//! What a raft entry carries: a [`Proposal`], one client write (or a write the member makes
+//! itself: lease expiry, checkpoints, compaction), as etcd's own request messages.
+//!
+//! # Wire format
+//! A protobuf message (prost), stored as the data of an `EntryNormal`:
+//!
+//! | field | tag | meaning |
+//! |---|---|---|
+//! | `id` | 1 | matches the reply to the waiting request on the proposing member |
+//! | `request` | 2–8 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages) |
+//! | `member` | 15 | the proposing member's ID (0 in entries written before replication) |
+//!
+//! The network side encodes exactly the bytes that will be proposed and checks them (size and
+//! txn nesting) before anything reaches raft, so every committed entry decodes; [`decode`]
+//! checks the nesting again before prost recurses, because a committed entry that cannot be
+//! decoded must cost one request an error, never the member its storage core.
+
+use keel_engine::Error;
+use keel_proto::codec::{self, DepthError, MAX_TXN_DEPTH, Nested};
+use keel_proto::etcdserverpb as pb;
+use prost::Message as _;
+use prost::encoding::{WireType, decode_key, decode_varint};
+
+/// A write, as carried in a raft entry: etcd's own request messages.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Proposal {
+    /// Matches the reply to the request on the proposing member.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8")]
+    pub request: Option<Request>,
+    /// The member that proposed it (only its waiter gets the reply).
+    #[prost(uint64, tag = "15")]
+    pub member: u64,
+}
+
+/// The request of a proposal.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Request {
+    #[prost(message, tag = "2")]
+    Put(pb::PutRequest),
+    #[prost(message, tag = "3")]
+    DeleteRange(pb::DeleteRangeRequest),
+    #[prost(message, tag = "4")]
+    Txn(pb::TxnRequest),
+    #[prost(message, tag = "5")]
+    Compaction(pb::CompactionRequest),
+    /// A grant; the ID is chosen (non-zero) before the proposal.
+    #[prost(message, tag = "6")]
+    LeaseGrant(pb::LeaseGrantRequest),
+    #[prost(message, tag = "7")]
+    LeaseRevoke(pb::LeaseRevokeRequest),
+    #[prost(message, tag = "8")]
+    LeaseCheckpoint(pb::LeaseCheckpointRequest),
+}
+
+/// The tag of `Request::Txn` in a proposal.
+const TXN_TAG: u32 = 4;
+
+/// Checks the nesting of a txn inside encoded proposal bytes without decoding them.
+fn check_nesting(mut buf: &[u8]) -> Result<(), Error> {
+    let malformed = |why: &str| Error::InvalidArgument(format!("undecodable proposal: {why}"));
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).map_err(|e| malformed(&e.to_string()))?;
+        match wire {
+            WireType::Varint => {
+                decode_varint(&mut buf).map_err(|e| malformed(&e.to_string()))?;
+            }
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut buf).map_err(|e| malformed(&e.to_string()))?;
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&l| l <= buf.len())
+                    .ok_or_else(|| malformed("a field runs past the end"))?;
+                let (field, rest) = buf.split_at(len);
+                if tag == TXN_TAG {
+                    match codec::txn_depth(field, Nested::TxnRequest, MAX_TXN_DEPTH) {
+                        Ok(_) => {}
+                        Err(DepthError::TooDeep) => {
+                            return Err(Error::InvalidArgument(codec::too_deep_message()));
+                        }
+                        Err(DepthError::Malformed(why)) => return Err(malformed(why)),
+                    }
+                }
+                buf = rest;
+            }
+            WireType::SixtyFourBit if buf.len() >= 8 => buf = &buf[8..],
+            WireType::ThirtyTwoBit if buf.len() >= 4 => buf = &buf[4..],
+            _ => return Err(malformed("unsupported wire type")),
+        }
+    }
+    Ok(())
+}
+
+/// Decodes an entry's proposal, refusing (not recursing into) a txn nested too deep.
+pub fn decode(data: &[u8]) -> Result<Proposal, Error> {
+    check_nesting(data)?;
+    Proposal::decode(data).map_err(|e| Error::InvalidArgument(format!("undecodable proposal: {e}")))
+}
+
+impl Proposal {
+    /// The encoded proposal, checked as it will be applied: nesting within [`MAX_TXN_DEPTH`]
+    /// and at most `max_bytes` (etcd's `--max-request-bytes`; 0: no limit).
+    pub fn encode_checked(&self, max_bytes: usize) -> Result<Vec<u8>, Error> {
+        let data = self.encode_to_vec();
+        if max_bytes > 0 && data.len() > max_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        check_nesting(&data)?;
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> pb::TxnRequest {
+        let mut t = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        for _ in 1..depth {
+            t = pb::TxnRequest {
+                success: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestTxn(t)),
+                }],
+                ..Default::default()
+            };
+        }
+        t
+    }
+
+    #[test]
+    fn proposals_round_trip_and_deep_txns_are_refused_before_decoding() {
+        let p = Proposal {
+            id: 7,
+            member: 9,
+            request: Some(Request::Txn(nested(MAX_TXN_DEPTH))),
+        };
+        let bytes = p.encode_checked(0).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), p);
+        let deep = Proposal {
+            id: 7,
+            member: 9,
+            request: Some(Request::Txn(nested(MAX_TXN_DEPTH + 1))),
+        };
+        assert!(matches!(deep.encode_checked(0), Err(Error::InvalidArgument(m)) if m.contains("nested")));
+        assert!(matches!(decode(&deep.encode_to_vec()), Err(Error::InvalidArgument(_))));
+        assert!(matches!(p.encode_checked(10), Err(Error::RequestTooLarge)));
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        for bytes in [&[0x22][..], &[0x22, 0x09, 1], &[0xff; 12], &[0x0b]] {
+            assert!(decode(bytes).is_err(), "{bytes:?}");
+        }
+    }
+}
