@@ -3,12 +3,14 @@
 //!
 //! etcd's `TxnRequest` nests (`RequestOp.request_txn`), and etcd accepts nesting as deep as
 //! `--max-txn-ops` lets a request be (128 levels by default: each level passes what is left of
-//! the op budget to the next, see `v3rpc/key.go` `checkTxnRequest`). Two protobuf levels per txn
-//! level would pass prost's default recursion limit (100) at 50 txn levels, so the workspace
-//! builds prost with `no-recursion-limit`, and this codec bounds the depth instead: it walks the
-//! wire bytes of a `TxnRequest` (or `TxnResponse`) *iteratively* before prost decodes them, and
-//! refuses more than [`MAX_TXN_DEPTH`] levels with `InvalidArgument`. No other message of the
-//! API is recursive, so nothing else can nest deeper than its schema.
+//! the op budget to the next, see `v3rpc/key.go` `checkTxnRequest`, so level 129 fails with
+//! "too many operations"). Two protobuf levels per txn level would pass prost's default recursion
+//! limit (100) at 50 txn levels, so the workspace builds prost with `no-recursion-limit`, and
+//! this codec bounds the depth instead: it walks the wire bytes of a `TxnRequest` (or
+//! `TxnResponse`) *iteratively* before prost decodes them, and refuses more than
+//! [`MAX_TXN_DEPTH`] levels with `InvalidArgument`. The bound is twice etcd's default, so with
+//! the default `--max-txn-ops` every depth gets etcd's own answer from the server's checks. No
+//! other message of the API is recursive, so nothing else can nest deeper than its schema.
 
 use std::any::TypeId;
 use std::marker::PhantomData;
@@ -20,9 +22,9 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 
 use crate::etcdserverpb::{TxnRequest, TxnResponse};
 
-/// Deepest txn nesting accepted (the request itself is level 1). etcd's default
-/// `--max-txn-ops` (128) allows exactly this many levels.
-pub const MAX_TXN_DEPTH: usize = 128;
+/// Deepest txn nesting decoded (the request itself is level 1): twice the 128 levels etcd's
+/// default `--max-txn-ops` allows.
+pub const MAX_TXN_DEPTH: usize = 256;
 
 /// etcd-style message for a txn nested deeper than [`MAX_TXN_DEPTH`].
 pub fn too_deep_message() -> String {
@@ -242,7 +244,7 @@ mod tests {
 
     #[test]
     fn depth_is_measured_without_decoding() {
-        for depth in [1, 2, 49, 60, MAX_TXN_DEPTH] {
+        for depth in [1, 2, 49, 60, 128, MAX_TXN_DEPTH] {
             let bytes = nested(depth).encode_to_vec();
             assert_eq!(
                 txn_depth(&bytes, Nested::TxnRequest, MAX_TXN_DEPTH),

@@ -1,5 +1,6 @@
 //! Configuration: etcd's flag names, defaults and `ETCD_*` environment variables (etcd 3.4), plus
-//! Keel's own `--storage-core` and `--net-threads`.
+//! Keel's own flags (`KEEL_*` variables): `--storage-core`, `--net-threads`,
+//! `--max-watchers-per-stream`, `--max-watchers`.
 //!
 //! Parsing is two steps: clap reads flags and environment variables into [`Flags`] (an unknown or
 //! malformed flag is a usage error: message and exit code 2, as etcd), then [`Flags::validate`]
@@ -127,6 +128,12 @@ pub struct Flags {
         default_value = "10m"
     )]
     pub experimental_watch_progress_notify_interval: String,
+    /// Watchers one watch stream may hold (Keel's limit; etcd has none).
+    #[arg(long, env = "KEEL_MAX_WATCHERS_PER_STREAM", default_value_t = 100_000)]
+    pub max_watchers_per_stream: usize,
+    /// Watchers the member may hold in all (Keel's limit; etcd has none).
+    #[arg(long, env = "KEEL_MAX_WATCHERS", default_value_t = 1_000_000)]
+    pub max_watchers: usize,
     /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
     #[arg(long, env = "KEEL_STORAGE_CORE")]
     pub storage_core: Option<usize>,
@@ -191,6 +198,8 @@ pub struct Config {
     pub watch_progress_notify_interval: Duration,
     pub storage_core: Option<usize>,
     pub net_threads: Option<usize>,
+    pub max_watchers_per_stream: usize,
+    pub max_watchers: usize,
 }
 
 /// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
@@ -448,6 +457,8 @@ impl Flags {
             log_level: self.log_level,
             storage_core: self.storage_core,
             net_threads: self.net_threads,
+            max_watchers_per_stream: self.max_watchers_per_stream,
+            max_watchers: self.max_watchers,
             lease_checkpoint_interval,
             watch_progress_notify_interval,
             name: self.name,
@@ -592,7 +603,10 @@ mod tests {
             let env = arg
                 .get_env()
                 .unwrap_or_else(|| panic!("--{long} has no environment variable"));
-            let expected = if matches!(long, "storage-core" | "net-threads") {
+            let expected = if matches!(
+                long,
+                "storage-core" | "net-threads" | "max-watchers-per-stream" | "max-watchers"
+            ) {
                 format!("KEEL_{}", long.to_uppercase().replace('-', "_"))
             } else {
                 format!("ETCD_{}", long.to_uppercase().replace('-', "_"))
@@ -600,7 +614,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 23);
+        assert_eq!(checked, 25);
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //! - [`membership`]: member and cluster IDs, as etcd derives them.
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
+//! - [`faults`]: fault injection for tests (environment variables, inert unless set).
 
 pub mod api;
 pub mod compactor;
 pub mod config;
+pub mod faults;
 pub mod http;
 pub mod membership;
 pub mod metrics;

@@ -183,6 +183,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         lease_checkpoint_interval: config.lease_checkpoint_interval,
         feeds: feeds.clone(),
+        faults: crate::faults::Faults::from_env(),
     })
     .context("starting the storage core")?;
     let core = started.core;
@@ -222,6 +223,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             feeds,
             limit,
             config.watch_progress_notify_interval,
+            crate::api::watch::Limits {
+                per_stream: config.max_watchers_per_stream,
+                total: config.max_watchers,
+            },
             shutdown.clone(),
         ))
         .max_decoding_message_size(limit);

@@ -67,6 +67,24 @@ pub struct WalOptions {
     pub metadata: Metadata,
     /// Called with the duration of every group-commit fdatasync (for metrics).
     pub on_sync: Option<SyncObserver>,
+    /// Fault injection for tests: awaited before every group-commit fdatasync; an error fails the
+    /// sync as the OS would (and poisons the WAL), a delay stalls it like a slow disk.
+    pub sync_fault: Option<SyncFault>,
+}
+
+/// A fault injected before each WAL fdatasync (see [`WalOptions::sync_fault`]).
+#[derive(Clone)]
+pub struct SyncFault(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<
+        dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>>>> + Send + Sync,
+    >,
+);
+
+impl std::fmt::Debug for SyncFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncFault")
+    }
 }
 
 /// A callback given the duration of each WAL fdatasync.
@@ -89,6 +107,7 @@ impl Default for WalOptions {
             max_spares: 2,
             metadata: Metadata::default(),
             on_sync: None,
+            sync_fault: None,
         }
     }
 }

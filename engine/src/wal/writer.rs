@@ -173,6 +173,12 @@ impl Writer {
         bytes[prefix + chunk.data.len()..].fill(0);
         segment::write_all(&active.file, &active.path, buf, write_pos).await?;
         let started = std::time::Instant::now();
+        let fault = self.shared.borrow().options.sync_fault.clone();
+        if let Some(fault) = fault {
+            (fault.0)()
+                .await
+                .map_err(|e| Error::io("fdatasync", &active.path, e))?;
+        }
         segment::fdatasync(&active.file, &active.path).await?;
         let observer = self.shared.borrow().options.on_sync.clone();
         if let Some(observe) = observer {

@@ -22,8 +22,8 @@
 //! watcher.
 //!
 //! # Limits
-//! A stream holds at most [`MAX_WATCHERS_PER_STREAM`] watchers and the member at most
-//! [`MAX_WATCHERS`] (etcd has no limit); a create beyond them is answered as etcd answers a
+//! A stream holds at most `--max-watchers-per-stream` watchers (100,000 by default) and the
+//! member at most `--max-watchers` (1,000,000) (etcd has no limit); a create beyond them is answered as etcd answers a
 //! refused create (created and canceled, watch ID -1) with the reason. A client that sends
 //! requests faster than it reads responses is held back once its outbox is twice the limit.
 
@@ -55,10 +55,12 @@ pub const CATCH_UP_EVENTS: usize = 1000;
 pub const CATCH_UP_BYTES: usize = 1 << 20;
 /// How often unsynced watchers are retried.
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(20);
-/// Watchers one stream may hold.
-pub const MAX_WATCHERS_PER_STREAM: usize = 100_000;
-/// Watchers the member may hold.
-pub const MAX_WATCHERS: usize = 1_000_000;
+/// Watcher limits (`--max-watchers-per-stream`, `--max-watchers`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_stream: usize,
+    pub total: usize,
+}
 
 /// A stream's queue of responses.
 #[derive(Debug, Default)]
@@ -184,6 +186,7 @@ struct Hub {
     progress_interval: Duration,
     /// Watchers of every hub (the member-wide limit).
     total: Arc<AtomicUsize>,
+    limits: Limits,
     /// Watchers, slow watchers and streams last added to the gauges by this shard.
     reported: (i64, i64, i64),
 }
@@ -214,6 +217,7 @@ impl WatchService {
         feeds: Vec<Arc<Feed>>,
         max_response_bytes: usize,
         progress_interval: Duration,
+        limits: Limits,
         shutdown: Shutdown,
     ) -> WatchService {
         let mut hubs = Vec::new();
@@ -227,6 +231,7 @@ impl WatchService {
                 max_response_bytes,
                 progress_interval,
                 total: total.clone(),
+                limits,
                 reported: (0, 0, 0),
             };
             tokio::spawn(hub.run(rx, feed, shutdown.clone()));
@@ -366,6 +371,7 @@ impl Hub {
         let compacted_header = self.core.header().with(0);
         let compacted = store.compact_revision();
         let total = self.total.clone();
+        let limits = self.limits;
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -380,19 +386,23 @@ impl Hub {
                 ..Default::default()
             });
         };
-        if s.watchers.len() >= MAX_WATCHERS_PER_STREAM {
+        if s.watchers.len() >= limits.per_stream {
             refuse(
                 s,
                 format!(
-                    "etcdserver: too many watchers on one stream (the limit is {MAX_WATCHERS_PER_STREAM})"
+                    "etcdserver: too many watchers on one stream (the limit is {})",
+                    limits.per_stream
                 ),
             );
             return;
         }
-        if total.load(Ordering::Acquire) >= MAX_WATCHERS {
+        if total.load(Ordering::Acquire) >= limits.total {
             refuse(
                 s,
-                format!("etcdserver: too many watchers (the member's limit is {MAX_WATCHERS})"),
+                format!(
+                    "etcdserver: too many watchers (the member's limit is {})",
+                    limits.total
+                ),
             );
             return;
         }

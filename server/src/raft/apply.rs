@@ -54,7 +54,9 @@ impl Node {
             prev = here;
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => {
-                    // The empty entry a new leader commits first.
+                    // The empty entry a new leader commits first: reads it dropped until now
+                    // can be asked again.
+                    self.term_started = true;
                     continue;
                 }
                 EntryType::EntryNormal => {}

@@ -100,6 +100,8 @@ pub struct CoreConfig {
     pub lease_checkpoint_interval: Duration,
     /// Where the changes of each applied revision go (every watch hub).
     pub feeds: Vec<Arc<Feed>>,
+    /// Faults to inject (tests).
+    pub faults: crate::faults::Faults,
 }
 
 impl CoreConfig {
@@ -124,7 +126,15 @@ pub(super) struct Pending {
 struct ReadBatch {
     waiters: Vec<Reply<()>>,
     started: Instant,
+    /// When the request was last given to raft: raft drops it silently if the leader has not
+    /// yet committed an entry of its term (or no leader is known), so it is given again (etcd
+    /// retries every 500 ms, and when the leader's first entry commits).
+    issued: Instant,
 }
+
+/// How long a ReadIndex waits for its read state before it is asked again (etcd's
+/// `readIndexRetryTime`).
+const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
 
 /// An append to the WAL in flight.
 struct InFlight {
@@ -168,6 +178,9 @@ pub(crate) struct Node {
     marker: u64,
     releasing: Option<glommio::task::JoinHandle<Result<usize>>>,
     pub(super) compaction: Option<CompactionJob>,
+    /// Set when an apply met a leader's first (empty) entry of its term: reads raft dropped
+    /// before it committed are asked again.
+    pub(super) term_started: bool,
     /// Expired leases whose revocation was proposed, and when.
     pub(super) revoking: HashMap<i64, Instant>,
     lease_checked_at: Instant,
@@ -215,6 +228,7 @@ impl Node {
                 member_id: cfg.member_id,
             },
             max_record_size: WAL_MAX_RECORD,
+            sync_fault: cfg.faults.wal_sync_fault(),
             on_sync: Some({
                 let metrics = cfg.metrics.clone();
                 SyncObserver(Arc::new(move |d| {
@@ -375,6 +389,7 @@ impl Node {
             marker,
             releasing: None,
             compaction: None,
+            term_started: false,
             revoking: HashMap::new(),
             lease_checked_at: Instant::now(),
             lease_checkpointed_at: Instant::now(),
@@ -444,6 +459,7 @@ impl Node {
                     next_tick = (next_tick + heartbeat).max(now);
                     timer = glommio::timer::Timer::new(next_tick - now);
                     self.expire(now);
+                    self.retry_reads(false);
                 }
                 Event::Persisted(result) => {
                     result?;
@@ -524,6 +540,10 @@ impl Node {
                     None
                 };
             self.raw.advance_append_async(rd);
+            if std::mem::take(&mut self.term_started) {
+                // After `advance`: raft takes no step between `ready` and `advance`.
+                self.retry_reads(true);
+            }
             match durable {
                 Some(durable) => self.persisting.push_back(InFlight {
                     number,
@@ -637,13 +657,31 @@ impl Node {
         self.next_read += 1;
         let ctx = self.next_read.to_le_bytes().to_vec();
         self.raw.read_index(ctx.clone());
+        let now = Instant::now();
         self.reads.insert(
             ctx,
             ReadBatch {
                 waiters,
-                started: Instant::now(),
+                started: now,
+                issued: now,
             },
         );
+    }
+
+    /// Gives raft again the ReadIndex requests it has not answered: those older than
+    /// [`READ_INDEX_RETRY`], or all of them (`all`) once a new leader's first entry is applied.
+    pub(super) fn retry_reads(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut again = Vec::new();
+        for (ctx, batch) in &mut self.reads {
+            if all || now.duration_since(batch.issued) >= READ_INDEX_RETRY {
+                batch.issued = now;
+                again.push(ctx.clone());
+            }
+        }
+        for ctx in again {
+            self.raw.read_index(ctx);
+        }
     }
 
     fn serve_reads(&mut self) {

@@ -44,21 +44,86 @@ fn wait_listening(child: &mut Child, port: u16, what: &str) {
 
 /// Starts `keel` on `port` with data dir `data` and the extra flags.
 pub fn keel(data: &Path, port: u16, extra: &[&str]) -> Server {
+    keel_with(data, port, extra, &[], None)
+}
+
+/// The `keel` command for data dir `data` on `port`, with the extra flags and environment.
+pub fn keel_command(data: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Command {
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(extra)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(extra)
         .arg(format!("--data-dir={}", data.display()))
         .arg(format!("--listen-client-urls={endpoint}"))
         .arg(format!("--advertise-client-urls={endpoint}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .envs(env.iter().copied())
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Starts `keel` with an environment, its stderr going to `log` (else discarded).
+pub fn keel_with(
+    data: &Path,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    log: Option<&Path>,
+) -> Server {
+    let mut cmd = keel_command(data, port, extra, env);
+    match log {
+        Some(path) => cmd.stderr(std::fs::File::create(path).unwrap()),
+        None => cmd.stderr(Stdio::null()),
+    };
+    let mut child = cmd.spawn().unwrap();
     wait_listening(&mut child, port, "keel");
     Server {
         child,
         port,
-        endpoint,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Runs `keel`, expecting it to refuse to start: its exit code and stderr.
+pub fn keel_refused(data: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let port = free_port();
+    let mut child = keel_command(data, port, extra, &[])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Generous: a start that hangs instead of refusing fails the test rather than blocking it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keel did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Server {
+    /// Sends SIGTERM and waits for the process to exit (at most a generous minute, so that a
+    /// hang fails the test): its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the PID of our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit()
+    }
+
+    /// Waits for the process to exit on its own (at most a generous minute).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "keel did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
