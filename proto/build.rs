@@ -4,6 +4,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
+        "keel/peer.proto",
         "etcd/api/etcdserverpb/rpc.proto",
         "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
         "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
@@ -13,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Keys and values of `mvccpb.KeyValue` as `bytes::Bytes`: a watch event delivered to
         // many watchers shares one copy of them instead of one per watcher.
         .bytes(".mvccpb.KeyValue")
+        // Raft messages and snapshot data pass through without a copy.
+        .bytes(".keelpeer")
         // prost's codec plus a nesting check of txns before they are decoded.
         .codec_path("crate::codec::KeelCodec")
         .build_client(true)

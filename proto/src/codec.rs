@@ -55,7 +55,9 @@ pub enum DepthError {
 fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, DepthError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
-        let b = *buf.get(*pos).ok_or(DepthError::Malformed("truncated varint"))?;
+        let b = *buf
+            .get(*pos)
+            .ok_or(DepthError::Malformed("truncated varint"))?;
         *pos += 1;
         value |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {

@@ -30,6 +30,12 @@ pub mod v3lockpb {
     tonic::include_proto!("v3lockpb");
 }
 
+/// `keelpeer`: Keel's member-to-member protocol (raft messages, snapshots, probes, forwarded
+/// lease requests), served on the peer URLs.
+pub mod keelpeer {
+    tonic::include_proto!("keelpeer");
+}
+
 /// `v3electionpb`: the Election service.
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");

@@ -8,10 +8,77 @@
 //!   bytes big-endian; the first 8 bytes of the digest, big-endian.
 //!
 //! IDs print as lowercase hexadecimal without padding, as etcd's `types.ID`.
+//!
+//! # On disk
+//! Bucket `members`: key = the member ID as lowercase hex (etcd's `types.ID.String()`); value =
+//! the member as etcd's JSON, fields in etcd's order and with its `omitempty`s:
+//! `{"id":2681083982177880140,"peerURLs":["http://127.0.0.1:23800"],"name":"n1","clientURLs":["http://127.0.0.1:23790"]}`
+//! (`"isLearner":true` after `peerURLs` for a learner). Bucket `members_removed`: key = the ID,
+//! value `removed`. Written in the same backend transaction as the entry that changes them, so
+//! the membership is always the one at the backend's applied index.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 use crate::config::{Config, Url};
+
+/// The backend bucket of members.
+pub const MEMBERS_BUCKET: &[u8] = b"members";
+/// The backend bucket of removed members' IDs.
+pub const MEMBERS_REMOVED_BUCKET: &[u8] = b"members_removed";
+
+/// A member, as etcd stores and lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    #[serde(rename = "peerURLs")]
+    pub peer_urls: Vec<String>,
+    #[serde(rename = "isLearner", default, skip_serializing_if = "is_false")]
+    pub is_learner: bool,
+    /// Empty until the member publishes it (etcd: the same).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Empty until the member publishes them.
+    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
+    pub client_urls: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Member {
+    /// The bucket key.
+    pub fn key(id: u64) -> Vec<u8> {
+        format!("{id:x}").into_bytes()
+    }
+
+    /// etcd's JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a member serializes")
+    }
+
+    /// From etcd's JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Member, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// The members of the cluster as of the backend's applied index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members {
+    pub members: BTreeMap<u64, Member>,
+    pub removed: BTreeSet<u64>,
+}
+
+impl Members {
+    /// A member's peer URLs.
+    pub fn peer_urls(&self, id: u64) -> Option<&[String]> {
+        self.members.get(&id).map(|m| m.peer_urls.as_slice())
+    }
+}
 
 #[allow(
     clippy::big_endian_bytes,
@@ -48,23 +115,33 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     first_u64(&h.finalize())
 }
 
-/// The IDs a new member starts with, from its flags.
+/// What a new member bootstraps with, from its flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ids {
     pub cluster_id: u64,
     pub member_id: u64,
-    /// Every initial member's ID, in `--initial-cluster` order.
-    pub voters: Vec<u64>,
+    /// Every initial member, with its name and peer URLs, in `--initial-cluster` order.
+    pub members: Vec<Member>,
 }
 
 impl Ids {
     /// The IDs `--initial-cluster`, `--initial-cluster-token` and `--name` give.
     pub fn new(config: &Config) -> Ids {
         let token = &config.initial_cluster_token;
-        let voters: Vec<u64> = config
+        let members: Vec<Member> = config
             .initial_cluster
             .iter()
-            .map(|(_, urls)| member_id(urls, token))
+            .map(|(name, urls)| {
+                let mut peer_urls: Vec<String> = urls.iter().map(ToString::to_string).collect();
+                peer_urls.sort();
+                Member {
+                    id: member_id(urls, token),
+                    peer_urls,
+                    is_learner: false,
+                    name: name.clone(),
+                    client_urls: Vec::new(),
+                }
+            })
             .collect();
         let member = config
             .initial_cluster
@@ -74,12 +151,82 @@ impl Ids {
                 || member_id(&config.initial_advertise_peer_urls, token),
                 |(_, urls)| member_id(urls, token),
             );
+        let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
         Ids {
-            cluster_id: cluster_id(&voters),
+            cluster_id: cluster_id(&ids),
             member_id: member,
-            voters,
+            members,
         }
     }
+}
+
+/// etcd's `URLsMap.String()`: `name=url` pairs, sorted, joined by commas.
+fn urls_map(pairs: impl Iterator<Item = (String, String)>) -> String {
+    let mut all: Vec<String> = pairs.map(|(n, u)| format!("{n}={u}")).collect();
+    all.sort();
+    all.join(",")
+}
+
+/// etcd's checks of a new member's bootstrap flags (`ServerConfig.VerifyBootstrap`), with its
+/// messages: the member's name is in `--initial-cluster`, its URLs there are its
+/// `--initial-advertise-peer-urls`, and no URL appears twice.
+pub fn verify_bootstrap(config: &Config) -> Result<(), String> {
+    let Some((_, listed)) = config
+        .initial_cluster
+        .iter()
+        .find(|(n, _)| *n == config.name)
+    else {
+        return Err(format!(
+            "couldn't find local name {:?} in the initial cluster configuration",
+            config.name
+        ));
+    };
+    let mut urls: Vec<String> = listed.iter().map(ToString::to_string).collect();
+    let mut apurls: Vec<String> = config
+        .initial_advertise_peer_urls
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    urls.sort();
+    apurls.sort();
+    if urls != apurls {
+        let first_difference = apurls.iter().zip(&urls).find(|(a, b)| a != b).map_or_else(
+            || format!("{:?} != {:?}", apurls.join(","), urls.join(",")),
+            |(a, b)| format!("{a:?} != {b:?}"),
+        );
+        let missing: Vec<String> = urls
+            .iter()
+            .filter(|u| !apurls.contains(u))
+            .map(|u| format!("{}={u}", config.name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "--initial-cluster has {} but missing from --initial-advertise-peer-urls={} (resolved urls: {first_difference})",
+                missing.join(","),
+                apurls.join(",")
+            ));
+        }
+        let missing: Vec<&String> = apurls.iter().filter(|u| !urls.contains(u)).collect();
+        let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        return Err(format!(
+            "--initial-advertise-peer-urls has {} but missing from --initial-cluster={}",
+            missing.join(","),
+            urls_map(apurls.iter().map(|u| (config.name.clone(), u.clone())))
+        ));
+    }
+    let all: Vec<(String, String)> = config
+        .initial_cluster
+        .iter()
+        .flat_map(|(n, urls)| urls.iter().map(move |u| (n.clone(), u.to_string())))
+        .collect();
+    let mut seen = BTreeSet::new();
+    if all.iter().any(|(_, u)| !seen.insert(u.clone())) {
+        return Err(format!(
+            "initial cluster {} has duplicate url",
+            urls_map(all.into_iter())
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -97,6 +244,89 @@ mod tests {
         assert_eq!(m, 2_681_083_982_177_880_140);
         assert_eq!(format!("{m:x}"), "25351fad42b3c84c");
         assert_eq!(cluster_id(&[m]), 4_413_477_065_597_753_003);
+    }
+
+    #[test]
+    fn members_are_stored_as_etcds_json() {
+        // The bytes etcd 3.4.23 wrote into its `members` bucket.
+        let etcd = br#"{"id":2681083982177880140,"peerURLs":["http://127.0.0.1:23800"],"name":"n1","clientURLs":["http://127.0.0.1:23790"]}"#;
+        let m = Member::from_json(etcd).unwrap();
+        assert_eq!(m.id, 2_681_083_982_177_880_140);
+        assert_eq!(m.to_json(), etcd);
+        assert_eq!(Member::key(m.id), b"25351fad42b3c84c");
+        let unpublished = Member {
+            client_urls: Vec::new(),
+            name: String::new(),
+            is_learner: true,
+            ..m
+        };
+        assert_eq!(
+            unpublished.to_json(),
+            br#"{"id":2681083982177880140,"peerURLs":["http://127.0.0.1:23800"],"isLearner":true}"#
+        );
+    }
+
+    fn config(args: &[&str]) -> Config {
+        use clap::Parser;
+        let mut argv = vec!["keel"];
+        argv.extend_from_slice(args);
+        crate::config::Flags::try_parse_from(argv)
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    #[test]
+    fn bootstrap_checks_give_etcds_messages() {
+        // Each message as etcd 3.4.23 printed it for the same flags.
+        let cases = [
+            (
+                vec![
+                    "--name",
+                    "n1",
+                    "--initial-cluster",
+                    "n2=http://127.0.0.1:23810",
+                ],
+                r#"couldn't find local name "n1" in the initial cluster configuration"#,
+            ),
+            (
+                vec![
+                    "--name",
+                    "n1",
+                    "--initial-advertise-peer-urls",
+                    "http://127.0.0.1:23810",
+                    "--initial-cluster",
+                    "n1=http://127.0.0.1:23811",
+                ],
+                r#"--initial-cluster has n1=http://127.0.0.1:23811 but missing from --initial-advertise-peer-urls=http://127.0.0.1:23810 (resolved urls: "http://127.0.0.1:23810" != "http://127.0.0.1:23811")"#,
+            ),
+            (
+                vec![
+                    "--name",
+                    "n1",
+                    "--initial-advertise-peer-urls",
+                    "http://127.0.0.1:23810,http://127.0.0.1:23812",
+                    "--initial-cluster",
+                    "n1=http://127.0.0.1:23810",
+                ],
+                "--initial-advertise-peer-urls has http://127.0.0.1:23812 but missing from --initial-cluster=n1=http://127.0.0.1:23810,n1=http://127.0.0.1:23812",
+            ),
+            (
+                vec![
+                    "--name",
+                    "n1",
+                    "--initial-advertise-peer-urls",
+                    "http://127.0.0.1:23810",
+                    "--initial-cluster",
+                    "n1=http://127.0.0.1:23810,n2=http://127.0.0.1:23810",
+                ],
+                "initial cluster n1=http://127.0.0.1:23810,n2=http://127.0.0.1:23810 has duplicate url",
+            ),
+        ];
+        for (args, expected) in cases {
+            assert_eq!(verify_bootstrap(&config(&args)).unwrap_err(), expected);
+        }
+        assert_eq!(verify_bootstrap(&config(&[])), Ok(()));
     }
 
     #[test]

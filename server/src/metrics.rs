@@ -59,6 +59,43 @@ pub struct Metrics {
     pub slow_watchers: Gauge,
     /// Leases alive (`etcd_debugging_lease_total` is not in etcd 3.4; Keel's name).
     leases: Gauge,
+    /// `etcd_network_peer_sent_bytes_total{To}` and `_received_bytes_total{From}`.
+    pub peer_sent_bytes: Family<Label, Counter>,
+    pub peer_received_bytes: Family<Label, Counter>,
+    /// `etcd_network_peer_sent_failures_total{To}`.
+    pub peer_sent_failures: Family<Label, Counter>,
+    /// `etcd_network_peer_round_trip_time_seconds{To}`.
+    pub peer_round_trip: Family<Label, Histogram, fn() -> Histogram>,
+    /// `etcd_network_snapshot_send_total_duration_seconds{To}` and
+    /// `etcd_network_snapshot_receive_total_duration_seconds{From}`.
+    pub snapshot_send: Family<Label, Histogram, fn() -> Histogram>,
+    pub snapshot_receive: Family<Label, Histogram, fn() -> Histogram>,
+    /// `etcd_network_snapshot_send_success{To}` / `_failures{To}`.
+    pub snapshot_send_success: Family<Label, Counter>,
+    pub snapshot_send_failures: Family<Label, Counter>,
+}
+
+/// A metric's labels (etcd's `To`/`From` with a member ID in hex).
+pub type Label = Vec<(String, String)>;
+
+/// The `To` label of member `id`.
+pub fn to(id: u64) -> Label {
+    vec![("To".into(), format!("{id:x}"))]
+}
+
+/// The `From` label of member `id`.
+pub fn from(id: u64) -> Label {
+    vec![("From".into(), format!("{id:x}"))]
+}
+
+/// etcd's buckets for round-trip times: 0.1 ms to about 0.8 s, doubling.
+fn rtt_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 14))
+}
+
+/// etcd's buckets for snapshot transfers: 0.1 s to about 819 s, doubling.
+fn snapshot_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.1, 2.0, 14))
 }
 
 /// etcd's buckets for disk latencies: 1 ms to about 8 s, doubling.
@@ -220,7 +257,66 @@ impl Metrics {
             "process_open_fds",
             "Number of open file descriptors.",
         );
+        let peer_sent_bytes = Family::<Label, Counter>::default();
+        r.register(
+            "etcd_network_peer_sent_bytes",
+            "The total number of bytes sent to peers.",
+            peer_sent_bytes.clone(),
+        );
+        let peer_received_bytes = Family::<Label, Counter>::default();
+        r.register(
+            "etcd_network_peer_received_bytes",
+            "The total number of bytes received from peers.",
+            peer_received_bytes.clone(),
+        );
+        let peer_sent_failures = Family::<Label, Counter>::default();
+        r.register(
+            "etcd_network_peer_sent_failures",
+            "The total number of send failures from peers.",
+            peer_sent_failures.clone(),
+        );
+        let peer_round_trip =
+            Family::<Label, Histogram, fn() -> Histogram>::new_with_constructor(rtt_histogram);
+        r.register(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers.",
+            peer_round_trip.clone(),
+        );
+        let snapshot_send =
+            Family::<Label, Histogram, fn() -> Histogram>::new_with_constructor(snapshot_histogram);
+        r.register(
+            "etcd_network_snapshot_send_total_duration_seconds",
+            "Total latency distributions of v3 snapshot sends",
+            snapshot_send.clone(),
+        );
+        let snapshot_receive =
+            Family::<Label, Histogram, fn() -> Histogram>::new_with_constructor(snapshot_histogram);
+        r.register(
+            "etcd_network_snapshot_receive_total_duration_seconds",
+            "Total latency distributions of v3 snapshot receives",
+            snapshot_receive.clone(),
+        );
+        let snapshot_send_success = Family::<Label, Counter>::default();
+        r.register(
+            "etcd_network_snapshot_send_success",
+            "Total number of successful snapshot sends",
+            snapshot_send_success.clone(),
+        );
+        let snapshot_send_failures = Family::<Label, Counter>::default();
+        r.register(
+            "etcd_network_snapshot_send_failures",
+            "Total number of snapshot send failures",
+            snapshot_send_failures.clone(),
+        );
         Arc::new(Metrics {
+            peer_sent_bytes,
+            peer_received_bytes,
+            peer_sent_failures,
+            peer_round_trip,
+            snapshot_send,
+            snapshot_receive,
+            snapshot_send_success,
+            snapshot_send_failures,
             registry: r,
             wal_fsync,
             backend_commit,

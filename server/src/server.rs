@@ -10,15 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::keelpeer::peer_server::PeerServer;
 
+use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
 use crate::api::watch::WatchService;
 use crate::config::{Config, Url};
 use crate::metrics::Metrics;
+use crate::raft::peer::PeerService;
+use crate::raft::transport::MAX_PEER_MESSAGE;
 use crate::raft::{self, CoreConfig, Feed};
 
 /// How long an orderly stop waits for client connections to close after their streams were
@@ -107,6 +112,15 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Whether the data dir holds a WAL (a member restarting, not a new one).
+fn has_wal(data_dir: &Path) -> bool {
+    std::fs::read_dir(data_dir.join("member").join("wal")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+    })
+}
+
 /// Counts SIGINT/SIGTERM: the first starts an orderly stop, a second exits at once.
 async fn signals(trigger: Arc<ShutdownTrigger>) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -146,45 +160,72 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(url) = config.listen_client_urls.iter().find(|u| u.tls) {
-        bail!("TLS client URLs are not supported yet: {url}");
-    }
-    if config.initial_cluster.len() > 1 {
-        bail!(
-            "--initial-cluster names {} members, but this build of Keel runs single-member \
-             clusters only: starting each member alone would give independent leaders (split \
-             brain)",
-            config.initial_cluster.len()
-        );
+    if let Some(url) = config
+        .listen_client_urls
+        .iter()
+        .chain(&config.listen_peer_urls)
+        .find(|u| u.tls)
+    {
+        bail!("TLS URLs are not supported yet: {url}");
     }
     // Everything the member creates is private to its user (dirs 0700, files 0600), as etcd's.
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
     prepare_data_dir(&config.data_dir)?;
+    if has_wal(&config.data_dir) {
+        tracing::info!("restarting a member: the --initial-cluster* flags are ignored");
+    } else {
+        if !config.initial_cluster_state_new {
+            bail!(
+                "--initial-cluster-state=existing (joining a running cluster) is not supported \
+                 by this version of Keel: bootstrap every member with --initial-cluster-state=new"
+            );
+        }
+        crate::membership::verify_bootstrap(&config).map_err(anyhow::Error::msg)?;
+    }
     let ids = crate::membership::Ids::new(&config);
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let net_threads = config.net_threads.unwrap_or(cpus);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(net_threads)
+        .thread_name("keel-net")
+        // Decoding and answering a txn nested 256 deep recurses through prost and the engine.
+        .thread_stack_size(16 << 20)
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
     // One watch hub per network thread.
-    let feeds: Vec<Arc<Feed>> = (0..net_threads).map(|_| Arc::new(Feed::default())).collect();
+    let feeds: Vec<Arc<Feed>> = (0..net_threads)
+        .map(|_| Arc::new(Feed::default()))
+        .collect();
     let metrics = Metrics::new(config.quota_backend_bytes);
-    let started = raft::start(CoreConfig {
-        data_dir: config.data_dir.clone(),
-        cluster_id: ids.cluster_id,
-        member_id: ids.member_id,
-        initial_voters: ids.voters.clone(),
-        heartbeat: config.heartbeat_interval,
-        election_ticks,
-        cpu: config.storage_core,
-        max_request_bytes: config.max_request_bytes as usize,
-        snapshot_count: config.snapshot_count,
-        snapshot_catchup_entries: config.snapshot_catchup_entries,
-        metrics,
-        lease_checkpoint_interval: config.lease_checkpoint_interval,
-        feeds: feeds.clone(),
-        faults: crate::faults::Faults::from_env(),
-    })
+    let started = raft::start(
+        CoreConfig {
+            data_dir: config.data_dir.clone(),
+            cluster_id: ids.cluster_id,
+            member_id: ids.member_id,
+            initial_members: ids.members.clone(),
+            name: config.name.clone(),
+            client_urls: config
+                .advertise_client_urls
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            heartbeat: config.heartbeat_interval,
+            election_ticks,
+            cpu: config.storage_core,
+            max_request_bytes: config.max_request_bytes as usize,
+            snapshot_count: config.snapshot_count,
+            snapshot_catchup_entries: config.snapshot_catchup_entries,
+            metrics,
+            lease_checkpoint_interval: config.lease_checkpoint_interval,
+            feeds: feeds.clone(),
+            faults: crate::faults::Faults::from_env(),
+        },
+        runtime.handle().clone(),
+    )
     .context("starting the storage core")?;
     let core = started.core;
     let mut done = started.done;
@@ -196,14 +237,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cluster_id = format!("{cluster_id:x}"),
         "member ready"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(net_threads)
-        .thread_name("keel-net")
-        // Decoding and answering a txn nested 128 deep recurses through prost and the engine.
-        .thread_stack_size(16 << 20)
-        .enable_all()
-        .build()
-        .context("starting the network runtime")?;
     runtime.block_on(async {
         let (trigger, shutdown) = Shutdown::new();
         let trigger = Arc::new(trigger);
@@ -230,13 +263,34 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ))
         .max_decoding_message_size(limit);
+        let cluster = ClusterServer::new(ClusterService::new(core.clone()));
         let router = tonic::service::Routes::new(kv)
             .add_service(lease)
             .add_service(watch)
+            .add_service(cluster)
             .into_axum_router()
             .merge(crate::http::router(core.clone()));
         let routes = tonic::service::Routes::from(router);
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
+        // The peer listeners stop only after the core has handed leadership over.
+        let (peer_stop, peer_stopped) = Shutdown::new();
+        let peer = PeerServer::new(PeerService::new(
+            core.clone(),
+            config.data_dir.join("member").join("snap"),
+        ))
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let mut peer_servers = Vec::new();
+        for url in &config.listen_peer_urls {
+            let addr = resolve(url).await?;
+            let stop = peer_stopped.clone();
+            let server = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(peer.clone())
+                .serve_with_shutdown(addr, async move { stop.wait().await });
+            tracing::info!(%url, %addr, "serving peer traffic");
+            peer_servers.push(tokio::spawn(server));
+        }
         let mut servers = Vec::new();
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
@@ -262,10 +316,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         compactor.abort();
         // Watch and keep-alive streams have ended; connections close as their calls finish.
         let closing = futures::future::join_all(servers);
-        if tokio::time::timeout(STOP_CONNECTIONS, closing).await.is_err() {
-            tracing::warn!("client connections still open after {STOP_CONNECTIONS:?}: dropping them");
+        if tokio::time::timeout(STOP_CONNECTIONS, closing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "client connections still open after {STOP_CONNECTIONS:?}: dropping them"
+            );
         }
         core.stop(STOP_CORE).await;
+        peer_stop.fire();
+        let _ =
+            tokio::time::timeout(STOP_CONNECTIONS, futures::future::join_all(peer_servers)).await;
         match tokio::time::timeout(STOP_CORE, &mut done).await {
             Ok(Ok(Ok(()))) => {
                 tracing::info!("stopped");

@@ -104,7 +104,9 @@ fn nested_txns_are_answered_as_etcd_and_never_stop_the_member() {
         .unwrap();
         drop(keel);
         let keel = common::keel(&data, port, &[]);
-        let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+        let mut c = Client::connect([keel.endpoint.as_str()], None)
+            .await
+            .unwrap();
         for key in ["deep/49", "deep/60", "deep/128", "after"] {
             let r = c.get(key, None).await.unwrap();
             assert_eq!(r.kvs().len(), 1, "{key} after restart");
@@ -158,7 +160,9 @@ async fn a_deleted_or_rolled_back_backend_is_refused() {
     }
     std::fs::rename(dir.path().join("good-db"), &db).unwrap();
     let keel = common::keel(&data, port, &flags);
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     let all = c
         .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
         .await
@@ -220,7 +224,9 @@ async fn a_stop_signal_ends_open_streams_and_the_member_exits() {
     let data = dir.path().join("keel");
     let port = free_port();
     let mut keel = common::keel(&data, port, &[]);
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     let lease = c.lease_grant(60, None).await.unwrap().id();
     let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.unwrap();
     keeper.keep_alive().await.unwrap();
@@ -234,7 +240,9 @@ async fn a_stop_signal_ends_open_streams_and_the_member_exits() {
     assert!(!matches!(events.message().await, Ok(Some(_))));
     assert!(!matches!(responses.message().await, Ok(Some(_))));
     let keel = common::keel(&data, port, &[]);
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     assert_eq!(c.get("kept", None).await.unwrap().kvs()[0].value(), b"yes");
     assert!(c.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
 }
@@ -304,7 +312,10 @@ async fn a_flood_of_watch_creates_is_bounded() {
     let (second, _open_too) = create_watchers(&keel.endpoint, 60).await;
     assert!(second[..50].iter().all(|r| r.created && !r.canceled));
     for r in &second[50..] {
-        assert!(r.canceled && r.cancel_reason.contains("member's limit is 150"), "{r:?}");
+        assert!(
+            r.canceled && r.cancel_reason.contains("member's limit is 150"),
+            "{r:?}"
+        );
     }
 }
 
@@ -322,7 +333,9 @@ async fn keep_alives_answer_while_the_wal_stalls() {
         &[("KEEL_FAULT_WAL_SYNC_DELAY", "500ms")],
         None,
     );
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     let lease = c.lease_grant(60, None).await.unwrap().id();
     let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.unwrap();
     let mut writer = c.clone();
@@ -333,9 +346,12 @@ async fn keep_alives_answer_while_the_wal_stalls() {
         let r = responses.message().await.unwrap().unwrap();
         assert!(r.ttl() > 0);
         assert!(c.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
-        c.get("slow", Some(etcd_client::GetOptions::new().with_serializable()))
-            .await
-            .unwrap();
+        c.get(
+            "slow",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap();
         let (code, body) = common::http_get(port, "/metrics");
         assert_eq!(code, 200);
         assert!(body.contains("etcd_disk_wal_fsync_duration_seconds"));
@@ -364,7 +380,9 @@ async fn a_failed_fdatasync_stops_the_process() {
         &[("KEEL_FAULT_WAL_SYNC_FAIL_AFTER", "20")],
         Some(&log),
     );
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     let mut acknowledged = Vec::new();
     for i in 0..100 {
         match c.put(format!("k{i}"), "v", None).await {
@@ -379,7 +397,9 @@ async fn a_failed_fdatasync_stops_the_process() {
     assert!(text.contains("the storage core stopped"), "{text}");
     assert!(text.contains("fdatasync"), "{text}");
     let keel = common::keel(&data, port, &[]);
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     for i in acknowledged {
         assert_eq!(c.get(format!("k{i}"), None).await.unwrap().kvs().len(), 1);
     }
@@ -393,10 +413,12 @@ fn append_garbage_entry(data: &Path) {
         .spawn(move || async move {
             let (wal, _) = Wal::open(&wal_dir, WalOptions::default()).await.unwrap();
             let mut hs = wal.hard_state();
-            let mut e = raft::eraftpb::Entry::default();
-            e.index = wal.last_index() + 1;
-            e.term = hs.term;
-            e.data = vec![0xff; 16].into();
+            let e = raft::eraftpb::Entry {
+                index: wal.last_index() + 1,
+                term: hs.term,
+                data: vec![0xff; 16].into(),
+                ..Default::default()
+            };
             hs.commit = e.index;
             wal.save(&[e], Some(&hs)).await.unwrap();
             wal.close().await.unwrap();
@@ -419,7 +441,9 @@ async fn an_undecodable_committed_entry_does_not_stop_the_member() {
     append_garbage_entry(&data);
     let log = dir.path().join("log");
     let keel = common::keel_with(&data, port, &[], &[], Some(&log));
-    let mut c = Client::connect([keel.endpoint.as_str()], None).await.unwrap();
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
     c.put("after", "ok", None).await.unwrap();
     assert_eq!(c.get("before/2", None).await.unwrap().kvs().len(), 1);
     let (code, body) = common::http_get(port, "/health");
@@ -435,7 +459,10 @@ fn flags_beyond_the_engines_limits_are_refused() {
     let data = dir.path().join("keel");
     for (flag, expect) in [
         ("--max-request-bytes=4294967295", "WAL record"),
-        ("--auto-compaction-retention=18446744073709551615", "overflows"),
+        (
+            "--auto-compaction-retention=18446744073709551615",
+            "overflows",
+        ),
         ("--election-timeout=60000", "50 seconds"),
     ] {
         let (code, err) = common::keel_refused(&data, &[flag]);

@@ -756,7 +756,8 @@ pub(crate) fn write_sync(plan: &mut SyncPlan) -> Result<()> {
     };
     let write = |offset: u64, bytes: &[u8], observe: &mut dyn FnMut(IoEvent<'_>)| {
         observe(IoEvent::Write(offset, bytes));
-        file.write_all_at(bytes, offset).map_err(io("writing", path))
+        file.write_all_at(bytes, offset)
+            .map_err(io("writing", path))
     };
     // One fdatasync covers the version's pages and the free list: both lie in pages no durable
     // meta references yet.

@@ -19,5 +19,7 @@ pub mod kvstore;
 pub mod revision;
 
 pub use kv::KeyValue;
-pub use kvstore::{Change, Compaction, HashKv, RangeOptions, RangeResult, ReadView, Store, WriteTxn};
+pub use kvstore::{
+    Change, Compaction, HashKv, RangeOptions, RangeResult, ReadView, Store, WriteTxn,
+};
 pub use revision::Revision;

@@ -481,7 +481,10 @@ impl Hub {
     /// The feed dropped revisions up to `revision` (it was full, or the store was replaced):
     /// every synced watcher catches up from history.
     fn lagged(&mut self, revision: i64) {
-        tracing::warn!(revision, "watch hub lagged behind the store: catching up from history");
+        tracing::warn!(
+            revision,
+            "watch hub lagged behind the store: catching up from history"
+        );
         for s in self.streams.values_mut() {
             for w in s.watchers.values_mut() {
                 if w.synced && w.next_rev <= revision {

@@ -19,6 +19,7 @@ use super::node::Node;
 use super::proposal::{self, Request};
 use super::{Applied, Reply, lock};
 use crate::api::convert;
+use crate::membership::{MEMBERS_BUCKET, Member};
 
 /// What applying one request gave.
 enum Outcome {
@@ -179,6 +180,31 @@ impl Node {
                     .iter()
                     .try_for_each(|cp| lessor.checkpoint(w, cp.id, cp.remaining_ttl))
                     .map(|()| Applied::LeaseCheckpoint)
+            }
+            Some(Request::MemberAttributes(attrs)) => {
+                let mut members = self
+                    .shared
+                    .members
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(m) = members.members.get_mut(&attrs.id) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "member {:x} is not in the cluster",
+                        attrs.id
+                    )));
+                };
+                m.name = attrs.name;
+                m.client_urls = attrs.client_urls;
+                w.put_raw(MEMBERS_BUCKET, &Member::key(m.id), &m.to_json())?;
+                if attrs.id == self.shared.member_id && !self.published {
+                    self.published = true;
+                    tracing::info!(
+                        name = %m.name,
+                        client_urls = ?m.client_urls,
+                        "published local member to cluster through raft"
+                    );
+                }
+                Ok(Applied::MemberAttributes)
             }
             Some(Request::Compaction(_)) => unreachable!("applied by the caller"),
             None => Err(Error::InvalidArgument("empty proposal".into())),

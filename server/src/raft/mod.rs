@@ -12,6 +12,9 @@
 //!   of the backend.
 //! - [`checkpoint`]: backend syncs on a thread of their own.
 //! - [`events`]: the bounded feeds of applied revisions to the watch hubs.
+//! - [`transport`] (sending) and [`peer`] (receiving): raft messages between members over gRPC
+//!   streams on the peer URLs, with the cluster and member checks.
+//! - [`snapshot`]: the backend sent whole to a lagging follower, and installed.
 //!
 //! # The loop
 //! Commands arrive on a bounded channel and are drained up to [`DRAIN`] at a time. One drain
@@ -27,11 +30,15 @@ pub mod checkpoint;
 pub mod events;
 pub mod log;
 pub mod node;
+pub mod peer;
 pub mod proposal;
+pub mod snapshot;
 pub mod storage;
+pub mod transport;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,11 +48,13 @@ use keel_engine::mvcc::apply as a;
 use keel_engine::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::convert::Header;
-use crate::metrics::Metrics;
 pub use self::events::{Feed, FeedItem, Published};
 pub use self::node::CoreConfig;
 pub use self::proposal::{Proposal, Request};
+use self::transport::Report;
+use crate::api::convert::Header;
+use crate::membership::Members;
+use crate::metrics::Metrics;
 
 /// Most commands taken per wake-up.
 pub const DRAIN: usize = 256;
@@ -54,6 +63,9 @@ pub const COMMAND_QUEUE: usize = 4096;
 /// Bytes of proposals admitted (queued or in raft, not yet answered) at most; beyond it writes
 /// are refused with `etcdserver: too many requests` rather than held in memory.
 pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Committed entries not yet applied beyond which writes are refused with `etcdserver: too many
+/// requests` (etcd's `maxGapBetweenApplyAndCommitIndex`).
+pub const MAX_APPLY_GAP: u64 = 5000;
 
 /// The result of an applied write.
 #[derive(Debug, Clone)]
@@ -64,10 +76,15 @@ pub enum Applied {
     /// A compaction; the store's revision when it was applied.
     Compaction(i64),
     /// A lease granted: its ID and TTL.
-    LeaseGrant { id: i64, ttl: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
     /// A lease revoked (its keys deleted in one revision).
     LeaseRevoke,
     LeaseCheckpoint,
+    /// A member's attributes recorded.
+    MemberAttributes,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -82,7 +99,18 @@ pub(crate) enum Command {
     },
     /// Answer once a read started now would see every write acknowledged before.
     ReadIndex(Reply<()>),
-    /// Stop: checkpoint, close the WAL, answer.
+    /// Raft messages from a peer.
+    Step(Vec<raft::eraftpb::Message>),
+    /// What the transport learned about a peer.
+    Report(Report),
+    /// A snapshot received from the leader (its `MsgSnapshot` and the backend file written):
+    /// answered once installed, or refused.
+    SnapshotReceived {
+        message: raft::eraftpb::Message,
+        path: PathBuf,
+        reply: Reply<()>,
+    },
+    /// Stop: hand leadership over if this member leads, checkpoint, close the WAL, answer.
     Stop(oneshot::Sender<()>),
 }
 
@@ -95,6 +123,11 @@ pub struct Shared {
     lessor: Mutex<Lessor>,
     term: AtomicU64,
     leader: AtomicU64,
+    is_leader: AtomicBool,
+    /// Committed entries not yet applied (see [`MAX_APPLY_GAP`]).
+    apply_gap: AtomicU64,
+    /// The members, as of the applied index.
+    members: RwLock<Members>,
     /// False once the storage core has stopped: nothing is served as if it ran.
     alive: AtomicBool,
     /// Bytes of proposals admitted and not yet answered (see [`MAX_QUEUED_BYTES`]).
@@ -187,11 +220,53 @@ impl Core {
         self.shared.alive.load(Ordering::Acquire)
     }
 
+    /// Whether this member is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.shared.is_leader.load(Ordering::Acquire)
+    }
+
+    /// The members, as of the applied index.
+    pub fn members(&self) -> RwLockReadGuard<'_, Members> {
+        self.shared
+            .members
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands raft messages from a peer to the core (waiting for room in its queue).
+    pub async fn step(&self, messages: Vec<raft::eraftpb::Message>) -> Result<()> {
+        self.tx
+            .send(Command::Step(messages))
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Hands a received snapshot to the core; resolves once it is installed (or refused).
+    pub async fn snapshot_received(
+        &self,
+        message: raft::eraftpb::Message,
+        path: PathBuf,
+    ) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SnapshotReceived {
+                message,
+                path,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
     /// Proposes a write and waits until it is applied. The bytes that will be proposed are
     /// encoded and checked here (size, txn nesting), on the calling thread.
     pub async fn write(&self, request: Request) -> Result<Applied> {
         if !self.alive() {
             return Err(Error::Stopped);
+        }
+        if self.shared.apply_gap.load(Ordering::Relaxed) > MAX_APPLY_GAP {
+            return Err(Error::TooManyRequests);
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let data = Proposal {
@@ -248,9 +323,17 @@ pub struct Started {
     pub thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts the storage core thread and waits until it has recovered and is ready.
-pub fn start(config: CoreConfig) -> Result<Started> {
+/// Starts the storage core thread and waits until it has recovered and is ready. Its peer
+/// transport runs on `runtime`.
+pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Started> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let reports = tx.clone();
+    let metrics = config.metrics.clone();
+    let network = move |cluster_id, member_id| -> Arc<dyn transport::Network> {
+        Arc::new(transport::Transport::new(
+            runtime, cluster_id, member_id, reports, metrics,
+        ))
+    };
     let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<Arc<Shared>>>();
     let (done_tx, done) = oneshot::channel();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -267,9 +350,11 @@ pub fn start(config: CoreConfig) -> Result<Started> {
                     .spin_before_park(node::SPIN_BEFORE_PARK)
                     .name("keel-storage")
                     .make()
-                    .map_err(|e| Error::InvalidArgument(format!("starting the storage core: {e}")))?;
+                    .map_err(|e| {
+                        Error::InvalidArgument(format!("starting the storage core: {e}"))
+                    })?;
                 ex.run(async move {
-                    let node = match node::Node::open(config).await {
+                    let node = match node::Node::open(config, network).await {
                         Ok(node) => node,
                         Err(e) => {
                             let _ = init_tx.send(Err(e.clone()));

@@ -38,15 +38,17 @@ use keel_engine::wal::{Metadata, RecordRef, SnapshotMarker, SyncObserver, Wal, W
 use keel_engine::{Error, Result};
 use keel_proto::etcdserverpb as pb;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Message};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{ConfState, Message, MessageType, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::mpsc;
 
 use super::checkpoint::Checkpointer;
 use super::events::Feed;
-use super::proposal::{Proposal, Request};
+use super::proposal::{MemberAttributes, Proposal, Request};
 use super::storage::{RaftStorage, SnapshotMeta};
+use super::transport::{Network, Report};
 use super::{Applied, Command, DRAIN, Reply, Shared, lock};
+use crate::membership::{MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET, Member, Members};
 use crate::metrics::Metrics;
 
 /// How long the storage core polls for work (and I/O completions) before sleeping: a command or
@@ -82,8 +84,11 @@ pub struct CoreConfig {
     /// IDs for a new data dir (an existing one keeps those in its WAL).
     pub cluster_id: u64,
     pub member_id: u64,
-    /// The initial voters of a new cluster (this member's ID alone for a single member).
-    pub initial_voters: Vec<u64>,
+    /// The initial members of a new cluster (their IDs are the initial voters).
+    pub initial_members: Vec<Member>,
+    /// This member's name and client URLs, published to the cluster through raft.
+    pub name: String,
+    pub client_urls: Vec<String>,
     pub heartbeat: Duration,
     pub election_ticks: usize,
     /// CPU to pin the core to (`None`: the last one).
@@ -189,6 +194,19 @@ pub(crate) struct Node {
     leader_changed_at: Instant,
     /// IDs of proposals the core makes itself (lease upkeep).
     next_internal: u64,
+    /// Where raft messages go.
+    network: Arc<dyn Network>,
+    /// Snapshots received and not yet installed, by index: the file and the waiting call.
+    received: HashMap<u64, (PathBuf, Reply<()>)>,
+    /// Whether this member's attributes are in the applied membership; when they were last
+    /// proposed.
+    pub(super) published: bool,
+    publish_at: Instant,
+    /// A stop in progress: leadership is being handed over until this deadline.
+    stopping: Option<Instant>,
+    /// etcd's minimum lease TTL (for rebuilding the lessor after a snapshot).
+    min_ttl: i64,
+    snap_dir: PathBuf,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -212,16 +230,16 @@ impl Node {
 
     /// Opens the data dir: recovers the backend and the WAL, checks that they agree, and
     /// bootstraps a new member.
-    pub(super) async fn open(cfg: CoreConfig) -> Result<Node> {
+    pub(super) async fn open(
+        cfg: CoreConfig,
+        network: impl FnOnce(u64, u64) -> Arc<dyn Network>,
+    ) -> Result<Node> {
         let member = cfg.data_dir.join("member");
         let wal_dir = member.join("wal");
         let snap_dir = member.join("snap");
         private_dir(&wal_dir)?;
         private_dir(&snap_dir)?;
-        let store = Arc::new(Store::open(
-            snap_dir.join("db"),
-            BackendOptions::default(),
-        )?);
+        remove_partial_snapshots(&snap_dir)?;
         let wal_options = WalOptions {
             metadata: Metadata {
                 cluster_id: cfg.cluster_id,
@@ -241,6 +259,27 @@ impl Node {
             ..WalOptions::default()
         };
         let (wal, recovery) = Wal::open(&wal_dir, wal_options).await?;
+        let db = snap_dir.join("db");
+        // A snapshot install interrupted after the WAL recorded it: finish it.
+        let installed = snap_dir.join(format!("{:016x}.snap.db", recovery.snapshot.index));
+        if recovery.snapshot.index > 0 && installed.exists() {
+            let behind = match Store::open(&db, BackendOptions::default()) {
+                Ok(s) => s.consistent_index()?.0 < recovery.snapshot.index,
+                Err(_) => true,
+            };
+            if behind {
+                tracing::info!(
+                    index = recovery.snapshot.index,
+                    "finishing an interrupted snapshot install"
+                );
+                std::fs::rename(&installed, &db)
+                    .map_err(|e| Error::io("renaming", &installed, e))?;
+                sync_dir(&snap_dir)?;
+            } else {
+                let _ = std::fs::remove_file(&installed);
+            }
+        }
+        let store = Arc::new(Store::open(&db, BackendOptions::default())?);
         let (mut applied, mut applied_term) = store.consistent_index()?;
         let fresh = recovery.last_index == 0
             && recovery.snapshot.index == 0
@@ -258,11 +297,18 @@ impl Node {
             // A new member: the initial membership, in the backend and as the WAL's first
             // snapshot marker (index 0).
             let conf_state = ConfState {
-                voters: cfg.initial_voters.clone(),
+                voters: cfg.initial_members.iter().map(|m| m.id).collect(),
                 ..Default::default()
             };
             let mut w = store.write()?;
-            w.put_raw(META_BUCKET, CONF_STATE_KEY, &conf_state.write_to_bytes().map_err(|e| Error::InvalidArgument(e.to_string()))?)?;
+            let encoded = conf_state
+                .write_to_bytes()
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            w.put_raw(META_BUCKET, CONF_STATE_KEY, &encoded)?;
+            for m in &cfg.initial_members {
+                w.put_raw(MEMBERS_BUCKET, &Member::key(m.id), &m.to_json())?;
+            }
+            w.put_raw(b"cluster", b"clusterVersion", b"3.4.0")?;
             w.end(None)?;
             store.sync()?;
             let marker = SnapshotMarker {
@@ -292,14 +338,16 @@ impl Node {
                 )));
             }
             match store.get_raw(META_BUCKET, CONF_STATE_KEY)? {
-                Some(bytes) => ConfState::parse_from_bytes(&bytes).map_err(|e| {
-                    Error::CorruptRecord(format!("meta bucket confState: {e}"))
-                })?,
+                Some(bytes) => ConfState::parse_from_bytes(&bytes)
+                    .map_err(|e| Error::CorruptRecord(format!("meta bucket confState: {e}")))?,
                 // Written before the membership was kept in the backend.
                 None => recovery.snapshot.conf_state.clone(),
             }
         };
-        if !fresh && recovery.metadata.member_id != 0 && recovery.metadata.member_id != cfg.member_id {
+        if !fresh
+            && recovery.metadata.member_id != 0
+            && recovery.metadata.member_id != cfg.member_id
+        {
             tracing::info!(
                 member_id = format!("{:x}", recovery.metadata.member_id),
                 "restarting with the IDs of the data dir (the --initial-* flags are ignored)"
@@ -344,7 +392,8 @@ impl Node {
         };
         raft_config.validate().map_err(raft_err)?;
         let storage = RaftStorage::new(wal.storage(), applied_meta.clone());
-        let mut raw = RawNode::new(&raft_config, storage, &super::log::logger()).map_err(raft_err)?;
+        let mut raw =
+            RawNode::new(&raft_config, storage, &super::log::logger()).map_err(raft_err)?;
         if raw.raft.prs().conf().voters().ids().len() == 1
             && raw.raft.prs().conf().voters().contains(member_id)
         {
@@ -356,11 +405,17 @@ impl Node {
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id()))
             << 24;
+        let members = load_members(&store)?;
+        let network = network(cluster_id, member_id);
+        network.set_peers(peers_of(&members, member_id));
         let shared = Arc::new(Shared {
             store: ArcSwap::new(store.clone()),
             lessor: std::sync::Mutex::new(lessor),
             term: AtomicU64::new(wal.hard_state().term),
             leader: AtomicU64::new(0),
+            is_leader: AtomicBool::new(false),
+            apply_gap: AtomicU64::new(0),
+            members: std::sync::RwLock::new(members),
             alive: AtomicBool::new(true),
             queued_bytes: AtomicUsize::new(0),
             next_id: AtomicU64::new(id_prefix),
@@ -396,6 +451,13 @@ impl Node {
             leader: 0,
             leader_changed_at: Instant::now(),
             next_internal: id_prefix ^ (1 << 63),
+            network,
+            received: HashMap::new(),
+            published: false,
+            publish_at: Instant::now(),
+            stopping: None,
+            min_ttl,
+            snap_dir,
             cfg,
         })
     }
@@ -480,7 +542,33 @@ impl Node {
                                 self.propose(id, data, Some(reply));
                             }
                             Command::ReadIndex(reply) => readers.push(reply),
-                            Command::Stop(reply) => stop = Some(reply),
+                            Command::Step(messages) => {
+                                for m in messages {
+                                    if let Err(e) = self.raw.step(m) {
+                                        tracing::debug!(error = %e, "raft refused a message");
+                                    }
+                                }
+                            }
+                            Command::Report(Report::Unreachable(id)) => {
+                                self.raw.report_unreachable(id);
+                            }
+                            Command::Report(Report::Snapshot(id, ok)) => {
+                                let status = if ok {
+                                    SnapshotStatus::Finish
+                                } else {
+                                    SnapshotStatus::Failure
+                                };
+                                self.raw.report_snapshot(id, status);
+                            }
+                            Command::SnapshotReceived {
+                                message,
+                                path,
+                                reply,
+                            } => self.snapshot_received(message, path, reply),
+                            Command::Stop(reply) => {
+                                stop = Some(reply);
+                                self.start_stopping();
+                            }
                         }
                     }
                     if !readers.is_empty() {
@@ -488,10 +576,11 @@ impl Node {
                     }
                 }
             }
-            if stop.is_some() {
+            if stop.is_some() && self.stopped() {
                 break;
             }
             self.lease_upkeep();
+            self.publish();
             self.pump().await?;
             self.maybe_checkpoint();
         }
@@ -512,9 +601,14 @@ impl Node {
             // A leader's appends leave before its own fdatasync, so the fsyncs overlap.
             self.send(rd.take_messages());
             if !rd.snapshot().is_empty() {
-                return Err(Error::InvalidArgument(
-                    "a raft snapshot reached a single-member core".into(),
-                ));
+                // Persist everything before it first: the snapshot replaces the log.
+                while let Some(p) = self.persisting.pop_front() {
+                    p.durable.await?;
+                    self.send(p.messages);
+                    self.raw.on_persist_ready(p.number);
+                }
+                let snapshot = rd.snapshot().clone();
+                self.install_snapshot(&snapshot, rd.hs()).await?;
             }
             let committed = rd.take_committed_entries();
             self.apply(committed)?;
@@ -557,7 +651,12 @@ impl Node {
             }
             self.serve_reads();
         }
-        self.raw.advance_apply_to(self.applied.max(self.raw.raft.raft_log.applied));
+        self.raw
+            .advance_apply_to(self.applied.max(self.raw.raft.raft_log.applied));
+        let committed = self.raw.raft.raft_log.committed;
+        self.shared
+            .apply_gap
+            .store(committed.saturating_sub(self.applied), Ordering::Relaxed);
         let m = &self.shared.metrics;
         m.proposals_committed
             .set(i64::try_from(self.raw.raft.raft_log.committed).unwrap_or(i64::MAX));
@@ -569,10 +668,206 @@ impl Node {
         Ok(())
     }
 
-    /// Messages to peers (a single member has none).
-    fn send(&mut self, messages: Vec<Message>) {
-        if !messages.is_empty() {
-            tracing::debug!(count = messages.len(), "dropping raft messages: no peers");
+    /// Sends messages to their peers: one batch per peer, in order; a snapshot with the backend
+    /// pinned at its index.
+    pub(super) fn send(&mut self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut by_peer: Vec<(u64, Vec<Message>)> = Vec::new();
+        for m in messages {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(m);
+                continue;
+            }
+            match by_peer.iter_mut().find(|(to, _)| *to == m.to) {
+                Some((_, batch)) => batch.push(m),
+                None => by_peer.push((m.to, vec![m])),
+            }
+        }
+        for (to, batch) in by_peer {
+            self.network.send(to, batch);
+        }
+    }
+
+    /// Pins the backend for a `MsgSnapshot`: its applied index must be the snapshot's (raft took
+    /// the metadata from [`SnapshotMeta`], kept equal to the backend's).
+    fn send_snapshot(&mut self, m: Message) {
+        let index = m.get_snapshot().get_metadata().index;
+        let txn = self.store.backend().begin_read();
+        let at = txn
+            .get(META_BUCKET, b"consistent_index")
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64_be);
+        if at != Some(index) {
+            tracing::warn!(
+                ?at,
+                index,
+                "the backend moved past a snapshot's index: not sent"
+            );
+            self.raw.report_snapshot(m.to, SnapshotStatus::Failure);
+            return;
+        }
+        tracing::info!(peer = format!("{:x}", m.to), index, "sending a snapshot");
+        self.network.send_snapshot(m, txn);
+    }
+
+    /// A snapshot received from the leader: raft is given its message; if raft takes it, the
+    /// install happens in the `Ready` that carries it and `reply` is answered then.
+    fn snapshot_received(&mut self, message: Message, path: PathBuf, reply: Reply<()>) {
+        let index = message.get_snapshot().get_metadata().index;
+        if let Err(e) = self.raw.step(message) {
+            let _ = std::fs::remove_file(&path);
+            let _ = reply.send(Err(Error::InvalidArgument(format!(
+                "raft refused the snapshot: {e}"
+            ))));
+            return;
+        }
+        let wanted = self
+            .raw
+            .raft
+            .raft_log
+            .unstable_snapshot()
+            .as_ref()
+            .is_some_and(|s| s.get_metadata().index == index);
+        if wanted {
+            if let Some((old, waiting)) = self.received.insert(index, (path, reply)) {
+                let _ = std::fs::remove_file(&old);
+                let _ = waiting.send(Err(Error::InvalidArgument("a newer copy arrived".into())));
+            }
+        } else {
+            let _ = std::fs::remove_file(&path);
+            let _ = reply.send(Err(Error::InvalidArgument(format!(
+                "snapshot at index {index} not needed (applied index {})",
+                self.applied
+            ))));
+        }
+    }
+
+    /// Installs the snapshot raft restored: the received backend replaces this member's, the
+    /// WAL records it, and everything derived from the backend is rebuilt. Crash-safe: the file
+    /// is renamed `<index>.snap.db` before the WAL records the snapshot, and `open` finishes an
+    /// install the WAL recorded but the rename to `db` did not.
+    async fn install_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        hs: Option<&raft::eraftpb::HardState>,
+    ) -> Result<()> {
+        let meta = snapshot.get_metadata();
+        let index = meta.index;
+        let Some((received, reply)) = self.received.remove(&index) else {
+            return Err(Error::InvalidArgument(format!(
+                "raft restored a snapshot at index {index} that was not received"
+            )));
+        };
+        let staged = self.snap_dir.join(format!("{index:016x}.snap.db"));
+        std::fs::rename(&received, &staged).map_err(|e| Error::io("renaming", &received, e))?;
+        sync_dir(&self.snap_dir)?;
+        let marker = SnapshotMarker {
+            index,
+            term: meta.term,
+            conf_state: meta.get_conf_state().clone(),
+        };
+        let mut records = vec![RecordRef::Snapshot(&marker)];
+        if let Some(hs) = hs {
+            records.push(RecordRef::HardState(hs));
+        }
+        self.wal.append(&records).await?;
+        let db = self.snap_dir.join("db");
+        std::fs::rename(&staged, &db).map_err(|e| Error::io("renaming", &staged, e))?;
+        sync_dir(&self.snap_dir)?;
+        let store = Arc::new(Store::open(&db, BackendOptions::default())?);
+        let (at, _) = store.consistent_index()?;
+        if at != index {
+            return Err(Error::CorruptRecord(format!(
+                "the installed snapshot is at index {at}, raft's at {index}"
+            )));
+        }
+        self.shared.store.store(store.clone());
+        self.store = store;
+        *lock(&self.shared.lessor) = Lessor::recover(&self.store, self.min_ttl, Instant::now())?;
+        let members = load_members(&self.store)?;
+        self.network
+            .set_peers(peers_of(&members, self.shared.member_id));
+        *self
+            .shared
+            .members
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = members;
+        self.applied = index;
+        self.checkpointed = index;
+        self.marker = index;
+        self.compaction = None;
+        *self.applied_meta.borrow_mut() = SnapshotMeta {
+            index,
+            term: meta.term,
+            conf_state: meta.get_conf_state().clone(),
+        };
+        let revision = self.store.current_revision();
+        for feed in &self.cfg.feeds {
+            feed.reset(revision);
+        }
+        tracing::info!(index, revision, "installed a snapshot from the leader");
+        let _ = reply.send(Ok(()));
+        Ok(())
+    }
+
+    /// Proposes this member's name and client URLs until they are in the applied membership
+    /// (etcd's `publish`: "published local member to cluster through raft").
+    fn publish(&mut self) {
+        if self.published || self.leader == raft::INVALID_ID {
+            return;
+        }
+        let now = Instant::now();
+        if now < self.publish_at {
+            return;
+        }
+        self.publish_at = now + self.cfg.request_timeout();
+        let me = self.shared.member_id;
+        self.propose_internal(Request::MemberAttributes(MemberAttributes {
+            id: me,
+            name: self.cfg.name.clone(),
+            client_urls: self.cfg.client_urls.clone(),
+        }));
+    }
+
+    /// Starts a stop: a leader with other voters hands leadership to the most up-to-date one
+    /// (etcd's `TransferLeadership`), so clients need not wait an election timeout.
+    fn start_stopping(&mut self) {
+        let me = self.shared.member_id;
+        self.stopping = Some(Instant::now() + self.cfg.election_timeout());
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        let best = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && voters.contains(**id))
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id);
+        if let Some(target) = best {
+            tracing::info!(
+                to = format!("{target:x}"),
+                "stopping: transferring leadership"
+            );
+            self.raw.transfer_leader(target);
+        }
+    }
+
+    /// Whether a stop may finish: not leading any more (or never was), or out of time.
+    fn stopped(&self) -> bool {
+        match self.stopping {
+            None => false,
+            Some(deadline) => {
+                self.raw.raft.state != StateRole::Leader
+                    || Instant::now() >= deadline
+                    || self.raw.raft.prs().conf().voters().ids().len() == 1
+            }
         }
     }
 
@@ -581,6 +876,9 @@ impl Node {
         let m = &self.shared.metrics;
         m.has_leader.set(i64::from(leader != raft::INVALID_ID));
         m.is_leader.set(i64::from(role == StateRole::Leader));
+        self.shared
+            .is_leader
+            .store(role == StateRole::Leader, Ordering::Release);
         if leader != self.leader {
             if leader != raft::INVALID_ID {
                 m.leader_changes.inc();
@@ -751,8 +1049,9 @@ impl Node {
             // A revocation not applied within the request timeout (a lost proposal) is proposed
             // again.
             let retry = self.cfg.request_timeout();
-            self.revoking
-                .retain(|id, at| expired.binary_search(id).is_ok() && now.duration_since(*at) < retry);
+            self.revoking.retain(|id, at| {
+                expired.binary_search(id).is_ok() && now.duration_since(*at) < retry
+            });
             let mut proposed = 0;
             for id in expired {
                 if proposed == LEASE_REVOKES_PER_CHECK {
@@ -809,7 +1108,10 @@ impl Node {
         };
         if self.store.compact_step(&mut job.job)? {
             let job = self.compaction.take().expect("checked");
-            tracing::info!(revision = job.job.revision(), "finished scheduled compaction");
+            tracing::info!(
+                revision = job.job.revision(),
+                "finished scheduled compaction"
+            );
             for (reply, applied) in job.waiters {
                 let _ = reply.send(Ok(applied));
             }
@@ -886,6 +1188,61 @@ impl Node {
         }
         self.wal.close().await
     }
+}
+
+#[allow(clippy::big_endian_bytes, reason = "etcd's meta values are big-endian")]
+fn u64_be(v: [u8; 8]) -> u64 {
+    u64::from_be_bytes(v)
+}
+
+/// fsyncs a directory (a rename in it is durable after this).
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync of directory", dir, e))
+}
+
+/// Removes snapshot files a crash left half-received.
+fn remove_partial_snapshots(snap_dir: &std::path::Path) -> Result<()> {
+    let entries = std::fs::read_dir(snap_dir).map_err(|e| Error::io("listing", snap_dir, e))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().ends_with(".recv") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// The membership recorded in the backend.
+pub(super) fn load_members(store: &Store) -> Result<Members> {
+    let view = store.read();
+    let mut members = Members::default();
+    for (k, v) in view.raw_range(MEMBERS_BUCKET)? {
+        let m = Member::from_json(&v).map_err(|e| {
+            Error::CorruptRecord(format!(
+                "members bucket entry {}: {e}",
+                String::from_utf8_lossy(&k)
+            ))
+        })?;
+        members.members.insert(m.id, m);
+    }
+    for (k, _) in view.raw_range(MEMBERS_REMOVED_BUCKET)? {
+        if let Ok(id) = u64::from_str_radix(&String::from_utf8_lossy(&k), 16) {
+            members.removed.insert(id);
+        }
+    }
+    Ok(members)
+}
+
+/// Every member but `me`, with its peer URLs.
+pub(super) fn peers_of(members: &Members, me: u64) -> Vec<(u64, Vec<String>)> {
+    members
+        .members
+        .values()
+        .filter(|m| m.id != me)
+        .map(|m| (m.id, m.peer_urls.clone()))
+        .collect()
 }
 
 impl Drop for Node {

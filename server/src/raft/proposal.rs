@@ -7,7 +7,7 @@
 //! | field | tag | meaning |
 //! |---|---|---|
 //! | `id` | 1 | matches the reply to the waiting request on the proposing member |
-//! | `request` | 2–8 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages) |
+//! | `request` | 2–9 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages), or a member's published attributes ([`MemberAttributes`]: ID 1, name 2, client URLs 3) |
 //! | `member` | 15 | the proposing member's ID (0 in entries written before replication) |
 //!
 //! The network side encodes exactly the bytes that will be proposed and checks them (size and
@@ -27,7 +27,7 @@ pub struct Proposal {
     /// Matches the reply to the request on the proposing member.
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
     pub request: Option<Request>,
     /// The member that proposed it (only its waiter gets the reply).
     #[prost(uint64, tag = "15")]
@@ -52,6 +52,20 @@ pub enum Request {
     LeaseRevoke(pb::LeaseRevokeRequest),
     #[prost(message, tag = "8")]
     LeaseCheckpoint(pb::LeaseCheckpointRequest),
+    /// A member publishes its name and client URLs (etcd's `publish`).
+    #[prost(message, tag = "9")]
+    MemberAttributes(MemberAttributes),
+}
+
+/// A member's name and client URLs, as it publishes them through raft.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemberAttributes {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(string, repeated, tag = "3")]
+    pub client_urls: Vec<String>,
 }
 
 /// The tag of `Request::Txn` in a proposal.
@@ -150,8 +164,13 @@ mod tests {
             member: 9,
             request: Some(Request::Txn(nested(MAX_TXN_DEPTH + 1))),
         };
-        assert!(matches!(deep.encode_checked(0), Err(Error::InvalidArgument(m)) if m.contains("nested")));
-        assert!(matches!(decode(&deep.encode_to_vec()), Err(Error::InvalidArgument(_))));
+        assert!(
+            matches!(deep.encode_checked(0), Err(Error::InvalidArgument(m)) if m.contains("nested"))
+        );
+        assert!(matches!(
+            decode(&deep.encode_to_vec()),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!(matches!(p.encode_checked(10), Err(Error::RequestTooLarge)));
     }
 

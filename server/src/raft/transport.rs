@@ -1,0 +1,433 @@
+//! The peer transport's sending side: raft messages from the storage core to the other members.
+//!
+//! # Design (etcd's `rafthttp`, on gRPC)
+//! - One task per peer (on the network runtime) owns one long-lived **stream** (`Peer.Raft`),
+//!   ordered, carrying appends, heartbeats, votes and read-index messages. The messages of one
+//!   `Ready` for that peer travel together as one `RaftBatch`.
+//! - Between the core and each peer task: a bounded queue of [`PEER_QUEUE`] batches. The core
+//!   never waits: if the queue is full (the peer is slow or gone), the batch is dropped and raft
+//!   is told the peer is unreachable (`report_unreachable`), so it probes instead of streaming;
+//!   raft retransmits what was lost.
+//! - A broken stream is reported the same way and re-opened with backoff (50 ms doubling to 1 s).
+//! - **Snapshots** go on a call of their own (`Peer.Snapshot`), streamed from a pinned backend
+//!   version on a blocking thread, so a large snapshot never delays heartbeats; its outcome is
+//!   reported to raft (`report_snapshot`).
+//! - Every call carries the cluster ID and the sender's and receiver's member IDs, which the
+//!   receiver checks (`peer.rs`).
+//! - A probe per peer every second measures the round-trip time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_engine::btree::ReadTxn;
+use keel_proto::keelpeer as pp;
+use pp::peer_client::PeerClient;
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use super::Command;
+use crate::metrics::{self, Metrics};
+
+/// Batches queued per peer at most (etcd's stream buffer holds 4096 messages).
+pub const PEER_QUEUE: usize = 4096;
+/// The largest peer message, sent or accepted (a batch is split below it).
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+/// Bytes per `RaftBatch` before the rest goes in the next one.
+const BATCH_BYTES: usize = 16 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Metadata keys of every peer call.
+pub const CLUSTER_HEADER: &str = "x-keel-cluster-id";
+pub const FROM_HEADER: &str = "x-keel-from";
+pub const TO_HEADER: &str = "x-keel-to";
+
+/// Where the storage core sends raft messages. The real one is [`Transport`]; the deterministic
+/// cluster harness has an in-memory one.
+pub trait Network: Send + Sync {
+    /// Sends `messages` (all to `to`), in order, without waiting.
+    fn send(&self, to: u64, messages: Vec<Message>);
+    /// Sends a `MsgSnapshot` with the backend version `data` (pinned at the snapshot's index).
+    fn send_snapshot(&self, message: Message, data: ReadTxn);
+    /// The peers: every member but this one, with their peer URLs.
+    fn set_peers(&self, peers: Vec<(u64, Vec<String>)>);
+}
+
+/// A peer's sending side.
+struct PeerLink {
+    urls: Vec<String>,
+    queue: mpsc::Sender<Vec<Message>>,
+    /// Ends the peer's tasks when dropped.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Inner {
+    runtime: tokio::runtime::Handle,
+    cluster_id: u64,
+    member_id: u64,
+    peers: Mutex<HashMap<u64, PeerLink>>,
+    /// Reports back to the storage core (unreachable peers, snapshot outcomes).
+    core: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+}
+
+/// The gRPC peer transport. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("member_id", &self.inner.member_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A raft report for the storage core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// A peer could not be reached (raft probes it instead of streaming).
+    Unreachable(u64),
+    /// A snapshot sent to a peer finished (`true`) or failed.
+    Snapshot(u64, bool),
+}
+
+impl Transport {
+    /// A transport of member `member_id` in cluster `cluster_id`, running its tasks on
+    /// `runtime` and reporting to the core through `core`.
+    pub(crate) fn new(
+        runtime: tokio::runtime::Handle,
+        cluster_id: u64,
+        member_id: u64,
+        core: mpsc::Sender<Command>,
+        metrics: Arc<Metrics>,
+    ) -> Transport {
+        Transport {
+            inner: Arc::new(Inner {
+                runtime,
+                cluster_id,
+                member_id,
+                peers: Mutex::new(HashMap::new()),
+                core,
+                metrics,
+            }),
+        }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PeerLink>> {
+        self.inner
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn report(&self, r: Report) {
+        let _ = self.inner.core.try_send(Command::Report(r));
+    }
+}
+
+/// A lazily connected channel to the first of `urls` (a peer with several peer URLs is reached
+/// through the first; the others are tried after a failure).
+fn channel(url: &str) -> Option<Channel> {
+    Endpoint::from_shared(url.to_string()).ok().map(|e| {
+        e.connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy()
+    })
+}
+
+fn client(channel: Channel) -> PeerClient<Channel> {
+    PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
+}
+
+/// Adds the headers every peer call carries.
+fn headers<T>(inner: &Inner, to: u64, mut request: tonic::Request<T>) -> tonic::Request<T> {
+    let md = request.metadata_mut();
+    let hex = |v: u64| {
+        format!("{v:x}")
+            .parse()
+            .expect("hex digits are valid metadata")
+    };
+    md.insert(CLUSTER_HEADER, hex(inner.cluster_id));
+    md.insert(FROM_HEADER, hex(inner.member_id));
+    md.insert(TO_HEADER, hex(to));
+    request
+}
+
+/// Encodes messages into batches of at most about [`BATCH_BYTES`].
+fn encode(messages: Vec<Message>) -> Vec<pp::RaftBatch> {
+    let mut out = Vec::new();
+    let mut batch = pp::RaftBatch::default();
+    let mut size = 0;
+    for m in messages {
+        let bytes = match m.write_to_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a raft message");
+                continue;
+            }
+        };
+        size += bytes.len();
+        batch.messages.push(Bytes::from(bytes));
+        if size >= BATCH_BYTES {
+            out.push(std::mem::take(&mut batch));
+            size = 0;
+        }
+    }
+    if !batch.messages.is_empty() {
+        out.push(batch);
+    }
+    out
+}
+
+impl Transport {
+    /// The stream of messages to peer `to`: reconnects with backoff, reports failures.
+    async fn stream_to(self, to: u64, urls: Vec<String>, mut queue: mpsc::Receiver<Vec<Message>>) {
+        let inner = &self.inner;
+        let label = metrics::to(to);
+        let mut backoff = BACKOFF_MIN;
+        let mut attempt = 0usize;
+        let mut pending: Vec<pp::RaftBatch> = Vec::new();
+        let mut healthy = true;
+        loop {
+            let url = &urls[attempt % urls.len()];
+            attempt += 1;
+            let Some(channel) = channel(url) else {
+                tracing::error!(peer = format!("{to:x}"), %url, "invalid peer URL");
+                return;
+            };
+            let (tx, rx) = mpsc::channel::<pp::RaftBatch>(16);
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+                );
+            let mut peer = client(channel);
+            let request = headers(inner, to, tonic::Request::new(stream));
+            let mut call = Box::pin(async move { peer.raft(request).await });
+            let started = Instant::now();
+            let outcome: Result<(), String> = loop {
+                if let Some(batch) = pending.first() {
+                    let size: usize = batch.messages.iter().map(Bytes::len).sum();
+                    tokio::select! {
+                        r = &mut call => break Err(match r {
+                            Ok(_) => "the peer ended the stream".into(),
+                            Err(s) => s.message().to_string(),
+                        }),
+                        permit = tx.reserve() => match permit {
+                            Ok(p) => {
+                                p.send(pending.remove(0));
+                                inner.metrics.peer_sent_bytes.get_or_create(&label).inc_by(size as u64);
+                            }
+                            Err(_) => break Err("stream closed".into()),
+                        },
+                    }
+                } else {
+                    tokio::select! {
+                        r = &mut call => break Err(match r {
+                            Ok(_) => "the peer ended the stream".into(),
+                            Err(s) => s.message().to_string(),
+                        }),
+                        next = queue.recv() => match next {
+                            Some(messages) => pending.extend(encode(messages)),
+                            // The peer was removed: stop.
+                            None => return,
+                        },
+                    }
+                }
+            };
+            if let Err(why) = outcome {
+                inner.metrics.peer_sent_failures.get_or_create(&label).inc();
+                if healthy {
+                    tracing::warn!(peer = format!("{to:x}"), %url, error = %why, "lost the stream to a peer");
+                } else {
+                    tracing::debug!(peer = format!("{to:x}"), %url, error = %why, "peer still unreachable");
+                }
+                healthy = false;
+                self.report(Report::Unreachable(to));
+                // What was not sent is stale by the time the peer is back: raft resends.
+                pending.clear();
+                if started.elapsed() > Duration::from_secs(5) {
+                    backoff = BACKOFF_MIN;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                while queue.try_recv().is_ok() {}
+            } else {
+                healthy = true;
+            }
+        }
+    }
+
+    /// Measures the round-trip time to peer `to` every second.
+    async fn probe(self, to: u64, urls: Vec<String>) {
+        let Some(channel) = urls.first().and_then(|u| channel(u)) else {
+            return;
+        };
+        let mut peer = client(channel);
+        let label = metrics::to(to);
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        loop {
+            tick.tick().await;
+            let request = headers(&self.inner, to, tonic::Request::new(pp::ProbeRequest {}));
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(5), peer.probe(request)).await;
+            if let Ok(Ok(_)) = r {
+                Metrics::observe(
+                    &self.inner.metrics.peer_round_trip.get_or_create(&label),
+                    started.elapsed(),
+                );
+            }
+        }
+    }
+
+    /// Sends a snapshot to peer `to` and reports the outcome to raft.
+    async fn snapshot_to(self, to: u64, urls: Vec<String>, message: Message, data: ReadTxn) {
+        let started = Instant::now();
+        let label = metrics::to(to);
+        let result = self.try_snapshot(to, &urls, message, data).await;
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(()) => {
+                Metrics::observe(&m.snapshot_send.get_or_create(&label), started.elapsed());
+                m.snapshot_send_success.get_or_create(&label).inc();
+                tracing::info!(peer = format!("{to:x}"), took = ?started.elapsed(), "sent a snapshot");
+            }
+            Err(e) => {
+                m.snapshot_send_failures.get_or_create(&label).inc();
+                tracing::warn!(peer = format!("{to:x}"), error = %e, "sending a snapshot failed");
+            }
+        }
+        self.report(Report::Snapshot(to, result.is_ok()));
+    }
+
+    async fn try_snapshot(
+        &self,
+        to: u64,
+        urls: &[String],
+        message: Message,
+        data: ReadTxn,
+    ) -> Result<(), String> {
+        let channel = urls.first().and_then(|u| channel(u)).ok_or("no peer URL")?;
+        let header = message.write_to_bytes().map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<pp::SnapshotChunk>(4);
+        let first = pp::SnapshotChunk {
+            message: Bytes::from(header),
+            ..Default::default()
+        };
+        tx.send(first).await.map_err(|_| "stream closed")?;
+        // The backend is read on a blocking thread: its pages fault in from disk.
+        let reader = tokio::task::spawn_blocking(move || {
+            let crc = super::snapshot::encode(&data, |chunk| {
+                tx.blocking_send(pp::SnapshotChunk {
+                    data: chunk,
+                    ..Default::default()
+                })
+                .is_ok()
+            });
+            match crc {
+                Ok(Some(crc32)) => tx
+                    .blocking_send(pp::SnapshotChunk {
+                        done: true,
+                        crc32,
+                        ..Default::default()
+                    })
+                    .map_err(|_| "stream closed".to_string()),
+                Ok(None) => Err("stream closed".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        let mut peer = client(channel);
+        let request = headers(&self.inner, to, tonic::Request::new(stream));
+        let sent = peer.snapshot(request).await;
+        let read = reader.await.map_err(|e| e.to_string())?;
+        sent.map_err(|s| s.message().to_string())?;
+        read
+    }
+}
+
+impl Network for Transport {
+    fn send(&self, to: u64, messages: Vec<Message>) {
+        let full = {
+            let peers = self.peers();
+            let Some(link) = peers.get(&to) else {
+                return;
+            };
+            match link.queue.try_send(messages) {
+                Ok(()) => false,
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => true,
+            }
+        };
+        if full {
+            self.inner
+                .metrics
+                .peer_sent_failures
+                .get_or_create(&metrics::to(to))
+                .inc();
+            self.report(Report::Unreachable(to));
+        }
+    }
+
+    fn send_snapshot(&self, message: Message, data: ReadTxn) {
+        let to = message.to;
+        let urls = self.peers().get(&to).map(|l| l.urls.clone());
+        match urls {
+            Some(urls) => {
+                let t = self.clone();
+                self.inner
+                    .runtime
+                    .spawn(t.snapshot_to(to, urls, message, data));
+            }
+            None => self.report(Report::Snapshot(to, false)),
+        }
+    }
+
+    fn set_peers(&self, peers: Vec<(u64, Vec<String>)>) {
+        let mut links = self.peers();
+        links.retain(|id, _| peers.iter().any(|(p, _)| p == id));
+        for (id, urls) in peers {
+            if id == self.inner.member_id || urls.is_empty() {
+                continue;
+            }
+            if links.get(&id).is_some_and(|l| l.urls == urls) {
+                continue;
+            }
+            let (queue, rx) = mpsc::channel(PEER_QUEUE);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let t = self.clone();
+            let u = urls.clone();
+            let probe = self.clone();
+            let pu = urls.clone();
+            self.inner.runtime.spawn(async move {
+                tokio::select! {
+                    _ = t.stream_to(id, u, rx) => {}
+                    _ = probe.probe(id, pu) => {}
+                    _ = stopped => {}
+                }
+            });
+            links.insert(
+                id,
+                PeerLink {
+                    urls,
+                    queue,
+                    _stop: stop,
+                },
+            );
+        }
+    }
+}
