@@ -260,6 +260,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 per_stream: config.max_watchers_per_stream,
                 total: config.max_watchers,
             },
+            config.election_timeout,
             shutdown.clone(),
         ))
         .max_decoding_message_size(limit);
@@ -269,6 +270,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .add_service(watch)
             .add_service(cluster)
             .into_axum_router()
+            .layer(axum::middleware::from_fn_with_state(
+                core.clone(),
+                crate::api::require_leader,
+            ))
             .merge(crate::http::router(core.clone()));
         let routes = tonic::service::Routes::from(router);
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));

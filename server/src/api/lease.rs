@@ -1,9 +1,8 @@
 //! The etcd v3 Lease gRPC service, as etcd's `v3rpc/lease.go` and `v3_server.go`: grants and
-//! revocations go through raft; keep-alives renew on the leader; TimeToLive and Leases read the
-//! applied lease table.
+//! revocations go through raft; keep-alives renew on the leader (a follower forwards them over
+//! the peer transport); TimeToLive asks the leader too; Leases reads the applied lease table.
 
 use std::pin::Pin;
-use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use keel_engine::Error;
@@ -40,13 +39,14 @@ fn unexpected(other: Applied) -> Status {
 
 /// A keep-alive: the lease's TTL after renewal, or 0 if it does not exist (etcd answers a
 /// keep-alive of an unknown or expired lease with TTL 0, not an error).
-fn renew(core: &Core, id: i64) -> pb::LeaseKeepAliveResponse {
-    let ttl = core.lessor().renew(id, Instant::now()).unwrap_or(0);
-    pb::LeaseKeepAliveResponse {
+/// On a follower the keep-alive is forwarded to the leader, which alone renews leases.
+async fn renew(core: &Core, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
+    let ttl = core.lease_renew(id).await.map_err(|e| status(&e))?;
+    Ok(pb::LeaseKeepAliveResponse {
         header: core.header().with(core.store().current_revision()),
         id,
         ttl,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -116,9 +116,14 @@ impl pb::lease_server::Lease for LeaseService {
         let stream = request
             .into_inner()
             .take_until(async move { stop.wait().await })
-            .map(move |req| match req {
-                Ok(r) => Ok(renew(&core, r.id)),
-                Err(s) => Err(s),
+            .then(move |req| {
+                let core = core.clone();
+                async move {
+                    match req {
+                        Ok(r) => renew(&core, r.id).await,
+                        Err(s) => Err(s),
+                    }
+                }
             });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -128,30 +133,20 @@ impl pb::lease_server::Lease for LeaseService {
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
-        let header = self.core.header().with(self.revision());
-        let lessor = self.core.lessor();
-        let resp = match lessor.get(r.id) {
-            // etcd answers an unknown lease with TTL -1.
-            None => pb::LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: -1,
-                granted_ttl: 0,
-                keys: Vec::new(),
-            },
-            Some(l) => pb::LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: l.remaining(Instant::now()).as_secs() as i64,
-                granted_ttl: l.ttl,
-                keys: if r.keys {
-                    l.keys.iter().cloned().collect()
-                } else {
-                    Vec::new()
-                },
-            },
-        };
-        Ok(Response::new(resp))
+        // From the leader, which alone knows the remaining TTL (etcd answers an unknown lease
+        // with TTL -1).
+        let (ttl, granted_ttl, keys) = self
+            .core
+            .lease_time_to_live(r.id, r.keys)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::LeaseTimeToLiveResponse {
+            header: self.core.header().with(self.revision()),
+            id: r.id,
+            ttl,
+            granted_ttl,
+            keys,
+        }))
     }
 
     async fn lease_leases(

@@ -14,3 +14,30 @@ pub mod convert;
 pub mod kv;
 pub mod lease;
 pub mod watch;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::raft::Core;
+
+/// The metadata key (and value) etcd's clients send to require a leader
+/// (`clientv3.WithRequireLeader`; etcdctl's watch sets it).
+pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+
+/// Whether a request asks for a leader.
+pub fn requires_leader(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(REQUIRE_LEADER_KEY)
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// etcd's require-leader interceptor: a call that asks for a leader while this member knows
+/// none is refused at once with `etcdserver: no leader` (`Unavailable`), so the client tries
+/// another member instead of waiting on one cut off from the cluster.
+pub async fn require_leader(State(core): State<Core>, request: Request, next: Next) -> Response {
+    if requires_leader(request.headers()) && core.leader() == 0 {
+        return convert::status(&keel_engine::Error::NoLeader).into_http::<axum::body::Body>();
+    }
+    next.run(request).await
+}

@@ -71,9 +71,27 @@ struct Outbox {
     bytes: AtomicUsize,
     notify: Notify,
     closed: AtomicBool,
+    /// The status the stream ends with, if it ends in error.
+    error: Mutex<Option<Status>>,
 }
 
 impl Outbox {
+    /// Ends the stream with `status` once what is queued is sent.
+    fn fail(&self, status: Status) {
+        *self
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+        self.close();
+    }
+
+    fn take_error(&self) -> Option<Status> {
+        self.error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(pb::WatchResponse, usize)>> {
         self.queue
             .lock()
@@ -198,7 +216,14 @@ pub struct WatchService {
     hubs: Vec<mpsc::UnboundedSender<HubMsg>>,
     next_stream: Arc<AtomicU64>,
     shutdown: Shutdown,
+    core: Core,
+    /// How often a stream that requires a leader checks for one (an election timeout).
+    leader_check: Duration,
 }
+
+/// A stream opened with `hasleader` ends with `etcdserver: no leader` after this many checks
+/// find no leader (etcd's `maxNoLeaderCnt`).
+const NO_LEADER_CHECKS: u32 = 3;
 
 impl std::fmt::Debug for HubMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -218,6 +243,7 @@ impl WatchService {
         max_response_bytes: usize,
         progress_interval: Duration,
         limits: Limits,
+        leader_check: Duration,
         shutdown: Shutdown,
     ) -> WatchService {
         let mut hubs = Vec::new();
@@ -241,6 +267,8 @@ impl WatchService {
             hubs,
             next_stream: Arc::new(AtomicU64::new(0)),
             shutdown,
+            core,
+            leader_check,
         }
     }
 }
@@ -806,6 +834,32 @@ impl pb::watch_server::Watch for WatchService {
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
         hub.send(HubMsg::Open(id, outbox.clone()))
             .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        let require_leader = request
+            .metadata()
+            .get(crate::api::REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        if require_leader {
+            // etcd's `monitorLeader`: a stream that asked for a leader ends once the member has
+            // had none for three election timeouts, so the client moves to another member.
+            let core = self.core.clone();
+            let watched = outbox.clone();
+            let every = self.leader_check;
+            tokio::spawn(async move {
+                let mut misses = 0;
+                while !watched.closed.load(Ordering::Acquire) {
+                    tokio::time::sleep(every).await;
+                    if core.leader() == 0 {
+                        misses += 1;
+                        if misses >= NO_LEADER_CHECKS {
+                            watched.fail(convert::status(&Error::NoLeader));
+                            return;
+                        }
+                    } else {
+                        misses = 0;
+                    }
+                }
+            });
+        }
         let mut requests = request.into_inner();
         let reader_outbox = outbox.clone();
         tokio::spawn(async move {
@@ -829,9 +883,13 @@ impl pb::watch_server::Watch for WatchService {
             }
             let _ = hub.send(HubMsg::Close(id));
         });
-        let stream = futures::stream::unfold(SenderSide(outbox), |side| async move {
-            let r = side.0.next().await?;
-            Some((Ok(r), side))
+        let stream = futures::stream::unfold(Some(SenderSide(outbox)), |side| async move {
+            let side = side?;
+            match side.0.next().await {
+                Some(r) => Some((Ok(r), Some(side))),
+                // Closed: in error, that status ends the stream.
+                None => side.0.take_error().map(|status| (Err(status), None)),
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

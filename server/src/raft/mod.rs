@@ -63,6 +63,8 @@ pub const COMMAND_QUEUE: usize = 4096;
 /// Bytes of proposals admitted (queued or in raft, not yet answered) at most; beyond it writes
 /// are refused with `etcdserver: too many requests` rather than held in memory.
 pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// How long a request forwarded to the leader (keep-alive, TimeToLive) may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Committed entries not yet applied beyond which writes are refused with `etcdserver: too many
 /// requests` (etcd's `maxGapBetweenApplyAndCommitIndex`).
 pub const MAX_APPLY_GAP: u64 = 5000;
@@ -128,6 +130,8 @@ pub struct Shared {
     apply_gap: AtomicU64,
     /// The members, as of the applied index.
     members: RwLock<Members>,
+    /// Clients of the other members, for requests forwarded to the leader.
+    peer_clients: transport::PeerClients,
     /// False once the storage core has stopped: nothing is served as if it ran.
     alive: AtomicBool,
     /// Bytes of proposals admitted and not yet answered (see [`MAX_QUEUED_BYTES`]).
@@ -231,6 +235,98 @@ impl Core {
             .members
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A client of the leader's peer service, or `NoLeader`.
+    fn leader_client(
+        &self,
+    ) -> Result<(
+        u64,
+        keel_proto::keelpeer::peer_client::PeerClient<tonic::transport::Channel>,
+    )> {
+        let leader = self.leader();
+        if leader == 0 {
+            return Err(Error::NoLeader);
+        }
+        let url = self
+            .members()
+            .peer_urls(leader)
+            .and_then(|u| u.first().cloned())
+            .ok_or(Error::NoLeader)?;
+        let client = self
+            .shared
+            .peer_clients
+            .get(leader, &url)
+            .ok_or(Error::NoLeader)?;
+        Ok((leader, client))
+    }
+
+    /// Renews lease `id` (a keep-alive): on the leader, here; on a follower, forwarded to the
+    /// leader, which alone renews and expires leases. The TTL, or 0 if the lease is gone.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        if self.is_leader() {
+            return Ok(self
+                .lessor()
+                .renew(id, std::time::Instant::now())
+                .unwrap_or(0));
+        }
+        let (leader, mut client) = self.leader_client()?;
+        let (cluster_id, member_id) = self.ids();
+        let request = transport::peer_request(
+            cluster_id,
+            member_id,
+            leader,
+            tonic::Request::new(keel_proto::keelpeer::LeaseRenewRequest { id }),
+        );
+        match tokio::time::timeout(FORWARD_TIMEOUT, client.lease_renew(request)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().ttl),
+            Ok(Err(_)) => Err(Error::NoLeader),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// TimeToLive of lease `id` from the leader (which alone knows the remaining TTL): the TTL
+    /// (-1 if unknown), the granted TTL, and the keys if asked.
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<(i64, i64, Vec<Vec<u8>>)> {
+        if self.is_leader() {
+            let lessor = self.lessor();
+            return Ok(match lessor.get(id) {
+                None => (-1, 0, Vec::new()),
+                Some(l) => (
+                    l.remaining(std::time::Instant::now()).as_secs() as i64,
+                    l.ttl,
+                    if keys {
+                        l.keys.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                ),
+            });
+        }
+        let (leader, mut client) = self.leader_client()?;
+        let (cluster_id, member_id) = self.ids();
+        let request = transport::peer_request(
+            cluster_id,
+            member_id,
+            leader,
+            tonic::Request::new(keel_proto::keelpeer::LeaseTimeToLiveRequest { id, keys }),
+        );
+        match tokio::time::timeout(FORWARD_TIMEOUT, client.lease_time_to_live(request)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                Ok((
+                    r.ttl,
+                    r.granted_ttl,
+                    r.keys.into_iter().map(|k| k.to_vec()).collect(),
+                ))
+            }
+            Ok(Err(_)) => Err(Error::NoLeader),
+            Err(_) => Err(Error::Timeout),
+        }
     }
 
     /// Hands raft messages from a peer to the core (waiting for room in its queue).

@@ -416,6 +416,7 @@ impl Node {
             is_leader: AtomicBool::new(false),
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(members),
+            peer_clients: super::transport::PeerClients::default(),
             alive: AtomicBool::new(true),
             queued_bytes: AtomicUsize::new(0),
             next_id: AtomicU64::new(id_prefix),
@@ -609,6 +610,21 @@ impl Node {
                 }
                 let snapshot = rd.snapshot().clone();
                 self.install_snapshot(&snapshot, rd.hs()).await?;
+                if let Some(hs) = rd.hs() {
+                    self.shared.term.store(hs.term, Ordering::Relaxed);
+                }
+                // The rest of this `Ready` is made durable at once too: raft may not count the
+                // snapshot as applied before it is persisted.
+                let entries = rd.take_entries();
+                if !entries.is_empty() {
+                    self.wal.save(&entries, None).await?;
+                }
+                let messages = rd.take_persisted_messages();
+                let number = rd.number();
+                self.raw.advance_append_async(rd);
+                self.send(messages);
+                self.raw.on_persist_ready(number);
+                continue;
             }
             let committed = rd.take_committed_entries();
             self.apply(committed)?;

@@ -153,17 +153,58 @@ fn client(channel: Channel) -> PeerClient<Channel> {
 }
 
 /// Adds the headers every peer call carries.
-fn headers<T>(inner: &Inner, to: u64, mut request: tonic::Request<T>) -> tonic::Request<T> {
+fn headers<T>(inner: &Inner, to: u64, request: tonic::Request<T>) -> tonic::Request<T> {
+    peer_request(inner.cluster_id, inner.member_id, to, request)
+}
+
+/// `request` with the headers of a peer call from `from` to `to` in cluster `cluster_id`.
+pub fn peer_request<T>(
+    cluster_id: u64,
+    from: u64,
+    to: u64,
+    mut request: tonic::Request<T>,
+) -> tonic::Request<T> {
     let md = request.metadata_mut();
     let hex = |v: u64| {
         format!("{v:x}")
             .parse()
             .expect("hex digits are valid metadata")
     };
-    md.insert(CLUSTER_HEADER, hex(inner.cluster_id));
-    md.insert(FROM_HEADER, hex(inner.member_id));
+    md.insert(CLUSTER_HEADER, hex(cluster_id));
+    md.insert(FROM_HEADER, hex(from));
     md.insert(TO_HEADER, hex(to));
     request
+}
+
+/// Clients of the other members' peer services, for requests a follower forwards to the leader
+/// (keep-alives, TimeToLive). Channels connect lazily and are kept per member.
+#[derive(Default)]
+pub struct PeerClients {
+    clients: Mutex<HashMap<u64, (String, PeerClient<Channel>)>>,
+}
+
+impl std::fmt::Debug for PeerClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerClients")
+    }
+}
+
+impl PeerClients {
+    /// A client of member `id` at `url` (called on the network runtime).
+    pub fn get(&self, id: u64, url: &str) -> Option<PeerClient<Channel>> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((u, c)) = clients.get(&id)
+            && u == url
+        {
+            return Some(c.clone());
+        }
+        let c = client(channel(url)?);
+        clients.insert(id, (url.to_string(), c.clone()));
+        Some(c)
+    }
 }
 
 /// Encodes messages into batches of at most about [`BATCH_BYTES`].

@@ -218,3 +218,208 @@ pub fn ok(endpoint: &str, args: &[&str]) -> String {
     assert!(success, "etcdctl {args:?} failed: {out}");
     out
 }
+
+/// A cluster of `keel` members on loopback, each with its own client and peer ports, data dir
+/// and log file. Members are killed (SIGKILL) when dropped.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub names: Vec<String>,
+    pub client_ports: Vec<u16>,
+    pub peer_ports: Vec<u16>,
+    pub members: Vec<Option<Server>>,
+    pub flags: Vec<String>,
+    pub token: String,
+}
+
+impl Cluster {
+    /// Starts `n` members with the extra flags (each member gets them all).
+    pub fn start(n: usize, flags: &[&str]) -> Cluster {
+        let mut c = Cluster::new(n, flags);
+        for i in 0..n {
+            c.start_member(i);
+        }
+        c
+    }
+
+    /// A cluster of `n` members, none started yet.
+    pub fn new(n: usize, flags: &[&str]) -> Cluster {
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            names: (1..=n).map(|i| format!("m{i}")).collect(),
+            client_ports: (0..n).map(|_| free_port()).collect(),
+            peer_ports: (0..n).map(|_| free_port()).collect(),
+            members: (0..n).map(|_| None).collect(),
+            flags: flags.iter().map(ToString::to_string).collect(),
+            token: "keel-test".into(),
+        }
+    }
+
+    /// `--initial-cluster` of every member.
+    pub fn initial_cluster(&self) -> String {
+        self.names
+            .iter()
+            .zip(&self.peer_ports)
+            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn data_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(&self.names[i])
+    }
+
+    pub fn log(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("{}.log", self.names[i]))
+    }
+
+    /// The member's log so far.
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log(i)).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.client_ports[i])
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.names.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// The arguments of member `i`.
+    pub fn args(&self, i: usize) -> Vec<String> {
+        let peer = format!("http://127.0.0.1:{}", self.peer_ports[i]);
+        let mut args = vec![
+            format!("--name={}", self.names[i]),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster={}", self.initial_cluster()),
+            format!("--initial-cluster-token={}", self.token),
+            // Short elections keep the tests quick; the ratio is etcd's default.
+            "--heartbeat-interval=50".into(),
+            "--election-timeout=500".into(),
+        ];
+        args.extend(self.flags.iter().cloned());
+        args
+    }
+
+    /// Starts (or restarts) member `i`, with extra environment variables.
+    pub fn start_member_with(&mut self, i: usize, env: &[(&str, &str)]) {
+        let args = self.args(i);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))
+            .unwrap();
+        let mut cmd = keel_command(&self.data_dir(i), self.client_ports[i], &args, env);
+        cmd.stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        wait_listening(&mut child, self.client_ports[i], "keel member");
+        self.members[i] = Some(Server {
+            child,
+            port: self.client_ports[i],
+            endpoint: self.endpoint(i),
+        });
+    }
+
+    pub fn start_member(&mut self, i: usize) {
+        self.start_member_with(i, &[]);
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i] = None;
+    }
+
+    /// SIGTERMs member `i` and waits for it to exit: its exit status.
+    pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut s = self.members[i].take().expect("running");
+        s.terminate()
+    }
+
+    /// A gauge or counter of member `i`'s `/metrics` (its value, summed over label sets).
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let (code, body) = try_http_get(self.client_ports[i], "/metrics")?;
+        if code != 200 {
+            return None;
+        }
+        let values: Vec<f64> = body
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// The index of the member that is leader now, if one says so.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.names.len())
+            .filter(|&i| self.members[i].is_some())
+            .find(|&i| self.metric(i, "etcd_server_is_leader") == Some(1.0))
+    }
+
+    /// Waits (a generous minute, as a hang guard) until a running member leads and every
+    /// running member knows a leader; the leader's index.
+    pub fn wait_leader(&self) -> usize {
+        wait_for("a leader known to every running member", || {
+            let leader = self.leader()?;
+            (0..self.names.len())
+                .filter(|&i| self.members[i].is_some())
+                .all(|i| self.metric(i, "etcd_server_has_leader") == Some(1.0))
+                .then_some(leader)
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failing test shows what the members logged.
+        if std::thread::panicking() {
+            for i in 0..self.names.len() {
+                let text = self.log_text(i);
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- {} (last lines)", self.names[i]);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Polls `f` until it gives a value; a minute without one fails the test (a hang guard, not a
+/// timing assertion).
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A GET that tolerates a member that is down or restarting.
+pub fn try_http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((code, if chunked { dechunk(body) } else { body.into() }))
+}

@@ -1,0 +1,365 @@
+//! Replication, end to end: 3 (and 5) `keel` processes on loopback. Writes and reads through
+//! every member, failover under load with no acknowledged write lost, catch-up by snapshot,
+//! leadership handed over on stop, a stalled disk causing no election, leases across a
+//! failover, and refusals of peers from elsewhere.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{Cluster, ok, wait_for};
+use etcd_client::{Client, GetOptions};
+
+/// A client of member `i` only.
+async fn client(c: &Cluster, i: usize) -> Client {
+    Client::connect([c.endpoint(i)], None).await.unwrap()
+}
+
+/// Every key with its value and revisions, read serializably from member `i`.
+async fn dump(c: &Cluster, i: usize) -> (i64, BTreeMap<Vec<u8>, (Vec<u8>, i64, i64)>) {
+    let mut cl = client(c, i).await;
+    let r = cl
+        .get(
+            "",
+            Some(GetOptions::new().with_all_keys().with_serializable()),
+        )
+        .await
+        .unwrap();
+    let rev = r.header().unwrap().revision();
+    let kvs = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                (kv.value().to_vec(), kv.mod_revision(), kv.version()),
+            )
+        })
+        .collect();
+    (rev, kvs)
+}
+
+/// Waits until every running member has applied up to the same revision; returns it.
+async fn converged(c: &Cluster) -> i64 {
+    let running: Vec<usize> = (0..c.names.len())
+        .filter(|&i| c.members[i].is_some())
+        .collect();
+    for _ in 0..3000 {
+        let mut revs = Vec::new();
+        for &i in &running {
+            revs.push(dump(c, i).await.0);
+        }
+        if revs.windows(2).all(|w| w[0] == w[1]) {
+            return revs[0];
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("members did not converge");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_serve_writes_and_reads_through_every_member() {
+    let c = Cluster::start(3, &[]);
+    c.wait_leader();
+    for i in 0..3 {
+        let mut cl = client(&c, i).await;
+        let r = cl
+            .put(format!("via/{i}"), format!("{i}"), None)
+            .await
+            .unwrap();
+        // Each member answers with its own ID and the current term.
+        let h = r.header().unwrap();
+        assert!(h.raft_term() >= 1);
+        let (_, member_id) = (h.cluster_id(), h.member_id());
+        let listed = cl.member_list().await.unwrap();
+        let me = listed
+            .members()
+            .iter()
+            .find(|m| m.id() == member_id)
+            .expect("the answering member is listed");
+        assert_eq!(me.name(), c.names[i]);
+    }
+    for i in 0..3 {
+        // Linearizable reads through every member see every write acknowledged before.
+        let mut cl = client(&c, i).await;
+        let r = cl
+            .get("via/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        assert_eq!(r.kvs().len(), 3, "member {i}");
+    }
+    let rev = converged(&c).await;
+    let (_, first) = dump(&c, 0).await;
+    for i in 1..3 {
+        let (r, kvs) = dump(&c, i).await;
+        assert_eq!((r, &kvs), (rev, &first), "member {i} differs");
+    }
+    // etcdctl against the cluster: the member list with names and URLs, health of every member.
+    let all = c.endpoints().join(",");
+    let list = ok(&all, &["member", "list"]);
+    for i in 0..3 {
+        assert!(list.contains(&format!(
+            "started, {}, http://127.0.0.1:{}, {}, false",
+            c.names[i],
+            c.peer_ports[i],
+            c.endpoint(i)
+        )));
+    }
+    // etcdctl 3.4 prints endpoint health on stderr.
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", c.endpoint(0)))
+        .args(["endpoint", "health", "--cluster"])
+        .output()
+        .unwrap();
+    let health = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{health}");
+    for i in 0..3 {
+        assert!(
+            health.contains(&format!("{} is healthy", c.endpoint(i))),
+            "{health}"
+        );
+    }
+}
+
+/// A watch on a follower sees the writes made through the leader, with the same revisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_follower_sees_writes_made_on_the_leader() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let follower = (leader + 1) % 3;
+    let mut on_follower = client(&c, follower).await;
+    let mut events = on_follower
+        .watch("w/", Some(etcd_client::WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(events.message().await.unwrap().unwrap().created());
+    let mut on_leader = client(&c, leader).await;
+    let mut revisions = Vec::new();
+    for i in 0..10 {
+        let r = on_leader.put(format!("w/{i}"), "v", None).await.unwrap();
+        revisions.push(r.header().unwrap().revision());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let r = events.message().await.unwrap().unwrap();
+        for e in r.events() {
+            seen.push(e.kv().unwrap().mod_revision());
+        }
+    }
+    assert_eq!(seen, revisions);
+}
+
+/// kill -9 of the leader while clients write through every member: a new leader is elected;
+/// after the killed member restarts, every acknowledged write is on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let endpoints = c.endpoints();
+        let stop = stop.clone();
+        let acknowledged = acknowledged.clone();
+        writers.push(tokio::spawn(async move {
+            let mut cl = Client::connect(endpoints, None).await.unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("load/{w}/{n}");
+                if let Ok(r) = cl.put(key.clone(), format!("{n}"), None).await {
+                    let rev = r.header().unwrap().revision();
+                    acknowledged.lock().unwrap().insert(key, rev);
+                }
+                n += 1;
+            }
+        }));
+    }
+    // Kill once writes are flowing (observed, not timed).
+    wait_for("writes before the kill", || {
+        (acknowledged.lock().unwrap().len() >= 50).then_some(())
+    });
+    let changes_before = c.metric((leader + 1) % 3, "etcd_server_leader_changes_seen_total");
+    c.kill(leader);
+    let new_leader = c.wait_leader();
+    assert_ne!(new_leader, leader);
+    let after = acknowledged.lock().unwrap().len();
+    wait_for("writes after the failover", || {
+        (acknowledged.lock().unwrap().len() >= after + 50).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(
+        c.metric(new_leader, "etcd_server_leader_changes_seen_total") > changes_before,
+        "the survivors saw the leader change"
+    );
+    c.start_member(leader);
+    converged(&c).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    for i in 0..3 {
+        let (_, kvs) = dump(&c, i).await;
+        for (key, rev) in &acknowledged {
+            let (_, mod_rev, version) = kvs
+                .get(key.as_bytes())
+                .unwrap_or_else(|| panic!("{key} missing on member {i}"));
+            assert_eq!((mod_rev, version), (rev, &1), "{key} on member {i}");
+        }
+    }
+}
+
+/// A member kept down while the others compact their raft log past what it has catches up by
+/// snapshot: it receives the leader's backend and then has every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_the_compacted_log_catches_up_by_snapshot() {
+    let mut c = Cluster::start(
+        3,
+        &[
+            "--snapshot-count=20",
+            "--experimental-snapshot-catchup-entries=5",
+        ],
+    );
+    c.wait_leader();
+    let behind = 2;
+    assert!(c.terminate(behind).success());
+    let mut cl = Client::connect(&c.endpoints()[..2], None).await.unwrap();
+    for i in 0..300 {
+        cl.put(format!("snap/{i:03}"), vec![b'x'; 1000], None)
+            .await
+            .unwrap();
+    }
+    c.start_member(behind);
+    wait_for("the snapshot to be installed", || {
+        c.log_text(behind)
+            .contains("installed a snapshot from the leader")
+            .then_some(())
+    });
+    let rev = converged(&c).await;
+    let (r, kvs) = dump(&c, behind).await;
+    assert_eq!(r, rev);
+    assert_eq!(kvs.keys().filter(|k| k.starts_with(b"snap/")).count(), 300);
+    // It goes on replicating normally afterwards.
+    let mut on_it = client(&c, behind).await;
+    on_it.put("after/snapshot", "1", None).await.unwrap();
+    converged(&c).await;
+    let leader = c.wait_leader();
+    assert!(
+        c.metric(leader, "etcd_network_snapshot_send_success_total")
+            .unwrap_or(0.0)
+            >= 1.0
+            || c.log_text(leader).contains("sent a snapshot")
+    );
+}
+
+/// SIGTERM of the leader hands leadership to a follower first (etcd's TransferLeadership),
+/// rather than leaving the cluster to wait for an election timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_leadership_over() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let mut cl = client(&c, (leader + 1) % 3).await;
+    cl.put("before", "stop", None).await.unwrap();
+    assert!(c.terminate(leader).success());
+    let new_leader = c.wait_leader();
+    assert_ne!(new_leader, leader);
+    assert!(
+        c.log_text(leader).contains("transferring leadership"),
+        "{}",
+        c.log_text(leader)
+    );
+    assert!(
+        c.log_text(new_leader).contains("MsgTimeoutNow"),
+        "the new leader was asked to campaign at once"
+    );
+    cl.put("after", "stop", None).await.unwrap();
+}
+
+/// Every WAL fdatasync of the leader stalls 500 ms while clients write: heartbeats and ticks do
+/// not wait for the disk, so no election happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_on_the_leader_causes_no_election() {
+    let mut c = Cluster::new(3, &[]);
+    let stall: Vec<_> = (0..3)
+        .map(|i| c.dir.path().join(format!("stall-{i}")))
+        .collect();
+    for (i, path) in stall.iter().enumerate() {
+        let path = path.display().to_string();
+        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
+    }
+    let leader = c.wait_leader();
+    let mut cl = Client::connect(c.endpoints(), None).await.unwrap();
+    cl.put("warm", "up", None).await.unwrap();
+    let changes: Vec<_> = (0..3)
+        .map(|i| c.metric(i, "etcd_server_leader_changes_seen_total"))
+        .collect();
+    std::fs::write(&stall[leader], "500ms").unwrap();
+    for i in 0..10 {
+        cl.put(format!("stalled/{i}"), "v", None).await.unwrap();
+    }
+    std::fs::remove_file(&stall[leader]).unwrap();
+    assert_eq!(c.leader(), Some(leader));
+    for i in 0..3 {
+        assert_eq!(
+            c.metric(i, "etcd_server_leader_changes_seen_total"),
+            changes[i],
+            "member {i} saw a leader change"
+        );
+    }
+}
+
+/// Leases through a follower: grant and keep-alives sent to a follower reach the leader; after
+/// the leader is killed, the lease survives the failover (a new leader extends TTLs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_through_a_follower_survive_a_failover() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let follower = (leader + 1) % 3;
+    let mut cl = client(&c, follower).await;
+    let lease = cl.lease_grant(30, None).await.unwrap().id();
+    cl.put(
+        "leased",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    let (mut keeper, mut responses) = cl.lease_keep_alive(lease).await.unwrap();
+    for _ in 0..5 {
+        keeper.keep_alive().await.unwrap();
+        assert_eq!(responses.message().await.unwrap().unwrap().ttl(), 30);
+    }
+    let ttl = cl.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0 && ttl.ttl() <= 30);
+    c.kill(leader);
+    let new_leader = c.wait_leader();
+    let mut on_new = client(&c, new_leader).await;
+    let ttl = on_new.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0, "the lease survived the failover");
+    assert_eq!(on_new.get("leased", None).await.unwrap().kvs().len(), 1);
+    let other = (0..3).find(|&i| i != leader && i != new_leader).unwrap();
+    let mut on_other = client(&c, other).await;
+    let (mut keeper, mut responses) = on_other.lease_keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(responses.message().await.unwrap().unwrap().ttl(), 30);
+}
+
+/// Five members: writes through each, all converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_replicate() {
+    let c = Cluster::start(5, &[]);
+    c.wait_leader();
+    for i in 0..5 {
+        let mut cl = client(&c, i).await;
+        cl.put(format!("five/{i}"), "v", None).await.unwrap();
+    }
+    let rev = converged(&c).await;
+    for i in 0..5 {
+        let (r, kvs) = dump(&c, i).await;
+        assert_eq!(r, rev);
+        assert_eq!(kvs.len(), 5);
+    }
+}
