@@ -363,3 +363,212 @@ async fn five_members_replicate() {
         assert_eq!(kvs.len(), 5);
     }
 }
+
+/// A raft call to member `i`'s peer service with the given headers.
+async fn peer_call(
+    c: &Cluster,
+    i: usize,
+    cluster_id: u64,
+    from: u64,
+    to: u64,
+    batch: keel_proto::keelpeer::RaftBatch,
+) -> Result<(), tonic::Status> {
+    let mut peer = keel_proto::keelpeer::peer_client::PeerClient::connect(format!(
+        "http://127.0.0.1:{}",
+        c.peer_ports[i]
+    ))
+    .await
+    .unwrap();
+    let request = keel::raft::transport::peer_request(
+        cluster_id,
+        from,
+        to,
+        tonic::Request::new(futures::stream::iter(vec![batch])),
+    );
+    peer.raft(request).await.map(drop)
+}
+
+/// Peer calls from another cluster, from a non-member, for another member, with messages that
+/// lie about their sender or do not decode, and snapshots that are corrupt or truncated: each
+/// refused with a clear status (and a log line), nothing applied, the cluster unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_calls_from_elsewhere_are_refused() {
+    use keel_proto::keelpeer::{RaftBatch, SnapshotChunk};
+    use protobuf::Message as _;
+    let c = Cluster::start(3, &[]);
+    c.wait_leader();
+    let mut cl = client(&c, 0).await;
+    let header = cl
+        .put("k", "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .clone();
+    let (cluster_id, me) = (header.cluster_id(), header.member_id());
+    let other = cl
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| m.id())
+        .find(|&id| id != me)
+        .unwrap();
+    let empty = RaftBatch::default();
+    let e = peer_call(&c, 0, cluster_id ^ 1, other, me, empty.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::FailedPrecondition, "cluster ID mismatch")
+    );
+    assert!(c.log_text(0).contains("request cluster ID mismatch"));
+    let e = peer_call(&c, 0, cluster_id, 0xdead, me, empty.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::NotFound, "error sender not found")
+    );
+    let e = peer_call(&c, 0, cluster_id, other, other, empty.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    // A message claiming another sender than the call's.
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    m.from = 0xdead;
+    m.to = me;
+    let lying = RaftBatch {
+        messages: vec![m.write_to_bytes().unwrap().into()],
+    };
+    let e = peer_call(&c, 0, cluster_id, other, me, lying)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let garbage = RaftBatch {
+        messages: vec![vec![0xff; 40].into()],
+    };
+    let e = peer_call(&c, 0, cluster_id, other, me, garbage)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Snapshots: corrupt data, then a stream cut before its end.
+    let mut snap = raft::eraftpb::Message::default();
+    snap.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
+    snap.from = other;
+    snap.to = me;
+    snap.mut_snapshot().mut_metadata().index = 1_000_000;
+    let header_chunk = SnapshotChunk {
+        message: snap.write_to_bytes().unwrap().into(),
+        ..Default::default()
+    };
+    for chunks in [
+        vec![
+            header_chunk.clone(),
+            SnapshotChunk {
+                data: vec![1, 3, 0, b'k', b'e', b'y', 9, 9, 9].into(),
+                ..Default::default()
+            },
+            SnapshotChunk {
+                done: true,
+                crc32: 7,
+                ..Default::default()
+            },
+        ],
+        vec![
+            header_chunk.clone(),
+            SnapshotChunk {
+                data: vec![1, 3, 0, b'k', b'e', b'y'].into(),
+                ..Default::default()
+            },
+        ],
+    ] {
+        let mut peer = keel_proto::keelpeer::peer_client::PeerClient::connect(format!(
+            "http://127.0.0.1:{}",
+            c.peer_ports[0]
+        ))
+        .await
+        .unwrap();
+        let request = keel::raft::transport::peer_request(
+            cluster_id,
+            other,
+            me,
+            tonic::Request::new(futures::stream::iter(chunks)),
+        );
+        let e = peer.snapshot(request).await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DataLoss | tonic::Code::InvalidArgument
+            ),
+            "{e:?}"
+        );
+    }
+    assert!(!c.log_text(0).contains("installed a snapshot"));
+    // Unharmed: no partial snapshot file left, and the member still serves.
+    let snap_dir = c.data_dir(0).join("member/snap");
+    let leftovers: Vec<_> = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "db")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    cl.put("still", "serving", None).await.unwrap();
+}
+
+/// A member started with another cluster token computes other IDs: its peers refuse it (and it
+/// them), the two others keep a quorum and serve, and it never gets a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_token_is_refused() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_member(0);
+    c.start_member(1);
+    c.token = "another-cluster".into();
+    c.start_member(2);
+    let leader = wait_for("a leader among the two", || {
+        [0, 1]
+            .into_iter()
+            .find(|&i| c.metric(i, "etcd_server_is_leader") == Some(1.0))
+    });
+    let mut cl = client(&c, leader).await;
+    cl.put("two", "members", None).await.unwrap();
+    wait_for("the mismatch to be logged", || {
+        (c.log_text(0).contains("request cluster ID mismatch")
+            || c.log_text(1).contains("request cluster ID mismatch"))
+        .then_some(())
+    });
+    assert_eq!(c.metric(2, "etcd_server_has_leader"), Some(0.0));
+    let (code, body) = common::try_http_get(c.client_ports[2], "/health").unwrap();
+    assert_eq!((code, body.as_str()), (503, "{\"health\":\"false\"}\n"));
+    let mut lone = client(&c, 2).await;
+    let e = lone.put("alone", "x", None).await.unwrap_err().to_string();
+    assert!(e.contains("etcdserver: no leader"), "{e}");
+}
+
+/// A peer URL that never answers: two of three members keep a quorum and serve; one member of
+/// three alone has no leader and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_do_not_answer() {
+    let mut c = Cluster::new(3, &[]);
+    c.start_member(0);
+    c.start_member(1);
+    wait_for("a leader among the two", || {
+        [0, 1]
+            .into_iter()
+            .find(|&i| c.metric(i, "etcd_server_is_leader") == Some(1.0))
+    });
+    let mut cl = Client::connect(&c.endpoints()[..2], None).await.unwrap();
+    cl.put("quorum", "2 of 3", None).await.unwrap();
+    assert!(c.log_text(0).contains("lost the stream to a peer"));
+    c.kill(1);
+    wait_for("the lone member to lose its leader", || {
+        (c.metric(0, "etcd_server_has_leader") == Some(0.0)).then_some(())
+    });
+    let mut lone = client(&c, 0).await;
+    let e = lone.put("alone", "x", None).await.unwrap_err().to_string();
+    assert!(e.contains("etcdserver: no leader"), "{e}");
+    let (code, _) = common::try_http_get(c.client_ports[0], "/health").unwrap();
+    assert_eq!(code, 503);
+}
