@@ -223,6 +223,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             lease_checkpoint_interval: config.lease_checkpoint_interval,
             feeds: feeds.clone(),
             faults: crate::faults::Faults::from_env(),
+            fixed_election_tick: None,
+            wal_segment_size: 64 << 20,
         },
         runtime.handle().clone(),
     )

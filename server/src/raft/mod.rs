@@ -36,6 +36,9 @@ pub mod snapshot;
 pub mod storage;
 pub mod transport;
 
+#[cfg(test)]
+mod sim;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};

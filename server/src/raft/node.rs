@@ -107,6 +107,11 @@ pub struct CoreConfig {
     pub feeds: Vec<Arc<Feed>>,
     /// Faults to inject (tests).
     pub faults: crate::faults::Faults,
+    /// Size of each WAL segment file (64 MiB normally; tests use smaller ones).
+    pub wal_segment_size: u64,
+    /// Tests only: a fixed election timeout in ticks instead of raft's randomized one, so that
+    /// a seeded run replays exactly.
+    pub fixed_election_tick: Option<usize>,
 }
 
 impl CoreConfig {
@@ -245,7 +250,8 @@ impl Node {
                 cluster_id: cfg.cluster_id,
                 member_id: cfg.member_id,
             },
-            max_record_size: WAL_MAX_RECORD,
+            max_record_size: WAL_MAX_RECORD.min((cfg.wal_segment_size as usize - (8 << 10)) / 2),
+            segment_size: cfg.wal_segment_size,
             sync_fault: cfg.faults.wal_sync_fault(),
             on_sync: Some({
                 let metrics = cfg.metrics.clone();
@@ -388,6 +394,8 @@ impl Node {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            min_election_tick: cfg.fixed_election_tick.unwrap_or(0),
+            max_election_tick: cfg.fixed_election_tick.map_or(0, |t| t + 1),
             ..raft::Config::default()
         };
         raft_config.validate().map_err(raft_err)?;
@@ -538,38 +546,9 @@ impl Node {
                 Event::Commands => {
                     let mut readers = Vec::new();
                     for command in buf.drain(..) {
-                        match command {
-                            Command::Propose { id, data, reply } => {
-                                self.propose(id, data, Some(reply));
-                            }
-                            Command::ReadIndex(reply) => readers.push(reply),
-                            Command::Step(messages) => {
-                                for m in messages {
-                                    if let Err(e) = self.raw.step(m) {
-                                        tracing::debug!(error = %e, "raft refused a message");
-                                    }
-                                }
-                            }
-                            Command::Report(Report::Unreachable(id)) => {
-                                self.raw.report_unreachable(id);
-                            }
-                            Command::Report(Report::Snapshot(id, ok)) => {
-                                let status = if ok {
-                                    SnapshotStatus::Finish
-                                } else {
-                                    SnapshotStatus::Failure
-                                };
-                                self.raw.report_snapshot(id, status);
-                            }
-                            Command::SnapshotReceived {
-                                message,
-                                path,
-                                reply,
-                            } => self.snapshot_received(message, path, reply),
-                            Command::Stop(reply) => {
-                                stop = Some(reply);
-                                self.start_stopping();
-                            }
+                        if let Some(reply) = self.command(command, &mut readers) {
+                            stop = Some(reply);
+                            self.start_stopping();
                         }
                     }
                     if !readers.is_empty() {
@@ -592,8 +571,76 @@ impl Node {
         Ok(())
     }
 
+    /// Handles one command; linearizable reads are collected in `readers` (one ReadIndex for
+    /// all of a drain). Returns the reply of a stop request.
+    pub(super) fn command(
+        &mut self,
+        command: Command,
+        readers: &mut Vec<Reply<()>>,
+    ) -> Option<tokio::sync::oneshot::Sender<()>> {
+        match command {
+            Command::Propose { id, data, reply } => self.propose(id, data, Some(reply)),
+            Command::ReadIndex(reply) => readers.push(reply),
+            Command::Step(messages) => {
+                for m in messages {
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(error = %e, "raft refused a message");
+                    }
+                }
+            }
+            Command::Report(Report::Unreachable(id)) => self.raw.report_unreachable(id),
+            Command::Report(Report::Snapshot(id, ok)) => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(id, status);
+            }
+            Command::SnapshotReceived {
+                message,
+                path,
+                reply,
+            } => self.snapshot_received(message, path, reply),
+            Command::Stop(reply) => return Some(reply),
+        }
+        None
+    }
+
+    /// Handles every `Ready`, then waits for every WAL append in flight (and handles what
+    /// their persistence lets raft do), until raft has nothing more: the harness's step.
+    pub(super) async fn settle(&mut self) -> Result<()> {
+        loop {
+            self.pump().await?;
+            let Some(p) = self.persisting.pop_front() else {
+                return Ok(());
+            };
+            p.durable.await?;
+            self.send(p.messages);
+            self.raw.on_persist_ready(p.number);
+        }
+    }
+
+    /// A checkpoint now (the harness's), waiting for it: backend synced, raft log compacted if
+    /// due.
+    pub(super) async fn checkpoint_now(&mut self) -> Result<()> {
+        if let Some(rx) = self.checkpoint_rx.take() {
+            let done = rx.await.unwrap_or(Err(Error::Stopped))?;
+            self.checkpointed(done).await?;
+        }
+        if self.applied > self.checkpointed {
+            let rx = self.checkpointer.sync(self.store.clone());
+            let done = rx.await.unwrap_or(Err(Error::Stopped))?;
+            self.checkpointed(done).await?;
+        }
+        if let Some(h) = self.releasing.take() {
+            h.await.unwrap_or(Ok(0))?;
+        }
+        Ok(())
+    }
+
     /// Handles every `Ready` raft has.
-    async fn pump(&mut self) -> Result<()> {
+    pub(super) async fn pump(&mut self) -> Result<()> {
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             if let Some(ss) = rd.ss() {
@@ -1188,7 +1235,7 @@ impl Node {
     }
 
     /// An orderly stop: the backend made durable, the WAL closed, every feed closed.
-    async fn shutdown(&mut self) -> Result<()> {
+    pub(super) async fn shutdown(&mut self) -> Result<()> {
         for p in self.persisting.drain(..) {
             p.durable.await?;
         }
