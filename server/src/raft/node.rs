@@ -609,6 +609,7 @@ impl Node {
 
     /// Handles every `Ready`, then waits for every WAL append in flight (and handles what
     /// their persistence lets raft do), until raft has nothing more: the harness's step.
+    #[cfg(test)]
     pub(super) async fn settle(&mut self) -> Result<()> {
         loop {
             self.pump().await?;
@@ -623,6 +624,7 @@ impl Node {
 
     /// A checkpoint now (the harness's), waiting for it: backend synced, raft log compacted if
     /// due.
+    #[cfg(test)]
     pub(super) async fn checkpoint_now(&mut self) -> Result<()> {
         if let Some(rx) = self.checkpoint_rx.take() {
             let done = rx.await.unwrap_or(Err(Error::Stopped))?;
