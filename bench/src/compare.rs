@@ -202,6 +202,51 @@ impl Server {
         ProcStats::of(self.child.id()).unwrap_or_default()
     }
 
+    /// Starts `bin` as member `member` of a cluster (`initial_cluster`), on `client` and `peer`
+    /// ports; waits until it listens.
+    fn start_member(
+        name: &'static str,
+        bin: &Path,
+        dir: &Path,
+        member: &str,
+        (client, peer): (u16, u16),
+        initial_cluster: &str,
+    ) -> anyhow::Result<Server> {
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.join(format!("{name}-{member}.log"));
+        let child = Command::new(bin)
+            .arg(format!("--name={member}"))
+            .arg(format!("--data-dir={}", dir.join(format!("{name}-{member}")).display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
+            .arg("--initial-cluster-token=bench")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut s = Server {
+            name,
+            child,
+            endpoint,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if let Some(status) = s.child.try_wait()? {
+                bail!("{name} exited ({status}); its log: {}", s.log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not listen within 30 s; its log: {}", s.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(s)
+    }
+
     /// Kills it now (SIGKILL).
     pub fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill()
@@ -239,6 +284,48 @@ impl ProcStats {
     }
 }
 
+/// The servers of one system under test: one member, or a cluster started the same way for
+/// etcd and keel (loopback, same flags).
+pub struct Deployment {
+    pub name: &'static str,
+    pub members: Vec<Server>,
+}
+
+impl Deployment {
+    /// Starts `n` members of `bin`.
+    pub fn start(name: &'static str, bin: &Path, dir: &Path, n: usize) -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let cluster: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let cluster = cluster.join(",");
+        let mut members = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let member = format!("m{i}");
+            members.push(Server::start_member(name, bin, dir, &member, *p, &cluster)?);
+        }
+        Ok(Deployment { name, members })
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.endpoint.clone()).collect()
+    }
+
+    /// CPU summed over the members; peak RSS of the largest member.
+    fn proc(&self) -> ProcStats {
+        let all: Vec<ProcStats> = self.members.iter().map(Server::proc).collect();
+        ProcStats {
+            cpu_seconds: all.iter().map(|p| p.cpu_seconds).sum(),
+            peak_rss_bytes: all.iter().map(|p| p.peak_rss_bytes).max().unwrap_or(0),
+        }
+    }
+}
+
 /// One measurement of a workload on a server.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -260,9 +347,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-async fn measure(server: &Server, spec: &Spec, total: u64) -> anyhow::Result<Sample> {
+async fn measure(server: &Deployment, spec: &Spec, total: u64) -> anyhow::Result<Sample> {
     let opts = ConnectOptions {
-        endpoints: vec![server.endpoint.clone()],
+        endpoints: server.endpoints(),
         ..Default::default()
     };
     let (channels, token) = opts.connect(spec.conns).await?;
@@ -306,22 +393,36 @@ async fn measure(server: &Server, spec: &Spec, total: u64) -> anyhow::Result<Sam
     })
 }
 
-async fn preload(server: &Server) -> anyhow::Result<()> {
-    let opts = ConnectOptions {
-        endpoints: vec![server.endpoint.clone()],
-        ..Default::default()
-    };
-    let (channels, token) = opts.connect(1).await?;
-    client::kv(channels[0].clone(), &token)
-        .put(pb::PutRequest {
-            key: RANGE_KEY.to_vec(),
-            value: value(256),
+/// Writes the range workloads' key, retrying while a new cluster elects its leader.
+async fn preload(server: &Deployment) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for endpoint in server.endpoints() {
+        let opts = ConnectOptions {
+            endpoints: vec![endpoint],
             ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", server.name, s.message()))?;
+        };
+        let (channels, token) = opts.connect(1).await?;
+        loop {
+            let put = client::kv(channels[0].clone(), &token)
+                .put(pb::PutRequest {
+                    key: RANGE_KEY.to_vec(),
+                    value: value(256),
+                    ..Default::default()
+                })
+                .await;
+            match put {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => bail!("{}: {}", server.name, s.message()),
+            }
+        }
+    }
     Ok(())
 }
+
+
 
 /// The disk's reference latency, measured beside the servers: p50 of a 4 KiB overwrite plus
 /// fdatasync of a file in `dir` (500 rounds over a pre-written, synced 2 MiB file).
@@ -352,11 +453,8 @@ pub fn raw_fdatasync_p50(dir: &Path) -> anyhow::Result<f64> {
 
 /// Runs the comparison; returns the Markdown report.
 pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
-    if o.members != 1 {
-        bail!(
-            "--members {} needs replication, which Keel does not have yet; only 1 is supported",
-            o.members
-        );
+    if !(1..=7).contains(&o.members) {
+        bail!("--members must be between 1 and 7, not {}", o.members);
     }
     if !o.keel.exists() {
         bail!(
@@ -366,15 +464,17 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     }
     std::fs::create_dir_all(&o.dir)?;
     let dir = tempfile::tempdir_in(&o.dir)?;
-    let etcd = Server::start("etcd", &o.etcd, dir.path())?;
-    let keel = Server::start("keel", &o.keel, dir.path())?;
+    let etcd = Deployment::start("etcd", &o.etcd, dir.path(), o.members)?;
+    let keel = Deployment::start("keel", &o.keel, dir.path(), o.members)?;
     preload(&etcd).await?;
     preload(&keel).await?;
     let raw = raw_fdatasync_p50(dir.path())?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Raw disk, same run: 4 KiB overwrite + fdatasync p50 **{:.3} ms**.\n",
+        "Members per cluster: **{}** (clients spread over every member). Raw disk, same run: \
+         4 KiB overwrite + fdatasync p50 **{:.3} ms**. CPU per request sums every member's.\n",
+        o.members,
         raw * 1e3
     );
     out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req |\n";
@@ -408,7 +508,7 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let _ = writeln!(
         out,
-        "\nPeak RSS: etcd {:.1} MiB, keel {:.1} MiB (keel/etcd **{:.2}×**). Server CPU over the whole run: etcd {:.1} s, keel {:.1} s.",
+        "\nPeak RSS (the largest member): etcd {:.1} MiB, keel {:.1} MiB (keel/etcd **{:.2}×**). Server CPU over the whole run (all members): etcd {:.1} s, keel {:.1} s.",
         mib(ep.peak_rss_bytes),
         mib(kp.peak_rss_bytes),
         kp.peak_rss_bytes as f64 / ep.peak_rss_bytes.max(1) as f64,
