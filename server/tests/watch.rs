@@ -8,6 +8,7 @@ mod common;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{free_port, ok};
@@ -16,12 +17,24 @@ use etcd_client::{
     WatchResponse, WatchStream,
 };
 
-/// Runs etcdctl watches in the background while `writes` run; returns each watch's output.
-fn etcdctl_watches(e: &str, watches: &[&[&str]], writes: &[&[&str]]) -> Vec<String> {
+/// A hang guard, never the behaviour under test.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Runs etcdctl watches in the background while `writes` run; returns each watch's output. The
+/// writes start once the server counts every watcher (`etcd_debugging_mvcc_watcher_total`, on
+/// etcd as on Keel); the last write must be seen by every watch, whose output is complete once
+/// it ends with that event.
+fn etcdctl_watches(
+    e: &str,
+    port: u16,
+    watches: &[&[&str]],
+    writes: &[&[&str]],
+    last: &str,
+) -> Vec<String> {
     let children: Vec<_> = watches
         .iter()
         .map(|args| {
-            Command::new("etcdctl")
+            let mut child = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
                 .arg(format!("--endpoints={e}"))
                 .arg("watch")
@@ -29,23 +42,48 @@ fn etcdctl_watches(e: &str, watches: &[&[&str]], writes: &[&[&str]]) -> Vec<Stri
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("etcdctl")
+                .expect("etcdctl");
+            let output = Arc::new(Mutex::new(String::new()));
+            let mut stdout = child.stdout.take().unwrap();
+            let sink = output.clone();
+            let reader = std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            (child, output, reader)
         })
         .collect();
-    // Let the watches be created before writing.
-    std::thread::sleep(Duration::from_millis(700));
+    let deadline = Instant::now() + HANG;
+    while metric(port, "etcd_debugging_mvcc_watcher_total") < watches.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "{e}: the watches were not created"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for w in writes {
         ok(e, w);
     }
-    std::thread::sleep(Duration::from_millis(700));
     children
         .into_iter()
-        .map(|mut c| {
+        .zip(watches)
+        .map(|((mut c, output, reader), args)| {
+            while !output.lock().unwrap().ends_with(last) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{e}: etcdctl watch {args:?} did not see the last write: {}",
+                    output.lock().unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
-            let mut out = String::new();
-            c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
             let _ = c.wait();
-            out
+            reader.join().unwrap();
+            output.lock().unwrap().clone()
         })
         .collect()
 }
@@ -70,13 +108,16 @@ fn etcdctl_watch_commands_answer_like_etcd() {
         &["del", "k2"],
         &["put", "other", "x"],
         &["del", "k", "--prefix"],
+        // Seen by every watch: their outputs end with it.
+        &["put", "k1", "end"],
     ];
     // The history before the watches: revision 2 exists on both.
     for e in [&etcd.endpoint, &keel.endpoint] {
         ok(e, &["put", "k1", "v0"]);
     }
-    let expected = etcdctl_watches(&etcd.endpoint, watches, writes);
-    let got = etcdctl_watches(&keel.endpoint, watches, writes);
+    let last = "PUT\nk1\nend\n";
+    let expected = etcdctl_watches(&etcd.endpoint, etcd.port, watches, writes, last);
+    let got = etcdctl_watches(&keel.endpoint, keel.port, watches, writes, last);
     for ((w, e), g) in watches.iter().zip(&expected).zip(&got) {
         assert_eq!(g, e, "etcdctl watch {w:?}");
     }
@@ -120,9 +161,9 @@ fn text(r: &WatchResponse) -> String {
 async fn next(s: &mut WatchStream, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let r = tokio::time::timeout(Duration::from_secs(10), s.message())
+        let r = tokio::time::timeout(HANG, s.message())
             .await
-            .expect("a watch response within 10 s")
+            .expect("a watch response")
             .unwrap()
             .unwrap();
         out.push((
@@ -342,7 +383,7 @@ async fn progress_and_fragments(endpoint: &str) -> Vec<String> {
         .await
         .unwrap();
     log.extend(next(&mut p, 1).await);
-    // Nothing happens to "p": a progress notification comes within the 1 s interval (+ slack).
+    // Nothing happens to "p": a progress notification comes (every 1 s interval).
     log.extend(next(&mut p, 1).await);
     let mut f = c
         .watch(
@@ -370,17 +411,17 @@ async fn progress_and_fragments(endpoint: &str) -> Vec<String> {
         .unwrap();
     let mut events = 0;
     while events < 700 {
-        let r = tokio::time::timeout(Duration::from_secs(10), f.message())
+        let r = tokio::time::timeout(HANG, f.message())
             .await
-            .expect("events within 10 s")
+            .expect("events")
             .unwrap()
             .unwrap();
         events += r.events().len();
     }
     while events < 1400 {
-        let r = tokio::time::timeout(Duration::from_secs(10), f.message())
+        let r = tokio::time::timeout(HANG, f.message())
             .await
-            .expect("fragments within 10 s")
+            .expect("fragments")
             .unwrap()
             .unwrap();
         events += r.events().len();
@@ -416,9 +457,9 @@ fn metric(port: u16, name: &str) -> f64 {
         .unwrap()
 }
 
-/// Waits (up to 10 s) for a gauge to reach `want`.
+/// Waits for a gauge to reach `want` (the deadline only guards a hang).
 async fn gauge_reaches(port: u16, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + HANG;
     loop {
         let got = metric(port, name);
         if got == want {
@@ -459,10 +500,17 @@ async fn closed_streams_and_revoked_leases_leave_nothing_behind() {
     drop(streams);
     gauge_reaches(port, "etcd_debugging_mvcc_watch_stream_total", 0.0).await;
     gauge_reaches(port, "etcd_debugging_mvcc_watcher_total", 0.0).await;
-    // Leases: granted, one revoked, one expired; keep-alives of both answer TTL 0 after.
+    // Leases: granted, one expired (seen gone), one revoked; keep-alives of both answer TTL 0
+    // after.
     let a = c.lease_grant(60, None).await.unwrap().id();
+    gauge_reaches(port, "keel_lease_total", 1.0).await;
     let b = c.lease_grant(1, None).await.unwrap().id();
-    gauge_reaches(port, "keel_lease_total", 2.0).await;
+    let deadline = Instant::now() + HANG;
+    while c.lease_time_to_live(b, None).await.unwrap().ttl() != -1 {
+        assert!(Instant::now() < deadline, "the 1 s lease never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gauge_reaches(port, "keel_lease_total", 1.0).await;
     c.lease_revoke(a).await.unwrap();
     gauge_reaches(port, "keel_lease_total", 0.0).await;
     for id in [a, b] {
