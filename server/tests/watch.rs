@@ -523,3 +523,106 @@ async fn closed_streams_and_revoked_leases_leave_nothing_behind() {
     }
     c.put("still", "serving", None).await.unwrap();
 }
+
+/// A watcher created at revision 1 over 32 MiB of history, on a stream whose client reads
+/// nothing after the created response: it is caught up from history only as far as its outbox
+/// (4 MiB) and the stream's HTTP/2 window (2 MiB) let it, so it is still behind when the history
+/// is compacted at the current revision. When the client reads again it gets a contiguous prefix
+/// of the history, then a cancel carrying the compacted revision, as etcd answers a watcher
+/// whose next revision was compacted away; the stream goes on serving.
+///
+/// Not run beside etcd: etcd 3.4 buffers 128 responses of up to 1000 revisions per watcher, so
+/// making its catch-up overlap a compaction for sure would take over 128,000 revisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_during_a_watch_catch_up_cancels_it_with_the_compacted_revision() {
+    const TXNS: usize = 1000;
+    const PER_TXN: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    write_load(&c, "h/", TXNS, PER_TXN).await;
+    let mut s = c
+        .watch(
+            "h/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+        )
+        .await
+        .unwrap();
+    let created = s.message().await.unwrap().unwrap();
+    assert!(created.created());
+    let id = created.watch_id();
+    let current = c
+        .get("h/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(current, 1 + TXNS as i64);
+    // The watcher is catching up (the gauge is published now and then).
+    gauge_reaches(keel.port, "etcd_debugging_mvcc_slow_watcher_total", 1.0).await;
+    c.compact(current, None).await.unwrap();
+    // Now read: whole revisions from 2 on, in order, then the cancel.
+    let mut next = 2;
+    let cancel = loop {
+        let r = tokio::time::timeout(HANG, s.message())
+            .await
+            .expect("events or the cancel")
+            .unwrap()
+            .expect("the stream stays open");
+        assert_eq!(r.watch_id(), id);
+        if r.canceled() {
+            break r;
+        }
+        let mut events = r.events().iter().peekable();
+        while let Some(e) = events.next() {
+            let rev = e.kv().unwrap().mod_revision();
+            assert_eq!(rev, next, "events of revision {next} expected");
+            let mut n = 1;
+            while events
+                .peek()
+                .is_some_and(|e| e.kv().unwrap().mod_revision() == rev)
+            {
+                events.next();
+                n += 1;
+            }
+            assert_eq!(n, PER_TXN, "the events of revision {rev}");
+            next += 1;
+        }
+    };
+    assert!(
+        next <= current,
+        "every event arrived: the watcher was not behind when the compaction came"
+    );
+    println!("canceled at revision {next} of {current}");
+    assert_eq!(cancel.compact_revision(), current, "{}", text(&cancel));
+    assert!(cancel.events().is_empty());
+    gauge_reaches(keel.port, "etcd_debugging_mvcc_watcher_total", 0.0).await;
+    // The stream serves a new watcher after the compacted revision.
+    s.watch(
+        "h/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(current + 1),
+        ),
+    )
+    .await
+    .unwrap();
+    let r = s.message().await.unwrap().unwrap();
+    assert!(r.created() && !r.canceled(), "{}", text(&r));
+    c.put("h/after", "x", None).await.unwrap();
+    let r = tokio::time::timeout(HANG, s.message())
+        .await
+        .expect("the event after the compaction")
+        .unwrap()
+        .unwrap();
+    let keys: Vec<&str> = r
+        .events()
+        .iter()
+        .map(|e| e.kv().unwrap().key_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["h/after"]);
+}
