@@ -319,9 +319,9 @@ async fn a_flood_of_watch_creates_is_bounded() {
     }
 }
 
-/// With every WAL fdatasync stalled by 500 ms, a put waits for it, but keep-alives, TimeToLive,
-/// serializable reads and `/metrics` keep answering meanwhile: nothing on the network side waits
-/// for the disk.
+/// With every WAL fdatasync stalled by 2 s, a put waits for it, but keep-alives, TimeToLive,
+/// serializable reads and `/metrics` answer meanwhile: a whole round of them is answered before
+/// the put is (no count of rounds is asserted: only that they do not wait for the disk).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alives_answer_while_the_wal_stalls() {
     let dir = tempfile::tempdir().unwrap();
@@ -330,7 +330,7 @@ async fn keep_alives_answer_while_the_wal_stalls() {
         &dir.path().join("keel"),
         port,
         &[],
-        &[("KEEL_FAULT_WAL_SYNC_DELAY", "500ms")],
+        &[("KEEL_FAULT_WAL_SYNC_DELAY", "2s")],
         None,
     );
     let mut c = Client::connect([keel.endpoint.as_str()], None)
@@ -340,7 +340,7 @@ async fn keep_alives_answer_while_the_wal_stalls() {
     let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.unwrap();
     let mut writer = c.clone();
     let put = tokio::spawn(async move { writer.put("slow", "1", None).await.unwrap() });
-    let mut answered = 0;
+    let mut answered_before_the_put = 0;
     while !put.is_finished() {
         keeper.keep_alive().await.unwrap();
         let r = responses.message().await.unwrap().unwrap();
@@ -355,12 +355,14 @@ async fn keep_alives_answer_while_the_wal_stalls() {
         let (code, body) = common::http_get(port, "/metrics");
         assert_eq!(code, 200);
         assert!(body.contains("etcd_disk_wal_fsync_duration_seconds"));
-        answered += 1;
+        if !put.is_finished() {
+            answered_before_the_put += 1;
+        }
     }
     put.await.unwrap();
     assert!(
-        answered >= 3,
-        "only {answered} keep-alive rounds answered while one put waited for the disk"
+        answered_before_the_put > 0,
+        "no round of keep-alive, TimeToLive, read and /metrics was answered before the put"
     );
 }
 
