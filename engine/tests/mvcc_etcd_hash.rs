@@ -69,7 +69,7 @@ fn start_etcd() -> Etcd {
         endpoint,
         _dir: dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ok = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")

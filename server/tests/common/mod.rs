@@ -32,7 +32,7 @@ pub fn free_port() -> u16 {
 }
 
 fn wait_listening(child: &mut Child, port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{what} exited before listening: {status}");
