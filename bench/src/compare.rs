@@ -217,7 +217,10 @@ impl Server {
         let log = dir.join(format!("{name}-{member}.log"));
         let child = Command::new(bin)
             .arg(format!("--name={member}"))
-            .arg(format!("--data-dir={}", dir.join(format!("{name}-{member}")).display()))
+            .arg(format!(
+                "--data-dir={}",
+                dir.join(format!("{name}-{member}")).display()
+            ))
             .arg(format!("--listen-client-urls={endpoint}"))
             .arg(format!("--advertise-client-urls={endpoint}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -240,7 +243,10 @@ impl Server {
                 bail!("{name} exited ({status}); its log: {}", s.log.display());
             }
             if Instant::now() > deadline {
-                bail!("{name} did not listen within 30 s; its log: {}", s.log.display());
+                bail!(
+                    "{name} did not listen within 30 s; its log: {}",
+                    s.log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -421,8 +427,6 @@ async fn preload(server: &Deployment) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-
 
 /// The disk's reference latency, measured beside the servers: p50 of a 4 KiB overwrite plus
 /// fdatasync of a file in `dir` (500 rounds over a pre-written, synced 2 MiB file).

@@ -420,11 +420,9 @@ async fn revoke_revisions(endpoint: &str, revokes: usize) -> Vec<(i64, i64)> {
 }
 
 /// etcd answers a LeaseRevoke with the revision as of its apply, which is the revision of the
-/// deletes of its keys; with writes of other clients in the same raft batch, Keel answers with
-/// the store's revision when it replies (`server/src/api/lease.rs`, `lease_revoke`:
-/// `self.revision()`), which can be later.
+/// deletes of its keys, even with writes of other clients in the same raft batch. (Keel used
+/// to read the store's revision when replying, which could be later.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: LeaseRevoke's header revision is read when replying, not at apply"]
 async fn a_revoke_answers_with_its_own_revision() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = common::etcd(&dir.path().join("etcd"), &[]);

@@ -76,12 +76,15 @@ impl pb::lease_server::Lease for LeaseService {
             .check_grant(r.id, r.ttl)
             .map_err(|e| status(&e))?;
         match self.core.write(Write::LeaseGrant(r)).await {
-            Ok(Applied::LeaseGrant { id, ttl }) => Ok(Response::new(pb::LeaseGrantResponse {
-                header: self.core.header().with(self.revision()),
-                id,
-                ttl,
-                error: String::new(),
-            })),
+            Ok(Applied::LeaseGrant { id, ttl, revision }) => {
+                Ok(Response::new(pb::LeaseGrantResponse {
+                    // The revision when it was applied, as etcd's applier answers.
+                    header: self.core.header().with(revision),
+                    id,
+                    ttl,
+                    error: String::new(),
+                }))
+            }
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(status(&e)),
         }
@@ -96,8 +99,9 @@ impl pb::lease_server::Lease for LeaseService {
             return Err(status(&Error::LeaseNotFound));
         }
         match self.core.write(Write::LeaseRevoke(r)).await {
-            Ok(Applied::LeaseRevoke) => Ok(Response::new(pb::LeaseRevokeResponse {
-                header: self.core.header().with(self.revision()),
+            Ok(Applied::LeaseRevoke { revision }) => Ok(Response::new(pb::LeaseRevokeResponse {
+                // The revision of its deletes, not the store's when the reply leaves.
+                header: self.core.header().with(revision),
             })),
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(status(&e)),

@@ -162,7 +162,11 @@ impl Node {
             },
             Some(Request::LeaseGrant(g)) => lock(&self.shared.lessor)
                 .grant(w, g.id, g.ttl, Instant::now())
-                .map(|ttl| Applied::LeaseGrant { id: g.id, ttl }),
+                .map(|ttl| Applied::LeaseGrant {
+                    id: g.id,
+                    ttl,
+                    revision: w.rev(),
+                }),
             Some(Request::LeaseRevoke(r)) => {
                 self.revoking.remove(&r.id);
                 // The keys are deleted without holding the lessor: a lease may have many.
@@ -172,7 +176,7 @@ impl Node {
                 }
                 lock(&self.shared.lessor)
                     .finish_revoke(w, r.id)
-                    .map(|()| Applied::LeaseRevoke)
+                    .map(|()| Applied::LeaseRevoke { revision: w.rev() })
             }
             Some(Request::LeaseCheckpoint(c)) => {
                 let mut lessor = lock(&self.shared.lessor);

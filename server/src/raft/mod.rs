@@ -80,13 +80,16 @@ pub enum Applied {
     Txn(a::TxnResponse),
     /// A compaction; the store's revision when it was applied.
     Compaction(i64),
-    /// A lease granted: its ID and TTL.
+    /// A lease granted: its ID and TTL, and the store's revision when it was applied.
     LeaseGrant {
         id: i64,
         ttl: i64,
+        revision: i64,
     },
-    /// A lease revoked (its keys deleted in one revision).
-    LeaseRevoke,
+    /// A lease revoked (its keys deleted in one revision): the revision it was applied at.
+    LeaseRevoke {
+        revision: i64,
+    },
     LeaseCheckpoint,
     /// A member's attributes recorded.
     MemberAttributes,

@@ -51,6 +51,18 @@ pub fn keel(data: &Path, port: u16, extra: &[&str]) -> Server {
 pub fn keel_command(data: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Command {
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    if !extra.iter().any(|a| a.starts_with("--initial-cluster=")) {
+        // A single member still listens for peers: on a port of its own, not etcd's default
+        // 2380 (tests run in parallel).
+        let name = extra
+            .iter()
+            .find_map(|a| a.strip_prefix("--name="))
+            .unwrap_or("default");
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        cmd.arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster={name}={peer}"));
+    }
     cmd.args(extra)
         .arg(format!("--data-dir={}", data.display()))
         .arg(format!("--listen-client-urls={endpoint}"))
