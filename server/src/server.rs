@@ -216,6 +216,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             heartbeat: config.heartbeat_interval,
             election_ticks,
             cpu: config.storage_core,
+            spin: config.storage_core_spin,
             max_request_bytes: config.max_request_bytes as usize,
             snapshot_count: config.snapshot_count,
             snapshot_catchup_entries: config.snapshot_catchup_entries,

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 
-use super::key_index::{Found, KeyIndex};
+use super::key_index::{Found, KeyIndex, KeyMark};
 use super::revision::Revision;
 
 /// Keys and their histories.
@@ -99,11 +99,18 @@ impl TreeIndex {
         self.keys.get(key)
     }
 
-    /// Puts back a key's history as it was (`None`: the key had none).
-    pub fn restore_key(&mut self, key: &[u8], before: Option<KeyIndex>) {
-        match before {
-            Some(ki) => {
-                self.keys.insert(key.to_vec(), ki);
+    /// Where a key's history stands now (`None`: it has none), for [`TreeIndex::rollback_key`].
+    pub fn mark(&self, key: &[u8]) -> Option<KeyMark> {
+        self.keys.get(key).map(KeyIndex::mark)
+    }
+
+    /// Puts back a key's history as it was at `mark` (`None`: the key had none).
+    pub fn rollback_key(&mut self, key: &[u8], mark: Option<KeyMark>) {
+        match mark {
+            Some(mark) => {
+                if let Some(ki) = self.keys.get_mut(key) {
+                    ki.rollback(&mark);
+                }
             }
             None => {
                 self.keys.remove(key);

@@ -72,7 +72,41 @@ impl Default for KeyIndex {
     }
 }
 
+/// Where a key's history stood before a write transaction appended to it: enough to cut the
+/// appends off again (a transaction only appends: puts extend the last generation, a tombstone
+/// ends it and opens a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMark {
+    modified: Revision,
+    generations: usize,
+    last_len: usize,
+    last_ver: i64,
+    last_created: Revision,
+}
+
 impl KeyIndex {
+    /// The mark to roll back to (see [`KeyIndex::rollback`]), O(1) whatever the history.
+    pub fn mark(&self) -> KeyMark {
+        let last = self.generations.last().expect("never empty");
+        KeyMark {
+            modified: self.modified,
+            generations: self.generations.len(),
+            last_len: last.revs.len(),
+            last_ver: last.ver,
+            last_created: last.created,
+        }
+    }
+
+    /// Cuts off everything appended since `mark` was taken.
+    pub fn rollback(&mut self, mark: &KeyMark) {
+        self.generations.truncate(mark.generations);
+        let last = self.generations.last_mut().expect("never empty");
+        last.revs.truncate(mark.last_len);
+        last.ver = mark.last_ver;
+        last.created = mark.last_created;
+        self.modified = mark.modified;
+    }
+
     /// Records a put at `rev` (which must be newer than every revision of the key).
     pub fn put(&mut self, rev: Revision) {
         assert!(
@@ -243,6 +277,27 @@ impl KeyIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rollback_cuts_off_what_a_transaction_appended() {
+        let mut ki = KeyIndex::default();
+        ki.put(Revision::new(2, 0));
+        ki.put(Revision::new(3, 0));
+        let before = ki.clone();
+        let mark = ki.mark();
+        ki.put(Revision::new(4, 0));
+        assert!(ki.tombstone(Revision::new(4, 1)));
+        ki.put(Revision::new(4, 2));
+        ki.rollback(&mark);
+        assert_eq!(ki, before);
+        // From a tombstoned key (an empty last generation) too.
+        assert!(ki.tombstone(Revision::new(5, 0)));
+        let before = ki.clone();
+        let mark = ki.mark();
+        ki.put(Revision::new(6, 0));
+        ki.rollback(&mark);
+        assert_eq!(ki, before);
+    }
 
     fn r(main: i64) -> Revision {
         Revision::new(main, 0)

@@ -30,7 +30,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prost::Message as _;
 
 use super::index::TreeIndex;
-use super::key_index::KeyIndex;
+use super::key_index::KeyMark;
 use super::kv::KeyValue;
 use super::revision::Revision;
 use crate::btree::{self, Backend, BackendOptions};
@@ -637,11 +637,12 @@ pub struct WriteTxn<'s> {
     txn: Option<btree::WriteTxn<'s>>,
     begin_rev: i64,
     changes: Vec<Change>,
-    /// Each key's history as it was before this transaction first changed it (`None`: the key
-    /// had none). The index is updated in place as the transaction writes (later operations must
-    /// see earlier ones); if the transaction does not end successfully, `Drop` puts these back,
-    /// so a failed transaction leaves the index exactly as it found it.
-    undo: HashMap<Vec<u8>, Option<KeyIndex>>,
+    /// Where each key's history stood before this transaction first changed it (`None`: the
+    /// key had none): an O(1) mark, since a transaction only appends to histories. The index is
+    /// updated in place as the transaction writes (later operations must see earlier ones); if
+    /// the transaction does not end successfully, `Drop` rolls each key back to its mark, so a
+    /// failed transaction leaves the index exactly as it found it.
+    undo: HashMap<Vec<u8>, Option<KeyMark>>,
     ended: bool,
     /// A write failed part-way: the transaction may hold half a request, so it must not commit.
     failed: bool,
@@ -654,7 +655,7 @@ impl Drop for WriteTxn<'_> {
         }
         let mut index = write_index(&self.store.index);
         for (key, before) in self.undo.drain() {
-            index.restore_key(&key, before);
+            index.rollback_key(&key, before);
         }
     }
 }
@@ -749,7 +750,7 @@ impl<'s> WriteTxn<'s> {
         let mut index = write_index(&self.store.index);
         self.undo
             .entry(key.to_vec())
-            .or_insert_with(|| index.key_index(key).cloned());
+            .or_insert_with(|| index.mark(key));
         index.put(key, revision);
         drop(index);
         self.changes.push(Change { kv, delete: false });
@@ -794,7 +795,7 @@ impl<'s> WriteTxn<'s> {
             let mut index = write_index(&self.store.index);
             self.undo
                 .entry(k.clone())
-                .or_insert_with(|| index.key_index(k).cloned());
+                .or_insert_with(|| index.mark(k));
             index.tombstone(k, revision);
             drop(index);
             self.changes.push(Change { kv, delete: true });

@@ -441,6 +441,7 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = config.cpu.unwrap_or(cpus - 1).min(cpus - 1);
     let max_request_bytes = config.max_request_bytes;
+    let spin = config.spin;
     let thread = std::thread::Builder::new()
         .name("keel-storage".into())
         // Applying a txn nested 128 deep recurses through the engine's apply.
@@ -449,7 +450,7 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
             let result = (|| {
                 let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
                     .io_memory(1 << 20)
-                    .spin_before_park(node::SPIN_BEFORE_PARK)
+                    .spin_before_park(spin)
                     .name("keel-storage")
                     .make()
                     .map_err(|e| {

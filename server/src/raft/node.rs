@@ -51,11 +51,12 @@ use super::{Applied, Command, DRAIN, Reply, Shared, lock};
 use crate::membership::{MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET, Member, Members};
 use crate::metrics::Metrics;
 
-/// How long the storage core polls for work (and I/O completions) before sleeping: a command or
-/// an fdatasync completion arriving within it avoids the eventfd wake-up. 200 µs covers one
-/// fdatasync on this hardware; measured: one-client put p50 0.25 ms with 50 µs, 0.21–0.23 ms
-/// with 200 µs (`bench/RESULTS.md`). The price is up to 200 µs of CPU after each burst of work
-/// on an otherwise idle member.
+/// How long the storage core polls for work (and I/O completions) before sleeping, by default
+/// (`--storage-core-spin`): a command or an fdatasync completion arriving within it avoids the
+/// eventfd wake-up. 200 µs covers one fdatasync on this hardware; measured: one-client put p50
+/// 0.25 ms with 50 µs, 0.21–0.23 ms with 200 µs (`bench/RESULTS.md`). The price is up to 200 µs
+/// of CPU after each burst of work on an otherwise idle member, which hurts when several
+/// members share too few CPUs.
 pub const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
 
 /// How often the leader looks for expired leases (etcd: 500 ms).
@@ -93,6 +94,8 @@ pub struct CoreConfig {
     pub election_ticks: usize,
     /// CPU to pin the core to (`None`: the last one).
     pub cpu: Option<usize>,
+    /// How long the core polls for work before it sleeps (`--storage-core-spin`).
+    pub spin: Duration,
     /// Largest request accepted, as encoded in a raft entry (etcd's `--max-request-bytes`).
     pub max_request_bytes: usize,
     /// Entries applied between raft log compactions (etcd's `--snapshot-count`).

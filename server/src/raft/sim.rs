@@ -117,6 +117,7 @@ impl Sim {
             heartbeat: std::time::Duration::from_millis(100),
             election_ticks: 10,
             cpu: None,
+            spin: std::time::Duration::ZERO,
             max_request_bytes: 64 << 10,
             snapshot_count: 10,
             snapshot_catchup_entries: 2,
