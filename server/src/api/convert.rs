@@ -100,6 +100,21 @@ pub fn put_request(r: pb::PutRequest) -> a::PutRequest {
     }
 }
 
+/// etcd's checks of a put (`a::check_put`'s), on the request as received: no copy of its key
+/// and value on the hot path.
+pub fn check_put(r: &pb::PutRequest) -> Result<(), Error> {
+    if r.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if r.ignore_value && !r.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if r.ignore_lease && r.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
 pub fn delete_request(r: pb::DeleteRangeRequest) -> a::DeleteRangeRequest {
     a::DeleteRangeRequest {
         key: r.key,
@@ -319,6 +334,29 @@ mod tests {
             status(&Error::Stopped).message(),
             "etcdserver: server stopped"
         );
+    }
+
+    #[test]
+    fn put_checks_agree_with_the_engines() {
+        for (key, value, lease, ignore_value, ignore_lease) in [
+            ("", "v", 0, false, false),
+            ("k", "v", 0, true, false),
+            ("k", "", 0, true, false),
+            ("k", "v", 5, false, true),
+            ("k", "v", 5, false, false),
+        ] {
+            let r = pb::PutRequest {
+                key: key.into(),
+                value: value.into(),
+                lease,
+                ignore_value,
+                ignore_lease,
+                prev_kv: false,
+            };
+            let here = check_put(&r).map_err(|e| e.to_string());
+            let engine = a::check_put(&put_request(r)).map_err(|e| e.to_string());
+            assert_eq!(here, engine);
+        }
     }
 
     #[test]

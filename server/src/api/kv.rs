@@ -247,10 +247,8 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         self.core.metrics().puts.inc();
         let r = request.into_inner();
-        let put = convert::put_request(r.clone());
-        a::check_put(&put).map_err(|e| status(&e))?;
-        let ops = [a::RequestOp::Put(put)];
-        self.check_quota(cost(&ops))?;
+        convert::check_put(&r).map_err(|e| status(&e))?;
+        self.check_quota(KV_OVERHEAD + (r.key.len() + r.value.len()) as u64)?;
         match self.write(Write::Put(r)).await? {
             Applied::Put(resp) => {
                 let header = self.header().with(resp.revision);
@@ -266,7 +264,9 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         self.core.metrics().deletes.inc();
         let r = request.into_inner();
-        a::check_delete(&convert::delete_request(r.clone())).map_err(|e| status(&e))?;
+        if r.key.is_empty() {
+            return Err(status(&keel_engine::Error::EmptyKey));
+        }
         match self.write(Write::DeleteRange(r)).await? {
             Applied::DeleteRange(resp) => {
                 let header = self.header().with(resp.revision);

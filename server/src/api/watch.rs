@@ -529,6 +529,10 @@ impl Hub {
             return;
         }
         self.current = p.revision;
+        if self.streams.values().all(|s| s.watchers.is_empty()) {
+            // Nobody watches here: no events to build.
+            return;
+        }
         // The events are built once (keys and values are shared `Bytes`); each watcher gets
         // the ones it wants.
         let all: Vec<mvccpb::Event> = p.changes.iter().map(event).collect();
