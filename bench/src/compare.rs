@@ -30,6 +30,10 @@ pub struct CompareOptions {
     pub members: usize,
     /// Only the workloads whose names contain one of these (all when empty).
     pub only: Vec<String>,
+    /// The load generator: keel-bench itself, or etcd's own `benchmark` tool at this path.
+    pub etcd_benchmark: Option<PathBuf>,
+    /// Extra flags for keel's members (Keel's own tuning flags; etcd gets none).
+    pub keel_flags: Vec<String>,
 }
 
 /// One row of the table.
@@ -39,6 +43,9 @@ pub struct Spec {
     pub clients: usize,
     pub total: u64,
     pub workload: Arc<dyn Workload>,
+    /// The same workload as etcd's `benchmark` command line (after the global flags; the
+    /// total is appended).
+    pub etcd_args: &'static [&'static str],
 }
 
 /// The key the range workloads read (written before the runs, 256-byte value).
@@ -64,21 +71,46 @@ pub fn table() -> Vec<Spec> {
             count_only: false,
         })
     };
-    let spec = |name, conns, clients, total, workload| Spec {
+    let spec = |name, conns, clients, total, workload, etcd_args| Spec {
         name,
         conns,
         clients,
         total,
         workload,
+        etcd_args,
     };
+    const PUT_1: &[&str] = &[
+        "put",
+        "--key-size=8",
+        "--val-size=256",
+        "--sequential-keys",
+        "--key-space-size=10000",
+    ];
+    const PUT: &[&str] = &[
+        "put",
+        "--key-size=8",
+        "--val-size=256",
+        "--sequential-keys",
+        "--key-space-size=100000",
+    ];
+    const RANGE_L: &[&str] = &["range", "foo", "--consistency=l"];
+    const RANGE_S: &[&str] = &["range", "foo", "--consistency=s"];
+    const TXN_PUT: &[&str] = &[
+        "txn-put",
+        "--key-size=8",
+        "--val-size=256",
+        "--txn-ops=1",
+        "--key-space-size=100000",
+    ];
     vec![
-        spec("put, 1 conn, 1 client", 1, 1, 10_000, put(10_000)),
+        spec("put, 1 conn, 1 client", 1, 1, 10_000, put(10_000), PUT_1),
         spec(
             "put, 100 conns, 1000 clients",
             100,
             1000,
             100_000,
             put(100_000),
+            PUT,
         ),
         spec(
             "range linearizable, 1 conn, 1 client",
@@ -86,6 +118,7 @@ pub fn table() -> Vec<Spec> {
             1,
             10_000,
             range(false),
+            RANGE_L,
         ),
         spec(
             "range serializable, 1 conn, 1 client",
@@ -93,6 +126,7 @@ pub fn table() -> Vec<Spec> {
             1,
             10_000,
             range(true),
+            RANGE_S,
         ),
         spec(
             "range linearizable, 100 conns, 1000 clients",
@@ -100,6 +134,7 @@ pub fn table() -> Vec<Spec> {
             1000,
             100_000,
             range(false),
+            RANGE_L,
         ),
         spec(
             "range serializable, 100 conns, 1000 clients",
@@ -107,6 +142,7 @@ pub fn table() -> Vec<Spec> {
             1000,
             100_000,
             range(true),
+            RANGE_S,
         ),
         spec(
             "txn-put, 100 conns, 1000 clients",
@@ -119,6 +155,7 @@ pub fn table() -> Vec<Spec> {
                 ops: 1,
                 key_space: 100_000,
             }),
+            TXN_PUT,
         ),
     ]
 }
@@ -211,6 +248,7 @@ impl Server {
         member: &str,
         (client, peer): (u16, u16),
         initial_cluster: &str,
+        extra: &[String],
     ) -> anyhow::Result<Server> {
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -227,6 +265,7 @@ impl Server {
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-token=bench")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -298,8 +337,14 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Starts `n` members of `bin`.
-    pub fn start(name: &'static str, bin: &Path, dir: &Path, n: usize) -> anyhow::Result<Self> {
+    /// Starts `n` members of `bin`, each with the `extra` flags.
+    pub fn start(
+        name: &'static str,
+        bin: &Path,
+        dir: &Path,
+        n: usize,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let ports: Vec<(u16, u16)> = (0..n)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<anyhow::Result<_>>()?;
@@ -312,7 +357,9 @@ impl Deployment {
         let mut members = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             let member = format!("m{i}");
-            members.push(Server::start_member(name, bin, dir, &member, *p, &cluster)?);
+            members.push(Server::start_member(
+                name, bin, dir, &member, *p, &cluster, extra,
+            )?);
         }
         Ok(Deployment { name, members })
     }
@@ -353,7 +400,71 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-async fn measure(server: &Deployment, spec: &Spec, total: u64) -> anyhow::Result<Sample> {
+/// Runs etcd's own `benchmark` tool for `spec` against `server`: its requests/s and p50 from its
+/// report, the servers' CPU from `/proc`.
+fn measure_with_etcd_benchmark(
+    tool: &Path,
+    server: &Deployment,
+    spec: &Spec,
+    total: u64,
+) -> anyhow::Result<Sample> {
+    let endpoints: Vec<String> = server
+        .endpoints()
+        .iter()
+        .map(|e| e.trim_start_matches("http://").to_string())
+        .collect();
+    let before = server.proc();
+    let out = Command::new(tool)
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!("--conns={}", spec.conns))
+        .arg(format!("--clients={}", spec.clients))
+        .args(spec.etcd_args)
+        .arg(format!("--total={total}"))
+        .output()
+        .with_context(|| format!("running {}", tool.display()))?;
+    let after = server.proc();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "etcd's benchmark failed on {} during {:?}: {}",
+            server.name,
+            spec.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (rps, p50) = parse_etcd_report(&text)
+        .with_context(|| format!("reading etcd's benchmark report: {text}"))?;
+    Ok(Sample {
+        rps,
+        p50,
+        cpu_per_request: (after.cpu_seconds - before.cpu_seconds) / total.max(1) as f64,
+    })
+}
+
+/// Requests/s and the p50 latency (seconds) of etcd's `benchmark` report.
+pub fn parse_etcd_report(text: &str) -> anyhow::Result<(f64, f64)> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec")?;
+    let p50 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("50% in "))
+        .and_then(|v| v.trim().trim_end_matches("secs.").trim().parse().ok())
+        .context("no 50% latency")?;
+    Ok((rps, p50))
+}
+
+async fn measure(
+    o: &CompareOptions,
+    server: &Deployment,
+    spec: &Spec,
+    total: u64,
+) -> anyhow::Result<Sample> {
+    if let Some(tool) = &o.etcd_benchmark {
+        return measure_with_etcd_benchmark(tool, server, spec, total);
+    }
     let opts = ConnectOptions {
         endpoints: server.endpoints(),
         ..Default::default()
@@ -468,17 +579,27 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     }
     std::fs::create_dir_all(&o.dir)?;
     let dir = tempfile::tempdir_in(&o.dir)?;
-    let etcd = Deployment::start("etcd", &o.etcd, dir.path(), o.members)?;
-    let keel = Deployment::start("keel", &o.keel, dir.path(), o.members)?;
+    let etcd = Deployment::start("etcd", &o.etcd, dir.path(), o.members, &[])?;
+    let keel = Deployment::start("keel", &o.keel, dir.path(), o.members, &o.keel_flags)?;
     preload(&etcd).await?;
     preload(&keel).await?;
     let raw = raw_fdatasync_p50(dir.path())?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Members per cluster: **{}** (clients spread over every member). Raw disk, same run: \
-         4 KiB overwrite + fdatasync p50 **{:.3} ms**. CPU per request sums every member's.\n",
+        "Members per cluster: **{}** (clients spread over every member). Load generator: **{}**. \
+         Keel's extra flags: {}. Raw disk, same run: 4 KiB overwrite + fdatasync p50 \
+         **{:.3} ms**. CPU per request sums every member's.\n",
         o.members,
+        match &o.etcd_benchmark {
+            Some(p) => format!("etcd's benchmark tool ({})", p.display()),
+            None => "keel-bench".to_string(),
+        },
+        if o.keel_flags.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{}`", o.keel_flags.join(" "))
+        },
         raw * 1e3
     );
     out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req |\n";
@@ -492,7 +613,7 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
         for round in 0..o.rounds.max(1) {
             for (i, server) in [&etcd, &keel].into_iter().enumerate() {
                 eprintln!("round {}: {} on {}", round + 1, spec.name, server.name);
-                samples[i].push(measure(server, &spec, total).await?);
+                samples[i].push(measure(o, server, &spec, total).await?);
             }
         }
         let pick = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
@@ -661,6 +782,18 @@ pub fn machine() -> String {
         mem_kb as f64 / (1 << 20) as f64,
         kernel.trim()
     )
+}
+
+#[cfg(test)]
+mod report_tests {
+    #[test]
+    fn reads_etcds_benchmark_report() {
+        let text = "\nSummary:\n  Total:\t4.5 secs.\n  Requests/sec:\t22222.5\n\nLatency distribution:\n  10% in 0.0100 secs.\n  50% in 0.0412 secs.\n";
+        let (rps, p50) = super::parse_etcd_report(text).unwrap();
+        assert_eq!(rps, 22222.5);
+        assert_eq!(p50, 0.0412);
+        assert!(super::parse_etcd_report("nothing").is_err());
+    }
 }
 
 #[cfg(test)]

@@ -255,6 +255,16 @@ enum Cmd {
         /// Only workloads whose name contains this (repeatable).
         #[arg(long)]
         only: Vec<String>,
+        /// The load generator: `keel-bench` (this tool) or `etcd-benchmark` (etcd's own
+        /// `benchmark`, whose path `--etcd-benchmark` gives).
+        #[arg(long, default_value = "keel-bench", value_parser = ["keel-bench", "etcd-benchmark"])]
+        client: String,
+        /// etcd's `benchmark` binary (see ../shared/tools/build-etcd-benchmark.sh).
+        #[arg(long, default_value = "/tmp/etcd-bench-bin/benchmark")]
+        etcd_benchmark: PathBuf,
+        /// An extra flag for keel's members (repeatable; etcd gets none).
+        #[arg(long)]
+        keel_flag: Vec<String>,
         /// Append the report, with date, machine and command, to this file.
         #[arg(long)]
         results: Option<PathBuf>,
@@ -564,6 +574,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             scale,
             members,
             only,
+            client,
+            etcd_benchmark,
+            keel_flag,
             results,
             watch_lease,
             watchers,
@@ -583,6 +596,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 scale: *scale,
                 members: *members,
                 only: only.clone(),
+                etcd_benchmark: (client == "etcd-benchmark").then(|| etcd_benchmark.clone()),
+                keel_flags: keel_flag.clone(),
             };
             let table = if *watch_lease {
                 let s = compare::ScaleOptions {

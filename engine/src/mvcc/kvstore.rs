@@ -793,9 +793,7 @@ impl<'s> WriteTxn<'s> {
                 &stored.encode_to_vec(),
             )?;
             let mut index = write_index(&self.store.index);
-            self.undo
-                .entry(k.clone())
-                .or_insert_with(|| index.mark(k));
+            self.undo.entry(k.clone()).or_insert_with(|| index.mark(k));
             index.tombstone(k, revision);
             drop(index);
             self.changes.push(Change { kv, delete: true });
