@@ -339,7 +339,7 @@ impl Wal {
     /// below the snapshot, a snapshot marker older than the current one, and any append after a
     /// failure ([`Error::Poisoned`]) or close.
     pub fn append(&self, records: &[RecordRef<'_>]) -> impl Future<Output = Result<()>> + use<> {
-        let result = self.shared.borrow_mut().enqueue(records);
+        let result = self.shared.borrow_mut().enqueue(records, true);
         async move {
             match result {
                 Ok(Some(rx)) => rx.await.unwrap_or(Err(Error::Closed)),
@@ -358,6 +358,17 @@ impl Wal {
         let mut records: Vec<RecordRef<'_>> = entries.iter().map(RecordRef::Entry).collect();
         records.extend(hard_state.map(RecordRef::HardState));
         self.append(&records)
+    }
+
+    /// Records a hard state without asking for it to be durable now: it joins the open batch
+    /// and reaches the disk with the next append that waits for durability (or at close). For
+    /// raft's commit index, which need not be synced (etcd's `MustSync` is false when only the
+    /// commit changes): a crash may lose it, and the leader tells it again. Returns at once.
+    pub fn save_lazily(&self, hard_state: &HardState) -> Result<()> {
+        self.shared
+            .borrow_mut()
+            .enqueue(&[RecordRef::HardState(hard_state)], false)
+            .map(drop)
     }
 
     /// Recycles or removes every segment whose entries all lie before `index`. `index` may be at
@@ -509,6 +520,7 @@ impl Shared {
     fn enqueue(
         &mut self,
         records: &[RecordRef<'_>],
+        durable: bool,
     ) -> Result<Option<oneshot::Receiver<Result<()>>>> {
         if let Some(e) = &self.poisoned {
             return Err(Error::Poisoned(e.to_string()));
@@ -580,6 +592,10 @@ impl Shared {
         }
         for r in records {
             self.encode(*r);
+        }
+        if !durable {
+            // Written with the next batch someone waits for; the writer is not woken for it.
+            return Ok(None);
         }
         let (tx, rx) = oneshot::channel();
         self.queue

@@ -123,7 +123,13 @@ impl Writer {
     async fn next_batch(&self) -> Option<Batch> {
         poll_fn(|cx| {
             let mut s = self.shared.borrow_mut();
-            if let Some(batch) = s.queue.pop_front() {
+            // A batch of lazy records only (`Wal::save_lazily`) waits for one that someone
+            // waits on (which joins it, or queues behind it), or for the close.
+            let wanted = s
+                .queue
+                .front()
+                .is_some_and(|b| !b.waiters.is_empty() || s.queue.len() > 1 || s.closing);
+            if wanted && let Some(batch) = s.queue.pop_front() {
                 return Poll::Ready(Some(batch));
             }
             if s.closing || s.poisoned.is_some() {

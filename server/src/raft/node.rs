@@ -692,15 +692,19 @@ impl Node {
             let entries = rd.take_entries();
             let messages = rd.take_persisted_messages();
             let number = rd.number();
-            let durable: Option<Pin<Box<dyn Future<Output = Result<()>>>>> =
-                if !entries.is_empty() || hs.is_some() {
-                    Some(Box::pin(self.wal.save(&entries, hs.as_ref())))
-                } else if !self.persisting.is_empty() {
-                    // Nothing to write, but its messages must follow the writes before it.
-                    Some(Box::pin(std::future::ready(Ok(()))))
-                } else {
-                    None
-                };
+            let durable: Option<Pin<Box<dyn Future<Output = Result<()>>>>> = if !rd.must_sync() {
+                // Only the commit index changed (etcd's `MustSync` is false): recorded, made
+                // durable with the next sync; no fdatasync of its own.
+                if let Some(hs) = &hs {
+                    self.wal.save_lazily(hs)?;
+                }
+                (!self.persisting.is_empty()).then(|| {
+                    // Its messages must still follow the writes before it.
+                    Box::pin(std::future::ready(Ok(()))) as Pin<Box<dyn Future<Output = _>>>
+                })
+            } else {
+                Some(Box::pin(self.wal.save(&entries, hs.as_ref())))
+            };
             self.raw.advance_append_async(rd);
             if std::mem::take(&mut self.term_started) {
                 // After `advance`: raft takes no step between `ready` and `advance`.
