@@ -161,6 +161,40 @@ pub enum Error {
     /// Too much is queued already (etcd's `ErrTooManyRequests`).
     #[error("etcdserver: too many requests")]
     TooManyRequests,
+    /// No member has that ID (etcd's `ErrMemberNotFound`).
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// A member with that ID exists already (etcd's `ErrIDExists`).
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    /// That ID was removed and cannot come back (etcd's `ErrIDRemoved`).
+    #[error("etcdserver: member ID removed")]
+    MemberRemoved,
+    /// Another member has one of these peer URLs (etcd's `ErrPeerURLexists`).
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    /// Peer URLs that do not parse (etcd's `ErrMemberBadURLs`).
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    /// The change would leave too few started voters for a quorum (etcd's
+    /// `ErrNotEnoughStartedMembers`).
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    /// Promoting a voter (etcd's `ErrMemberNotLearner`).
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    /// Promoting a learner behind the leader (etcd's `ErrLearnerNotReady`).
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// A second learner (etcd's `ErrTooManyLearners`).
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    /// A request a learner does not serve (etcd's `ErrGRPCNotSupportedForLearner`).
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
+    /// A request that only the leader serves reached another member (etcd's `ErrNotLeader`).
+    #[error("etcdserver: not leader")]
+    NotLeader,
     /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,

@@ -78,6 +78,16 @@ pub struct Flags {
         default_value = "etcd-cluster"
     )]
     pub initial_cluster_token: String,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(
+        long,
+        env = "ETCD_STRICT_RECONFIG_CHECK",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub strict_reconfig_check: bool,
     /// Number of committed transactions to trigger a snapshot to disk.
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
@@ -189,6 +199,7 @@ pub struct Config {
     pub initial_cluster: Vec<(String, Vec<Url>)>,
     pub initial_cluster_state_new: bool,
     pub initial_cluster_token: String,
+    pub strict_reconfig_check: bool,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub heartbeat_interval: Duration,
@@ -422,6 +433,7 @@ impl Flags {
             initial_cluster,
             initial_cluster_state_new: self.initial_cluster_state == "new",
             initial_cluster_token: self.initial_cluster_token,
+            strict_reconfig_check: self.strict_reconfig_check,
             // 0 means the default, as in etcd.
             snapshot_count: if self.snapshot_count == 0 {
                 100_000
@@ -607,7 +619,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 26);
+        assert_eq!(checked, 27);
     }
 
     #[test]

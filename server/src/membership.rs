@@ -78,6 +78,55 @@ impl Members {
     pub fn peer_urls(&self, id: u64) -> Option<&[String]> {
         self.members.get(&id).map(|m| m.peer_urls.as_slice())
     }
+
+    /// The voters (not learners).
+    pub fn voters(&self) -> impl Iterator<Item = &Member> {
+        self.members.values().filter(|m| !m.is_learner)
+    }
+
+    /// etcd's "started": a member that has published its name.
+    fn started(m: &Member) -> bool {
+        !m.name.is_empty()
+    }
+
+    /// etcd's `IsReadyToAddVotingMember`: the started voters would still be a quorum with one
+    /// more voter.
+    pub fn ready_to_add_voter(&self) -> bool {
+        let (mut members, mut started) = (1, 0);
+        for m in self.voters() {
+            members += 1;
+            started += usize::from(Members::started(m));
+        }
+        // etcd's exception: a second member added to a one-member cluster (the way a cluster
+        // restored from a snapshot grows back).
+        (started == 1 && members == 2) || started >= quorum(members)
+    }
+
+    /// etcd's `IsReadyToRemoveVotingMember`: the started voters other than `id` are a quorum of
+    /// the voters left.
+    pub fn ready_to_remove_voter(&self, id: u64) -> bool {
+        let (mut members, mut started) = (0, 0);
+        for m in self.voters().filter(|m| m.id != id) {
+            members += 1;
+            started += usize::from(Members::started(m));
+        }
+        started >= quorum(members)
+    }
+
+    /// etcd's `IsReadyToPromoteMember`: as adding a voter, the learner counted as started.
+    pub fn ready_to_promote(&self) -> bool {
+        let (mut members, mut started) = (1, 1);
+        for m in self.voters() {
+            members += 1;
+            started += usize::from(Members::started(m));
+        }
+        started >= quorum(members)
+    }
+}
+
+/// A majority of `voters`.
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
 }
 
 #[allow(
@@ -90,13 +139,26 @@ fn first_u64(digest: &[u8]) -> u64 {
 
 /// etcd's member ID for `peer_urls` in the cluster named by `token`.
 pub fn member_id(peer_urls: &[Url], token: &str) -> u64 {
-    let mut urls: Vec<String> = peer_urls.iter().map(ToString::to_string).collect();
+    let urls: Vec<String> = peer_urls.iter().map(ToString::to_string).collect();
+    id_of(&urls, token, None)
+}
+
+/// etcd's ID of a member added at runtime (`MemberAdd`): no token, the time in Unix seconds.
+pub fn added_member_id(peer_urls: &[String], unix_seconds: i64) -> u64 {
+    id_of(peer_urls, "", Some(unix_seconds))
+}
+
+fn id_of(peer_urls: &[String], token: &str, time: Option<i64>) -> u64 {
+    let mut urls = peer_urls.to_vec();
     urls.sort();
     let mut h = Sha1::new();
     for u in &urls {
         h.update(u.as_bytes());
     }
     h.update(token.as_bytes());
+    if let Some(t) = time {
+        h.update(t.to_string().as_bytes());
+    }
     first_u64(&h.finalize())
 }
 

@@ -112,6 +112,37 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The members of the running cluster a new member joins, asked of the other members listed in
+/// `--initial-cluster` (etcd's `GetClusterFromRemotePeers`): the cluster ID and the members.
+async fn fetch_members(config: &Config) -> anyhow::Result<(u64, Vec<crate::membership::Member>)> {
+    use keel_proto::keelpeer::peer_client::PeerClient;
+    let mine: Vec<&Url> = config.initial_advertise_peer_urls.iter().collect();
+    let mut errors = Vec::new();
+    for (_, urls) in &config.initial_cluster {
+        for url in urls.iter().filter(|u| !mine.contains(u)) {
+            let attempt = async {
+                let mut c = PeerClient::connect(url.to_string()).await?;
+                let r = c
+                    .members(keel_proto::keelpeer::MembersRequest {})
+                    .await?
+                    .into_inner();
+                let members = r
+                    .members
+                    .iter()
+                    .map(|b| crate::membership::Member::from_json(b).map_err(anyhow::Error::msg))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                anyhow::Ok((r.cluster_id, members))
+            };
+            match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                Ok(Ok(found)) => return Ok(found),
+                Ok(Err(e)) => errors.push(format!("{url}: {e}")),
+                Err(_) => errors.push(format!("{url}: timed out")),
+            }
+        }
+    }
+    bail!("no member answered: {}", errors.join("; "))
+}
+
 /// Whether the data dir holds a WAL (a member restarting, not a new one).
 fn has_wal(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir.join("member").join("wal")).is_ok_and(|entries| {
@@ -172,18 +203,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
     prepare_data_dir(&config.data_dir)?;
-    if has_wal(&config.data_dir) {
+    let mut ids = crate::membership::Ids::new(&config);
+    let mut known_members = Vec::new();
+    let restarting = has_wal(&config.data_dir);
+    if restarting {
         tracing::info!("restarting a member: the --initial-cluster* flags are ignored");
-    } else {
-        if !config.initial_cluster_state_new {
-            bail!(
-                "--initial-cluster-state=existing (joining a running cluster) is not supported \
-                 by this version of Keel: bootstrap every member with --initial-cluster-state=new"
-            );
-        }
-        crate::membership::verify_bootstrap(&config).map_err(anyhow::Error::msg)?;
     }
-    let ids = crate::membership::Ids::new(&config);
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -201,12 +226,53 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .map(|_| Arc::new(Feed::default()))
         .collect();
     let metrics = Metrics::new(config.quota_backend_bytes);
+    if !restarting {
+        if config.initial_cluster_state_new {
+            crate::membership::verify_bootstrap(&config).map_err(anyhow::Error::msg)?;
+        } else {
+            // Joining a running cluster: its members, from any of them, and this member's ID
+            // as `etcdctl member add` recorded it.
+            let (cluster_id, members) = runtime
+                .block_on(fetch_members(&config))
+                .context("cannot fetch cluster info from peer urls")?;
+            let mine: Vec<String> = config
+                .initial_advertise_peer_urls
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let me = members
+                .iter()
+                .find(|m| {
+                    let mut a = m.peer_urls.clone();
+                    let mut b = mine.clone();
+                    a.sort();
+                    b.sort();
+                    a == b
+                })
+                .with_context(|| {
+                    format!(
+                        "error validating peerURLs: PeerURLs: no match found for existing member \
+                         ({}): add this member first (etcdctl member add {} --peer-urls={})",
+                        mine.join(","),
+                        config.name,
+                        mine.join(",")
+                    )
+                })?;
+            ids = crate::membership::Ids {
+                cluster_id,
+                member_id: me.id,
+                members: Vec::new(),
+            };
+            known_members = members;
+        }
+    }
     let started = raft::start(
         CoreConfig {
             data_dir: config.data_dir.clone(),
             cluster_id: ids.cluster_id,
             member_id: ids.member_id,
             initial_members: ids.members.clone(),
+            known_members,
             name: config.name.clone(),
             client_urls: config
                 .advertise_client_urls
@@ -267,7 +333,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ))
         .max_decoding_message_size(limit);
-        let cluster = ClusterServer::new(ClusterService::new(core.clone()));
+        let cluster = ClusterServer::new(ClusterService::new(
+            core.clone(),
+            config.strict_reconfig_check,
+        ));
         let router = tonic::service::Routes::new(kv)
             .add_service(lease)
             .add_service(watch)
@@ -285,6 +354,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let peer = PeerServer::new(PeerService::new(
             core.clone(),
             config.data_dir.join("member").join("snap"),
+            config.strict_reconfig_check,
         ))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);

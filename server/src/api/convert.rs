@@ -37,7 +37,17 @@ pub fn status(e: &Error) -> Status {
         | Error::TimeoutDueToLeaderFail
         | Error::TimeoutDueToConnectionLost
         | Error::LeaderChanged => Status::new(Code::Unavailable, e.to_string()),
-        Error::LeaseNotFound => Status::new(Code::NotFound, e.to_string()),
+        Error::LeaseNotFound | Error::MemberNotFound => Status::new(Code::NotFound, e.to_string()),
+        Error::MemberExists
+        | Error::MemberRemoved
+        | Error::PeerUrlExists
+        | Error::NotEnoughStartedMembers
+        | Error::MemberNotLearner
+        | Error::LearnerNotReady
+        | Error::TooManyLearners
+        | Error::NotLeader => Status::new(Code::FailedPrecondition, e.to_string()),
+        Error::MemberBadUrls => Status::new(Code::InvalidArgument, e.to_string()),
+        Error::NotSupportedForLearner => Status::new(Code::Unavailable, e.to_string()),
         Error::LeaseExists => Status::new(Code::FailedPrecondition, e.to_string()),
         Error::LeaseTtlTooLarge => Status::new(Code::OutOfRange, e.to_string()),
         Error::InvalidArgument(m) => Status::new(Code::InvalidArgument, m.clone()),

@@ -87,6 +87,9 @@ impl KvService {
         self.core.metrics().ranges.inc();
         let r = convert::range_request(r)?;
         a::check_range(&r).map_err(|e| status(&e))?;
+        if !r.serializable && self.core.is_learner() {
+            return Err(status(&keel_engine::Error::NotSupportedForLearner));
+        }
         if !r.serializable {
             self.core.linearizable().await.map_err(|e| status(&e))?;
         }

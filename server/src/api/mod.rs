@@ -32,10 +32,21 @@ pub fn requires_leader(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == b"true")
 }
 
-/// etcd's require-leader interceptor: a call that asks for a leader while this member knows
+/// The gRPC methods a learner serves (etcd's `isRPCSupportedForLearner`: Status, and Range
+/// when serializable, which the KV service checks).
+const LEARNER_METHODS: &[&str] = &["/etcdserverpb.KV/Range", "/etcdserverpb.Maintenance/Status"];
+
+/// etcd's interceptors, in its order: a learner refuses what it does not serve (`etcdserver:
+/// rpc not supported for learner`); then a call that asks for a leader while this member knows
 /// none is refused at once with `etcdserver: no leader` (`Unavailable`), so the client tries
 /// another member instead of waiting on one cut off from the cluster.
 pub async fn require_leader(State(core): State<Core>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let grpc = path.starts_with("/etcdserverpb.") || path.starts_with("/v3");
+    if grpc && !LEARNER_METHODS.contains(&path) && core.is_learner() {
+        return convert::status(&keel_engine::Error::NotSupportedForLearner)
+            .into_http::<axum::body::Body>();
+    }
     if requires_leader(request.headers()) && core.leader() == 0 {
         return convert::status(&keel_engine::Error::NoLeader).into_http::<axum::body::Body>();
     }

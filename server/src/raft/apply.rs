@@ -19,7 +19,12 @@ use super::node::Node;
 use super::proposal::{self, Request};
 use super::{Applied, Reply, lock};
 use crate::api::convert;
-use crate::membership::{MEMBERS_BUCKET, Member};
+use crate::membership::{MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET, Member};
+use keel_engine::mvcc::kvstore::META_BUCKET;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType};
+
+use super::node::CONF_STATE_KEY;
 
 /// What applying one request gave.
 enum Outcome {
@@ -61,8 +66,25 @@ impl Node {
                     continue;
                 }
                 EntryType::EntryNormal => {}
-                other => {
-                    tracing::error!(index = e.index, kind = ?other, "ignoring a membership change: not supported by this member");
+                EntryType::EntryConfChange => {
+                    let w = txn.as_mut().expect("open");
+                    let (id, result) = match ConfChange::parse_from_bytes(&e.data) {
+                        Ok(cc) => (cc.id, self.apply_conf_change(w, &cc)?),
+                        Err(err) => {
+                            tracing::error!(index = e.index, error = %err, "skipping an undecodable membership change");
+                            continue;
+                        }
+                    };
+                    if let Some(pending) = self.pending.remove(&id) {
+                        replies.push((pending.reply, result));
+                    }
+                    continue;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::error!(
+                        index = e.index,
+                        "skipping a joint membership change: Keel proposes simple ones only"
+                    );
                     continue;
                 }
             }
@@ -185,12 +207,34 @@ impl Node {
                     .try_for_each(|cp| lessor.checkpoint(w, cp.id, cp.remaining_ttl))
                     .map(|()| Applied::LeaseCheckpoint)
             }
-            Some(Request::MemberAttributes(attrs)) => {
-                let mut members = self
-                    .shared
+            Some(Request::MemberUpdate(u)) => {
+                // Not a raft configuration change (raft-rs has no `UpdateNode`): the members
+                // bucket and the transport only.
+                let mut members = self.members.clone();
+                let taken = members
                     .members
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    .values()
+                    .any(|m| m.id != u.id && m.peer_urls.iter().any(|p| u.peer_ur_ls.contains(p)));
+                if taken {
+                    return Err(Error::PeerUrlExists);
+                }
+                let Some(m) = members.members.get_mut(&u.id) else {
+                    return Err(Error::MemberNotFound);
+                };
+                m.peer_urls = u.peer_ur_ls;
+                m.peer_urls.sort();
+                let member = m.clone();
+                w.put_raw(MEMBERS_BUCKET, &Member::key(u.id), &member.to_json())?;
+                let list: Vec<Member> = members.members.values().cloned().collect();
+                self.set_members(members);
+                tracing::info!(member = format!("{:x}", u.id), peer_urls = ?member.peer_urls, "updated a member's peer URLs");
+                Ok(Applied::Members {
+                    member,
+                    members: list,
+                })
+            }
+            Some(Request::MemberAttributes(attrs)) => {
+                let mut members = self.members.clone();
                 let Some(m) = members.members.get_mut(&attrs.id) else {
                     return Err(Error::InvalidArgument(format!(
                         "member {:x} is not in the cluster",
@@ -208,11 +252,97 @@ impl Node {
                         "published local member to cluster through raft"
                     );
                 }
+                self.set_members(members);
                 Ok(Applied::MemberAttributes)
             }
             Some(Request::Compaction(_)) => unreachable!("applied by the caller"),
             None => Err(Error::InvalidArgument("empty proposal".into())),
         }
+    }
+
+    /// Applies a membership change (etcd's `applyConfChange`): checked against the membership
+    /// (a change that no longer makes sense, e.g. adding an ID twice, is an error for its
+    /// proposer and changes nothing), then the members bucket and `confState` in this batch's
+    /// transaction, raft's configuration, and the transport's peers. The outer error is fatal.
+    fn apply_conf_change(
+        &mut self,
+        w: &mut WriteTxn<'_>,
+        cc: &ConfChange,
+    ) -> Result<Result<Applied>> {
+        let id = cc.node_id;
+        let mut members = self.members.clone();
+        let context = || {
+            Member::from_json(&cc.context)
+                .map_err(|e| Error::InvalidArgument(format!("membership change context: {e}")))
+        };
+        let change = match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                match members.members.get_mut(&id) {
+                    // A voter added for an existing learner: the promotion.
+                    Some(m) if m.is_learner && !learner => {
+                        m.is_learner = false;
+                        Ok(m.clone())
+                    }
+                    Some(_) => Err(Error::MemberExists),
+                    None if members.removed.contains(&id) => Err(Error::MemberRemoved),
+                    None => match context() {
+                        Ok(mut m) => {
+                            m.id = id;
+                            m.is_learner = learner;
+                            members.members.insert(id, m.clone());
+                            Ok(m)
+                        }
+                        Err(e) => Err(e),
+                    },
+                }
+            }
+            ConfChangeType::RemoveNode => match members.members.remove(&id) {
+                Some(m) => {
+                    members.removed.insert(id);
+                    w.delete_raw(MEMBERS_BUCKET, &Member::key(id))?;
+                    w.put_raw(MEMBERS_REMOVED_BUCKET, &Member::key(id), b"removed")?;
+                    Ok(m)
+                }
+                None => Err(Error::MemberNotFound),
+            },
+        };
+        let member = match change {
+            Ok(m) => m,
+            // Nothing changes: not raft's configuration either.
+            Err(e) => return Ok(Err(e)),
+        };
+        if cc.get_change_type() != ConfChangeType::RemoveNode {
+            w.put_raw(MEMBERS_BUCKET, &Member::key(id), &member.to_json())?;
+        }
+        let conf_state = self
+            .raw
+            .apply_conf_change(cc)
+            .map_err(|e| Error::InvalidArgument(format!("raft: {e}")))?;
+        let encoded = conf_state
+            .write_to_bytes()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        w.put_raw(META_BUCKET, CONF_STATE_KEY, &encoded)?;
+        self.applied_meta.borrow_mut().conf_state = conf_state;
+        tracing::info!(
+            change = ?cc.get_change_type(),
+            member = format!("{id:x}"),
+            peer_urls = ?member.peer_urls,
+            "applied a membership change"
+        );
+        if cc.get_change_type() == ConfChangeType::RemoveNode && id == self.shared.member_id {
+            tracing::error!(
+                "the member has been permanently removed from the cluster; the data-dir used by \
+                 this member must be removed"
+            );
+            self.removed = true;
+        }
+        let list: Vec<Member> = members.members.values().cloned().collect();
+        self.set_members(members);
+        Ok(Ok(Applied::Members {
+            member,
+            members: list,
+        }))
     }
 
     /// Schedules a compaction at `revision` (its deletion proceeds in bounded steps between

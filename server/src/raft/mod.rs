@@ -93,6 +93,11 @@ pub enum Applied {
     LeaseCheckpoint,
     /// A member's attributes recorded.
     MemberAttributes,
+    /// A membership change applied: the member concerned, and every member after it.
+    Members {
+        member: crate::membership::Member,
+        members: Vec<crate::membership::Member>,
+    },
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -107,6 +112,13 @@ pub(crate) enum Command {
     },
     /// Answer once a read started now would see every write acknowledged before.
     ReadIndex(Reply<()>),
+    /// Propose a membership change (its `id` matches the reply) and answer once applied.
+    ConfChange {
+        change: raft::eraftpb::ConfChange,
+        reply: Reply<Applied>,
+    },
+    /// The leader's view of its followers' logs (`None` on a follower).
+    Progress(oneshot::Sender<Option<Progress>>),
     /// Raft messages from a peer.
     Step(Vec<raft::eraftpb::Message>),
     /// What the transport learned about a peer.
@@ -120,6 +132,13 @@ pub(crate) enum Command {
     },
     /// Stop: hand leadership over if this member leads, checkpoint, close the WAL, answer.
     Stop(oneshot::Sender<()>),
+}
+
+/// A leader's view of replication: its own last index and each member's matched index.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub leader_matched: u64,
+    pub matched: std::collections::HashMap<u64, u64>,
 }
 
 /// State the core shares with the network threads.
@@ -333,6 +352,50 @@ impl Core {
             Ok(Err(_)) => Err(Error::NoLeader),
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// Proposes a membership change and waits until it is applied: the member concerned and the
+    /// members after it.
+    pub async fn conf_change(&self, mut change: raft::eraftpb::ConfChange) -> Result<Applied> {
+        if !self.alive() {
+            return Err(Error::Stopped);
+        }
+        change.id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ConfChange { change, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// The leader's replication progress (`None` unless this member leads).
+    pub async fn progress(&self) -> Result<Option<Progress>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Progress(reply))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// A client of the leader's peer service (forwarded requests), with its member ID.
+    pub fn leader_peer(
+        &self,
+    ) -> Result<(
+        u64,
+        keel_proto::keelpeer::peer_client::PeerClient<tonic::transport::Channel>,
+    )> {
+        self.leader_client()
+    }
+
+    /// Whether this member is a learner.
+    pub fn is_learner(&self) -> bool {
+        let me = self.shared.member_id;
+        self.members()
+            .members
+            .get(&me)
+            .is_some_and(|m| m.is_learner)
     }
 
     /// Hands raft messages from a peer to the core (waiting for room in its queue).

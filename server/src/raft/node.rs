@@ -38,7 +38,9 @@ use keel_engine::wal::{Metadata, RecordRef, SnapshotMarker, SyncObserver, Wal, W
 use keel_engine::{Error, Result};
 use keel_proto::etcdserverpb as pb;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Message, MessageType, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, EntryType, Message, MessageType, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::mpsc;
 
@@ -85,8 +87,12 @@ pub struct CoreConfig {
     /// IDs for a new data dir (an existing one keeps those in its WAL).
     pub cluster_id: u64,
     pub member_id: u64,
-    /// The initial members of a new cluster (their IDs are the initial voters).
+    /// The initial members of a new cluster (their IDs are the initial voters); empty for a
+    /// member joining a running cluster.
     pub initial_members: Vec<Member>,
+    /// A joining member: the cluster's members as a running member listed them (until the
+    /// leader's log or a snapshot gives this member its own view).
+    pub known_members: Vec<Member>,
     /// This member's name and client URLs, published to the cluster through raft.
     pub name: String,
     pub client_urls: Vec<String>,
@@ -203,7 +209,7 @@ pub(crate) struct Node {
     /// IDs of proposals the core makes itself (lease upkeep).
     next_internal: u64,
     /// Where raft messages go.
-    network: Arc<dyn Network>,
+    pub(super) network: Arc<dyn Network>,
     /// Snapshots received and not yet installed, by index: the file and the waiting call.
     received: HashMap<u64, (PathBuf, Reply<()>)>,
     /// Whether this member's attributes are in the applied membership; when they were last
@@ -215,6 +221,12 @@ pub(crate) struct Node {
     /// etcd's minimum lease TTL (for rebuilding the lessor after a snapshot).
     min_ttl: i64,
     snap_dir: PathBuf,
+    /// This member was removed from the cluster: it stops (handing leadership over first).
+    pub(super) removed: bool,
+    /// Campaign at once once the configuration says this member is the only voter.
+    campaign_alone: bool,
+    /// The membership the applied log built (`shared.members` is what is listed and served).
+    pub(super) members: Members,
 }
 
 fn raft_err(e: raft::Error) -> Error {
@@ -303,30 +315,43 @@ impl Node {
                     wal_dir.display()
                 )));
             }
-            // A new member: the initial membership, in the backend and as the WAL's first
-            // snapshot marker (index 0).
-            let conf_state = ConfState {
-                voters: cfg.initial_members.iter().map(|m| m.id).collect(),
-                ..Default::default()
-            };
-            let mut w = store.write()?;
-            let encoded = conf_state
-                .write_to_bytes()
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            w.put_raw(META_BUCKET, CONF_STATE_KEY, &encoded)?;
-            for m in &cfg.initial_members {
-                w.put_raw(MEMBERS_BUCKET, &Member::key(m.id), &m.to_json())?;
-            }
-            w.put_raw(b"cluster", b"clusterVersion", b"3.4.0")?;
-            w.end(None)?;
-            store.sync()?;
-            let marker = SnapshotMarker {
-                index: 0,
-                term: 0,
-                conf_state: conf_state.clone(),
-            };
+            // A new member. Its log starts after an empty snapshot marker (index 0). A member
+            // of a new cluster then writes etcd's bootstrap entries (`raft.Bootstrap`): one
+            // `ConfChangeAddNode` per initial member at indexes 1..n, term 1, committed, in ID
+            // order, the member's JSON as context. Every initial member writes the same ones, and
+            // applying them builds the membership, in raft and in the backend, exactly as a
+            // member added later is built; a member joining later replays them from the
+            // leader's log (or gets a snapshot that holds their effect).
+            let marker = SnapshotMarker::default();
             wal.append(&[RecordRef::Snapshot(&marker)]).await?;
-            conf_state
+            let mut initial = cfg.initial_members.clone();
+            initial.sort_by_key(|m| m.id);
+            if !initial.is_empty() {
+                let mut entries = Vec::new();
+                for (i, m) in initial.iter().enumerate() {
+                    let mut cc = ConfChange::default();
+                    cc.set_change_type(ConfChangeType::AddNode);
+                    cc.node_id = m.id;
+                    cc.context = m.to_json().into();
+                    let data = cc
+                        .write_to_bytes()
+                        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                    let mut e = raft::eraftpb::Entry::default();
+                    e.set_entry_type(EntryType::EntryConfChange);
+                    e.term = 1;
+                    e.index = i as u64 + 1;
+                    e.data = data.into();
+                    entries.push(e);
+                }
+                let hs = raft::eraftpb::HardState {
+                    term: 1,
+                    vote: 0,
+                    commit: initial.len() as u64,
+                    ..Default::default()
+                };
+                wal.save(&entries, Some(&hs)).await?;
+            }
+            ConfState::default()
         } else {
             if applied < recovery.snapshot.index {
                 return Err(Error::InvalidArgument(format!(
@@ -417,8 +442,24 @@ impl Node {
             ^ u64::from(std::process::id()))
             << 24;
         let members = load_members(&store)?;
+        if members.removed.contains(&member_id) {
+            return Err(Error::InvalidArgument(format!(
+                "member {member_id:x} was removed from the cluster: remove its data dir {} (and \
+                 add it again with etcdctl member add to rejoin)",
+                cfg.data_dir.display()
+            )));
+        }
         let network = network(cluster_id, member_id);
-        network.set_peers(peers_of(&members, member_id));
+        // Until the bootstrap entries (or the leader's log) build the membership, the members
+        // listed and talked to are the ones the flags or the running cluster named (etcd's
+        // joining member does the same with the remote cluster's members).
+        let mut seen = members.clone();
+        if seen.members.is_empty() {
+            for m in cfg.initial_members.iter().chain(&cfg.known_members) {
+                seen.members.insert(m.id, m.clone());
+            }
+        }
+        network.set_peers(peers_of(&seen, member_id));
         let shared = Arc::new(Shared {
             store: ArcSwap::new(store.clone()),
             lessor: std::sync::Mutex::new(lessor),
@@ -426,7 +467,7 @@ impl Node {
             leader: AtomicU64::new(0),
             is_leader: AtomicBool::new(false),
             apply_gap: AtomicU64::new(0),
-            members: std::sync::RwLock::new(members),
+            members: std::sync::RwLock::new(seen),
             peer_clients: super::transport::PeerClients::default(),
             alive: AtomicBool::new(true),
             queued_bytes: AtomicUsize::new(0),
@@ -470,6 +511,9 @@ impl Node {
             stopping: None,
             min_ttl,
             snap_dir,
+            removed: false,
+            campaign_alone: true,
+            members,
             cfg,
         })
     }
@@ -566,6 +610,19 @@ impl Node {
             self.publish();
             self.pump().await?;
             self.maybe_checkpoint();
+            if self.removed {
+                if self.stopping.is_none() {
+                    self.start_stopping();
+                }
+                if self.stopped() {
+                    self.shutdown().await?;
+                    return Err(Error::InvalidArgument(
+                        "the member has been permanently removed from the cluster; the data-dir \
+                         used by this member must be removed"
+                            .into(),
+                    ));
+                }
+            }
         }
         self.shutdown().await?;
         if let Some(reply) = stop {
@@ -584,6 +641,21 @@ impl Node {
         match command {
             Command::Propose { id, data, reply } => self.propose(id, data, Some(reply)),
             Command::ReadIndex(reply) => readers.push(reply),
+            Command::ConfChange { change, reply } => self.propose_conf_change(change, reply),
+            Command::Progress(reply) => {
+                let progress = (self.raw.raft.state == StateRole::Leader).then(|| {
+                    let me = self.shared.member_id;
+                    let mut p = super::Progress::default();
+                    for (id, pr) in self.raw.raft.prs().iter() {
+                        if *id == me {
+                            p.leader_matched = pr.matched;
+                        }
+                        p.matched.insert(*id, pr.matched);
+                    }
+                    p
+                });
+                let _ = reply.send(progress);
+            }
             Command::Step(messages) => {
                 for m in messages {
                     if let Err(e) = self.raw.step(m) {
@@ -725,6 +797,21 @@ impl Node {
         }
         self.raw
             .advance_apply_to(self.applied.max(self.raw.raft.raft_log.applied));
+        if self.campaign_alone {
+            let me = self.shared.member_id;
+            let voters = self.raw.raft.prs().conf().voters().ids();
+            if voters.len() == 1 && voters.contains(me) {
+                // The only voter (the bootstrap entries just said so, and they are applied):
+                // no need to wait for an election timeout.
+                self.campaign_alone = false;
+                if self.raw.raft.state != StateRole::Leader {
+                    self.raw.campaign().map_err(raft_err)?;
+                    return Box::pin(self.pump()).await;
+                }
+            } else if voters.len() > 1 {
+                self.campaign_alone = false;
+            }
+        }
         let committed = self.raw.raft.raft_log.committed;
         self.shared
             .apply_gap
@@ -861,13 +948,7 @@ impl Node {
         self.store = store;
         *lock(&self.shared.lessor) = Lessor::recover(&self.store, self.min_ttl, Instant::now())?;
         let members = load_members(&self.store)?;
-        self.network
-            .set_peers(peers_of(&members, self.shared.member_id));
-        *self
-            .shared
-            .members
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = members;
+        self.set_members(members);
         self.applied = index;
         self.checkpointed = index;
         self.marker = index;
@@ -884,6 +965,19 @@ impl Node {
         tracing::info!(index, revision, "installed a snapshot from the leader");
         let _ = reply.send(Ok(()));
         Ok(())
+    }
+
+    /// Makes `members` the applied membership: listed by the API, checked by the peer service,
+    /// talked to by the transport.
+    pub(super) fn set_members(&mut self, members: Members) {
+        self.network
+            .set_peers(peers_of(&members, self.shared.member_id));
+        *self
+            .shared
+            .members
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = members.clone();
+        self.members = members;
     }
 
     /// Proposes this member's name and client URLs until they are in the applied membership
@@ -1001,6 +1095,32 @@ impl Node {
                         other => raft_err(other),
                     }));
                 }
+            }
+        }
+    }
+
+    /// Proposes a membership change; answered once applied (with the members after it).
+    fn propose_conf_change(&mut self, change: ConfChange, reply: Reply<Applied>) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            let _ = reply.send(Err(Error::NoLeader));
+            return;
+        }
+        let id = change.id;
+        match self.raw.propose_conf_change(Vec::new(), change) {
+            Ok(()) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        reply,
+                        proposed: Instant::now(),
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = reply.send(Err(match e {
+                    raft::Error::ProposalDropped => Error::NoLeader,
+                    other => raft_err(other),
+                }));
             }
         }
     }

@@ -26,6 +26,8 @@ pub struct PeerService {
     core: Core,
     /// Where received snapshots are written (`member/snap`).
     snap_dir: PathBuf,
+    /// `--strict-reconfig-check`, for promotions forwarded here.
+    strict: bool,
 }
 
 fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
@@ -33,8 +35,12 @@ fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
 }
 
 impl PeerService {
-    pub fn new(core: Core, snap_dir: PathBuf) -> Self {
-        PeerService { core, snap_dir }
+    pub fn new(core: Core, snap_dir: PathBuf, strict: bool) -> Self {
+        PeerService {
+            core,
+            snap_dir,
+            strict,
+        }
     }
 
     /// Checks a call's headers; returns the calling member's ID.
@@ -223,6 +229,42 @@ impl pp::peer_server::Peer for PeerService {
         let id = request.into_inner().id;
         let ttl = self.core.lessor().renew(id, Instant::now()).unwrap_or(0);
         Ok(Response::new(pp::LeaseRenewResponse { ttl }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<pp::MembersRequest>,
+    ) -> Result<Response<pp::MembersResponse>, Status> {
+        // Not checked: a joining member does not know the cluster ID yet.
+        let members = self.core.members();
+        Ok(Response::new(pp::MembersResponse {
+            cluster_id: self.core.ids().0,
+            members: members
+                .members
+                .values()
+                .map(|m| m.to_json().into())
+                .collect(),
+            member: Default::default(),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<pp::MemberPromoteRequest>,
+    ) -> Result<Response<pp::MembersResponse>, Status> {
+        self.check(request.metadata())?;
+        if !self.core.is_leader() {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        let id = request.into_inner().id;
+        let (member, members) = crate::api::cluster::promote(&self.core, self.strict, id)
+            .await
+            .map_err(|e| crate::api::convert::status(&e))?;
+        Ok(Response::new(pp::MembersResponse {
+            cluster_id: self.core.ids().0,
+            members: members.iter().map(|m| m.to_json().into()).collect(),
+            member: member.to_json().into(),
+        }))
     }
 
     async fn lease_time_to_live(

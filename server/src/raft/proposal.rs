@@ -7,7 +7,7 @@
 //! | field | tag | meaning |
 //! |---|---|---|
 //! | `id` | 1 | matches the reply to the waiting request on the proposing member |
-//! | `request` | 2–9 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages), or a member's published attributes ([`MemberAttributes`]: ID 1, name 2, client URLs 3) |
+//! | `request` | 2–9 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages), a member's published attributes ([`MemberAttributes`]: ID 1, name 2, client URLs 3), or a member's new peer URLs (10, etcd's `MemberUpdateRequest`) |
 //! | `member` | 15 | the proposing member's ID (0 in entries written before replication) |
 //!
 //! The network side encodes exactly the bytes that will be proposed and checks them (size and
@@ -27,7 +27,7 @@ pub struct Proposal {
     /// Matches the reply to the request on the proposing member.
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub request: Option<Request>,
     /// The member that proposed it (only its waiter gets the reply).
     #[prost(uint64, tag = "15")]
@@ -55,6 +55,9 @@ pub enum Request {
     /// A member publishes its name and client URLs (etcd's `publish`).
     #[prost(message, tag = "9")]
     MemberAttributes(MemberAttributes),
+    /// A member's new peer URLs (etcd's `MemberUpdate`; raft's configuration is unchanged).
+    #[prost(message, tag = "10")]
+    MemberUpdate(pb::MemberUpdateRequest),
 }
 
 /// A member's name and client URLs, as it publishes them through raft.

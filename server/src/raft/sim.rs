@@ -112,6 +112,7 @@ impl Sim {
             cluster_id: 7,
             member_id: self.ids[i],
             initial_members: self.members.clone(),
+            known_members: Vec::new(),
             name: format!("m{i}"),
             client_urls: Vec::new(),
             heartbeat: std::time::Duration::from_millis(100),

@@ -241,6 +241,9 @@ pub struct Cluster {
     pub members: Vec<Option<Server>>,
     pub flags: Vec<String>,
     pub token: String,
+    /// For a member joining a running cluster: the `--initial-cluster` that `etcdctl member
+    /// add` printed for it (it starts with `--initial-cluster-state=existing`).
+    pub joining: Vec<Option<String>>,
 }
 
 impl Cluster {
@@ -263,7 +266,30 @@ impl Cluster {
             members: (0..n).map(|_| None).collect(),
             flags: flags.iter().map(ToString::to_string).collect(),
             token: "keel-test".into(),
+            joining: (0..n).map(|_| None).collect(),
         }
+    }
+
+    /// A slot for a member added later (not started): its index.
+    pub fn add_slot(&mut self) -> usize {
+        let i = self.names.len();
+        self.names.push(format!("m{}", i + 1));
+        self.client_ports.push(free_port());
+        self.peer_ports.push(free_port());
+        self.members.push(None);
+        self.joining.push(None);
+        i
+    }
+
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.peer_ports[i])
+    }
+
+    /// Starts member `i` joining the running cluster, with the `--initial-cluster` that
+    /// `etcdctl member add` printed.
+    pub fn start_joining(&mut self, i: usize, initial_cluster: &str) {
+        self.joining[i] = Some(initial_cluster.to_string());
+        self.start_member(i);
     }
 
     /// `--initial-cluster` of every member.
@@ -305,12 +331,18 @@ impl Cluster {
             format!("--name={}", self.names[i]),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),
-            format!("--initial-cluster={}", self.initial_cluster()),
+            match &self.joining[i] {
+                Some(ic) => format!("--initial-cluster={ic}"),
+                None => format!("--initial-cluster={}", self.initial_cluster()),
+            },
             format!("--initial-cluster-token={}", self.token),
             // Short elections keep the tests quick; the ratio is etcd's default.
             "--heartbeat-interval=50".into(),
             "--election-timeout=500".into(),
         ];
+        if self.joining[i].is_some() {
+            args.push("--initial-cluster-state=existing".into());
+        }
         args.extend(self.flags.iter().cloned());
         args
     }
