@@ -296,6 +296,19 @@ impl Server {
     pub fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill()
     }
+
+    /// If the process has exited: its status and the end of its log.
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Some(format!(
+            "{} exited ({status}); its log ends:\n{}",
+            self.name,
+            tail.join("\n")
+        ))
+    }
 }
 
 /// CPU seconds and peak resident memory of a process, from `/proc`.
