@@ -195,6 +195,15 @@ pub enum Error {
     /// A request that only the leader serves reached another member (etcd's `ErrNotLeader`).
     #[error("etcdserver: not leader")]
     NotLeader,
+    /// A leader transfer to a member that is not a voter (etcd's `ErrBadLeaderTransferee`).
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// The leader transfer did not finish in time (etcd's `ErrTimeoutLeaderTransfer`).
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    /// A CORRUPT alarm is active: the cluster refuses writes (etcd's `ErrCorrupt`).
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,

@@ -15,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics under etcd's names.
 //! - [`faults`]: fault injection for tests (environment variables, inert unless set).
 
+pub mod alarm;
 pub mod api;
 pub mod compactor;
 pub mod config;

@@ -13,12 +13,14 @@ use anyhow::{Context, bail};
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
+use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpeer::peer_server::PeerServer;
 
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
+use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
 use crate::config::{Config, Url};
 use crate::metrics::Metrics;
@@ -318,8 +320,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(i32::MAX as usize);
-        let lease = LeaseServer::new(LeaseService::new(core.clone(), shutdown.clone()))
-            .max_decoding_message_size(limit);
+        let lease = LeaseServer::new(LeaseService::new(
+            core.clone(),
+            shutdown.clone(),
+            config.quota_backend_bytes,
+        ))
+        .max_decoding_message_size(limit);
         let watch = WatchServer::new(WatchService::start(
             core.clone(),
             feeds,
@@ -337,10 +343,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             core.clone(),
             config.strict_reconfig_check,
         ));
+        let maintenance = MaintenanceServer::new(MaintenanceService::new(
+            core.clone(),
+            Duration::from_secs(5) + 2 * config.election_timeout,
+            config.heartbeat_interval,
+        ));
         let router = tonic::service::Routes::new(kv)
             .add_service(lease)
             .add_service(watch)
             .add_service(cluster)
+            .add_service(maintenance)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(
                 core.clone(),

@@ -45,7 +45,11 @@ pub fn status(e: &Error) -> Status {
         | Error::MemberNotLearner
         | Error::LearnerNotReady
         | Error::TooManyLearners
-        | Error::NotLeader => Status::new(Code::FailedPrecondition, e.to_string()),
+        | Error::NotLeader
+        | Error::BadLeaderTransferee => Status::new(Code::FailedPrecondition, e.to_string()),
+        // Not in etcd's error map: gRPC's Unknown, with the message.
+        Error::LeaderTransferTimeout => Status::new(Code::Unknown, e.to_string()),
+        Error::Corrupt => Status::new(Code::DataLoss, e.to_string()),
         Error::MemberBadUrls => Status::new(Code::InvalidArgument, e.to_string()),
         Error::NotSupportedForLearner => Status::new(Code::Unavailable, e.to_string()),
         Error::LeaseExists => Status::new(Code::FailedPrecondition, e.to_string()),

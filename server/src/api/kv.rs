@@ -36,6 +36,30 @@ fn cost(ops: &[a::RequestOp]) -> u64 {
         .sum()
 }
 
+/// etcd's quota check (`quotaAlarmer`) before a request that adds `cost` bytes: once the
+/// backend would reach `quota_bytes`, the request is refused with NOSPACE and this member raises
+/// the NOSPACE alarm, which refuses such requests on every member until it is disarmed.
+/// Deletes, reads and compaction stay allowed.
+pub(crate) async fn quota(core: &Core, quota_bytes: u64, cost: u64) -> Result<(), Status> {
+    if cost > 0 && core.store().backend().file_size() + cost >= quota_bytes {
+        super::maintenance::raise(core, pb::AlarmType::Nospace).await;
+        return Err(status(&keel_engine::Error::NoSpace));
+    }
+    Ok(())
+}
+
+/// Whether a txn puts anything, in either branch (etcd's quota cost of a txn is above 0).
+pub(crate) fn txn_puts(t: &pb::TxnRequest) -> bool {
+    fn puts(ops: &[pb::RequestOp]) -> bool {
+        ops.iter().any(|op| match &op.request {
+            Some(pb::request_op::Request::RequestPut(_)) => true,
+            Some(pb::request_op::Request::RequestTxn(t)) => txn_puts(t),
+            _ => false,
+        })
+    }
+    puts(&t.success) || puts(&t.failure)
+}
+
 impl KvService {
     pub fn new(core: Core, max_txn_ops: usize, quota_bytes: u64) -> Self {
         KvService {
@@ -47,11 +71,8 @@ impl KvService {
 
     /// etcd's quota check before a write that adds data: refused with NOSPACE once the backend
     /// would pass `--quota-backend-bytes`. Deletes, reads and compaction stay allowed.
-    fn check_quota(&self, cost: u64) -> Result<(), Status> {
-        if cost > 0 && self.core.store().backend().file_size() + cost > self.quota_bytes {
-            return Err(status(&keel_engine::Error::NoSpace));
-        }
-        Ok(())
+    async fn check_quota(&self, cost: u64) -> Result<(), Status> {
+        quota(&self.core, self.quota_bytes, cost).await
     }
 
     fn header(&self) -> Header {
@@ -251,7 +272,8 @@ impl pb::kv_server::Kv for KvService {
         self.core.metrics().puts.inc();
         let r = request.into_inner();
         convert::check_put(&r).map_err(|e| status(&e))?;
-        self.check_quota(KV_OVERHEAD + (r.key.len() + r.value.len()) as u64)?;
+        self.check_quota(KV_OVERHEAD + (r.key.len() + r.value.len()) as u64)
+            .await?;
         match self.write(Write::Put(r)).await? {
             Applied::Put(resp) => {
                 let header = self.header().with(resp.revision);
@@ -296,7 +318,8 @@ impl pb::kv_server::Kv for KvService {
                 .map_err(|e| status(&e))?
                 .0
         } else {
-            self.check_quota(cost(&t.success).max(cost(&t.failure)))?;
+            self.check_quota(cost(&t.success).max(cost(&t.failure)))
+                .await?;
             match self.write(Write::Txn(r)).await? {
                 Applied::Txn(resp) => resp,
                 other => return Err(Status::internal(format!("unexpected result {other:?}"))),

@@ -20,12 +20,21 @@ use crate::server::Shutdown;
 pub struct LeaseService {
     core: Core,
     shutdown: Shutdown,
+    /// `--quota-backend-bytes`.
+    quota_bytes: u64,
 }
+
+/// etcd's quota cost of a lease (`leaseOverhead`).
+const LEASE_OVERHEAD: u64 = 64;
 
 impl LeaseService {
     /// The service; its keep-alive streams end when `shutdown` fires.
-    pub fn new(core: Core, shutdown: Shutdown) -> Self {
-        LeaseService { core, shutdown }
+    pub fn new(core: Core, shutdown: Shutdown, quota_bytes: u64) -> Self {
+        LeaseService {
+            core,
+            shutdown,
+            quota_bytes,
+        }
     }
 
     fn revision(&self) -> i64 {
@@ -55,6 +64,7 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        super::kv::quota(&self.core, self.quota_bytes, LEASE_OVERHEAD).await?;
         let mut r = request.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(status(&Error::LeaseTtlTooLarge));

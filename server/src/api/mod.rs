@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod convert;
 pub mod kv;
 pub mod lease;
+pub mod maintenance;
 pub mod watch;
 
 use axum::extract::{Request, State};

@@ -13,24 +13,41 @@ use crate::raft::Core;
 /// How long the health check's linearizable read may take (etcd: 1 s).
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Why the member is unhealthy, if it is.
-pub async fn check(core: &Core) -> Result<(), &'static str> {
+/// The alarm names a `/health?exclude=NAME&exclude=…` query asks to ignore (etcd 3.4.23).
+fn excluded(query: Option<&str>) -> Vec<String> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("exclude="))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Why the member is unhealthy, if it is; alarms named in `exclude` do not count.
+pub async fn check(core: &Core, exclude: &[String]) -> Result<(), String> {
     if !core.alive() {
-        return Err("the storage core has stopped");
+        return Err("the storage core has stopped".into());
+    }
+    for alarm in core.alarms().get(0) {
+        let name = crate::alarm::name(alarm.alarm);
+        if !exclude.contains(&name) {
+            return Err(format!("due to memberID:{} alarm:{name} ", alarm.member_id));
+        }
     }
     if core.leader() == 0 {
-        return Err("no leader");
+        return Err("no leader".into());
     }
     match tokio::time::timeout(READ_TIMEOUT, core.linearizable()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("linearizable read failed"),
-        Err(_) => Err("linearizable read timed out"),
+        Ok(Err(_)) => Err("linearizable read failed".into()),
+        Err(_) => Err("linearizable read timed out".into()),
     }
 }
 
 /// The `/health` handler.
-pub async fn health(core: Core) -> (StatusCode, &'static str) {
-    match check(&core).await {
+pub async fn health(core: Core, uri: axum::http::Uri) -> (StatusCode, &'static str) {
+    match check(&core, &excluded(uri.query())).await {
         Ok(()) => (StatusCode::OK, r#"{"health":"true"}"#),
         Err(why) => {
             tracing::warn!("/health error; {why} (status code 503)");

@@ -22,7 +22,7 @@ pub fn router(core: Core) -> axum::Router {
             "/health",
             get({
                 let core = core.clone();
-                move || health::health(core.clone())
+                move |uri: axum::http::Uri| health::health(core.clone(), uri)
             }),
         )
         .route("/version", get(|| async { version_json() }))

@@ -12,6 +12,7 @@ use std::time::Instant;
 use keel_engine::mvcc::apply as a;
 use keel_engine::mvcc::{Store, WriteTxn};
 use keel_engine::{Error, Result};
+use keel_proto::etcdserverpb as pb;
 use raft::eraftpb::{Entry, EntryType};
 
 use super::events::Published;
@@ -99,6 +100,9 @@ impl Node {
                 }
             };
             let outcome = match proposal.request {
+                Some(Request::Compaction(_)) if self.alarmed(pb::AlarmType::Corrupt) => {
+                    Outcome::Done(Err(Error::Corrupt))
+                }
                 Some(Request::Compaction(c)) => {
                     // Compaction runs its own backend transactions: commit the batch so far.
                     let w = txn.take().expect("open");
@@ -166,7 +170,33 @@ impl Node {
     /// One request in the batch's transaction. The lessor is locked per operation, never across
     /// the batch, so keep-alives never wait for an apply.
     fn apply_request(&mut self, w: &mut WriteTxn<'_>, request: Option<Request>) -> Result<Applied> {
+        // etcd's appliers under an alarm: CORRUPT refuses every write, NOSPACE those that add
+        // data (`applierV3Corrupt`, `applierV3Capped`).
+        let refused = match &request {
+            Some(
+                Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_),
+            ) if self.alarmed(pb::AlarmType::Corrupt) => Some(Error::Corrupt),
+            Some(Request::Put(_) | Request::LeaseGrant(_))
+                if self.alarmed(pb::AlarmType::Nospace) =>
+            {
+                Some(Error::NoSpace)
+            }
+            Some(Request::Txn(t))
+                if self.alarmed(pb::AlarmType::Nospace) && crate::api::kv::txn_puts(t) =>
+            {
+                Some(Error::NoSpace)
+            }
+            _ => None,
+        };
+        if let Some(e) = refused {
+            return Err(e);
+        }
         match request {
+            Some(Request::Alarm(r)) => self.apply_alarm(w, &r).map(Applied::Alarms),
             Some(Request::Put(r)) => {
                 let put = convert::put_request(r);
                 let lessor = lock(&self.shared.lessor);
@@ -258,6 +288,60 @@ impl Node {
             Some(Request::Compaction(_)) => unreachable!("applied by the caller"),
             None => Err(Error::InvalidArgument("empty proposal".into())),
         }
+    }
+
+    /// Whether an alarm of type `kind` is active.
+    fn alarmed(&self, kind: pb::AlarmType) -> bool {
+        self.shared
+            .alarms
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .active(kind)
+    }
+
+    /// etcd's `applierV3backend.Alarm`: the alarms asked for, or the one raised or cleared.
+    fn apply_alarm(
+        &mut self,
+        w: &mut WriteTxn<'_>,
+        r: &pb::AlarmRequest,
+    ) -> Result<Vec<pb::AlarmMember>> {
+        let mut alarms = self
+            .shared
+            .alarms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = match pb::alarm_request::AlarmAction::try_from(r.action) {
+            Ok(pb::alarm_request::AlarmAction::Get) => alarms.get(r.alarm),
+            Ok(pb::alarm_request::AlarmAction::Activate) => {
+                let m = alarms.activate(w, r.member_id, r.alarm)?;
+                tracing::warn!(
+                    member = format!("{:x}", r.member_id),
+                    alarm = %crate::alarm::name(r.alarm),
+                    "alarm raised"
+                );
+                vec![m]
+            }
+            Ok(pb::alarm_request::AlarmAction::Deactivate) => {
+                match alarms.deactivate(w, r.member_id, r.alarm)? {
+                    Some(m) => {
+                        tracing::info!(
+                            member = format!("{:x}", r.member_id),
+                            alarm = %crate::alarm::name(r.alarm),
+                            "alarm cleared"
+                        );
+                        vec![m]
+                    }
+                    None => Vec::new(),
+                }
+            }
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown alarm action {}",
+                    r.action
+                )));
+            }
+        };
+        Ok(out)
     }
 
     /// Applies a membership change (etcd's `applyConfChange`): checked against the membership

@@ -49,6 +49,7 @@ use keel_engine::lease::Lessor;
 use keel_engine::mvcc::Store;
 use keel_engine::mvcc::apply as a;
 use keel_engine::{Error, Result};
+use keel_proto::etcdserverpb as pb;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::events::{Feed, FeedItem, Published};
@@ -98,6 +99,8 @@ pub enum Applied {
         member: crate::membership::Member,
         members: Vec<crate::membership::Member>,
     },
+    /// An alarm request applied: the alarms it concerned (etcd's `AlarmResponse.alarms`).
+    Alarms(Vec<pb::AlarmMember>),
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -119,6 +122,8 @@ pub(crate) enum Command {
     },
     /// The leader's view of its followers' logs (`None` on a follower).
     Progress(oneshot::Sender<Option<Progress>>),
+    /// Hand leadership to member `to` (etcd's `MoveLeader`); refused unless this member leads.
+    TransferLeader { to: u64, reply: Reply<()> },
     /// Raft messages from a peer.
     Step(Vec<raft::eraftpb::Message>),
     /// What the transport learned about a peer.
@@ -155,6 +160,11 @@ pub struct Shared {
     apply_gap: AtomicU64,
     /// The members, as of the applied index.
     members: RwLock<Members>,
+    /// The active alarms, as of the applied index.
+    alarms: RwLock<crate::alarm::Alarms>,
+    /// Raft's commit index and this member's applied index.
+    committed: AtomicU64,
+    applied: AtomicU64,
     /// Clients of the other members, for requests forwarded to the leader.
     peer_clients: transport::PeerClients,
     /// False once the storage core has stopped: nothing is served as if it ran.
@@ -252,6 +262,33 @@ impl Core {
     /// Whether this member is the leader now.
     pub fn is_leader(&self) -> bool {
         self.shared.is_leader.load(Ordering::Acquire)
+    }
+
+    /// The active alarms, as of the applied index.
+    pub fn alarms(&self) -> crate::alarm::Alarms {
+        self.shared
+            .alarms
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Raft's commit index and this member's applied index.
+    pub fn indexes(&self) -> (u64, u64) {
+        (
+            self.shared.committed.load(Ordering::Relaxed),
+            self.shared.applied.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Asks the core to hand leadership to `to` (the caller waits for the change).
+    pub async fn transfer_leader(&self, to: u64) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::TransferLeader { to, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// The members, as of the applied index.

@@ -468,6 +468,9 @@ impl Node {
             is_leader: AtomicBool::new(false),
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(seen),
+            alarms: std::sync::RwLock::new(crate::alarm::Alarms::load(&store.read())?),
+            committed: AtomicU64::new(0),
+            applied: AtomicU64::new(applied),
             peer_clients: super::transport::PeerClients::default(),
             alive: AtomicBool::new(true),
             queued_bytes: AtomicUsize::new(0),
@@ -656,6 +659,20 @@ impl Node {
                 });
                 let _ = reply.send(progress);
             }
+            Command::TransferLeader { to, reply } => {
+                if self.raw.raft.state == StateRole::Leader {
+                    if to != self.shared.member_id {
+                        tracing::info!(
+                            to = format!("{to:x}"),
+                            "transferring leadership (move-leader)"
+                        );
+                        self.raw.transfer_leader(to);
+                    }
+                    let _ = reply.send(Ok(()));
+                } else {
+                    let _ = reply.send(Err(Error::NotLeader));
+                }
+            }
             Command::Step(messages) => {
                 for m in messages {
                     if let Err(e) = self.raw.step(m) {
@@ -813,6 +830,8 @@ impl Node {
             }
         }
         let committed = self.raw.raft.raft_log.committed;
+        self.shared.committed.store(committed, Ordering::Relaxed);
+        self.shared.applied.store(self.applied, Ordering::Relaxed);
         self.shared
             .apply_gap
             .store(committed.saturating_sub(self.applied), Ordering::Relaxed);
@@ -949,6 +968,12 @@ impl Node {
         *lock(&self.shared.lessor) = Lessor::recover(&self.store, self.min_ttl, Instant::now())?;
         let members = load_members(&self.store)?;
         self.set_members(members);
+        *self
+            .shared
+            .alarms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            crate::alarm::Alarms::load(&self.store.read())?;
         self.applied = index;
         self.checkpointed = index;
         self.marker = index;

@@ -27,7 +27,7 @@ pub struct Proposal {
     /// Matches the reply to the request on the proposing member.
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub request: Option<Request>,
     /// The member that proposed it (only its waiter gets the reply).
     #[prost(uint64, tag = "15")]
@@ -58,6 +58,9 @@ pub enum Request {
     /// A member's new peer URLs (etcd's `MemberUpdate`; raft's configuration is unchanged).
     #[prost(message, tag = "10")]
     MemberUpdate(pb::MemberUpdateRequest),
+    /// Get, raise or clear an alarm (etcd's `InternalRaftRequest.Alarm`).
+    #[prost(message, tag = "11")]
+    Alarm(pb::AlarmRequest),
 }
 
 /// A member's name and client URLs, as it publishes them through raft.
@@ -175,6 +178,31 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(p.encode_checked(10), Err(Error::RequestTooLarge)));
+    }
+
+    #[test]
+    fn every_kind_of_request_round_trips() {
+        // A variant missing from the oneof's tag list would decode as an empty proposal.
+        let requests = vec![
+            Request::Put(pb::PutRequest::default()),
+            Request::DeleteRange(pb::DeleteRangeRequest::default()),
+            Request::Txn(pb::TxnRequest::default()),
+            Request::Compaction(pb::CompactionRequest::default()),
+            Request::LeaseGrant(pb::LeaseGrantRequest::default()),
+            Request::LeaseRevoke(pb::LeaseRevokeRequest::default()),
+            Request::LeaseCheckpoint(pb::LeaseCheckpointRequest::default()),
+            Request::MemberAttributes(MemberAttributes::default()),
+            Request::MemberUpdate(pb::MemberUpdateRequest::default()),
+            Request::Alarm(pb::AlarmRequest::default()),
+        ];
+        for request in requests {
+            let p = Proposal {
+                id: 1,
+                member: 2,
+                request: Some(request),
+            };
+            assert_eq!(decode(&p.encode_checked(0).unwrap()).unwrap(), p);
+        }
     }
 
     #[test]
