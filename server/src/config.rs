@@ -131,6 +131,23 @@ pub struct Flags {
         default_value = "5m"
     )]
     pub experimental_lease_checkpoint_interval: String,
+    /// Enable to check data corruption before serving any client/peer traffic.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub experimental_initial_corrupt_check: bool,
+    /// Duration of time between cluster corruption check passes.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME",
+        default_value = "0s"
+    )]
+    pub experimental_corrupt_check_time: String,
     /// Interval between progress notifications to watchers that asked for them.
     #[arg(
         long,
@@ -211,6 +228,9 @@ pub struct Config {
     pub log_level: String,
     pub lease_checkpoint_interval: Duration,
     pub watch_progress_notify_interval: Duration,
+    pub initial_corrupt_check: bool,
+    /// Zero: no periodic check.
+    pub corrupt_check_time: Duration,
     pub storage_core: Option<usize>,
     pub storage_core_spin: Duration,
     pub net_threads: Option<usize>,
@@ -411,6 +431,16 @@ impl Flags {
             "experimental-lease-checkpoint-interval",
             &self.experimental_lease_checkpoint_interval,
         )?;
+        let corrupt_check_time = parse_go_duration(&self.experimental_corrupt_check_time)
+            .ok_or_else(|| {
+                err(
+                    "experimental-corrupt-check-time",
+                    format!(
+                        "{:?} is not a duration",
+                        self.experimental_corrupt_check_time
+                    ),
+                )
+            })?;
         let watch_progress_notify_interval = positive_duration(
             "experimental-watch-progress-notify-interval",
             &self.experimental_watch_progress_notify_interval,
@@ -466,6 +496,8 @@ impl Flags {
             max_watchers: self.max_watchers,
             lease_checkpoint_interval,
             watch_progress_notify_interval,
+            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            corrupt_check_time,
             name: self.name,
         })
     }
@@ -619,7 +651,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 27);
+        assert_eq!(checked, 29);
     }
 
     #[test]

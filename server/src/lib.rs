@@ -19,6 +19,7 @@ pub mod alarm;
 pub mod api;
 pub mod compactor;
 pub mod config;
+pub mod corrupt;
 pub mod faults;
 pub mod http;
 pub mod membership;

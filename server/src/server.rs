@@ -308,6 +308,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cluster_id = format!("{cluster_id:x}"),
         "member ready"
     );
+    if config.initial_corrupt_check {
+        // Before serving peers or clients, as etcd.
+        runtime.block_on(crate::corrupt::initial_check(&core))?;
+    }
     runtime.block_on(async {
         let (trigger, shutdown) = Shutdown::new();
         let trigger = Arc::new(trigger);
@@ -361,6 +365,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .merge(crate::http::router(core.clone()));
         let routes = tonic::service::Routes::from(router);
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
+        let corruption = (!config.corrupt_check_time.is_zero()).then(|| {
+            tokio::spawn(crate::corrupt::run_periodic(
+                core.clone(),
+                config.corrupt_check_time,
+            ))
+        });
         // The peer listeners stop only after the core has handed leadership over.
         let (peer_stop, peer_stopped) = Shutdown::new();
         let peer = PeerServer::new(PeerService::new(
@@ -404,6 +414,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             };
         }
         compactor.abort();
+        if let Some(task) = corruption {
+            task.abort();
+        }
         // Watch and keep-alive streams have ended; connections close as their calls finish.
         let closing = futures::future::join_all(servers);
         if tokio::time::timeout(STOP_CONNECTIONS, closing)

@@ -323,6 +323,26 @@ impl Core {
         Ok((leader, client))
     }
 
+    /// Clients of every other member's peer service, with their IDs.
+    pub fn peers(
+        &self,
+    ) -> Vec<(
+        u64,
+        keel_proto::keelpeer::peer_client::PeerClient<tonic::transport::Channel>,
+    )> {
+        let me = self.shared.member_id;
+        let urls: Vec<(u64, String)> = self
+            .members()
+            .members
+            .values()
+            .filter(|m| m.id != me)
+            .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
+            .collect();
+        urls.into_iter()
+            .filter_map(|(id, url)| Some((id, self.shared.peer_clients.get(id, &url)?)))
+            .collect()
+    }
+
     /// Renews lease `id` (a keep-alive): on the leader, here; on a follower, forwarded to the
     /// leader, which alone renews and expires leases. The TTL, or 0 if the lease is gone.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {

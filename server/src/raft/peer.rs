@@ -248,6 +248,24 @@ impl pp::peer_server::Peer for PeerService {
         }))
     }
 
+    async fn hash_kv(
+        &self,
+        request: Request<pp::HashKvRequest>,
+    ) -> Result<Response<pp::HashKvResponse>, Status> {
+        self.check(request.metadata())?;
+        let rev = request.into_inner().revision;
+        let store = self.core.store();
+        let h = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| crate::api::convert::status(&e))?;
+        Ok(Response::new(pp::HashKvResponse {
+            hash: h.hash,
+            revision: h.revision,
+            compact_revision: h.compact_revision,
+        }))
+    }
+
     async fn member_promote(
         &self,
         request: Request<pp::MemberPromoteRequest>,
