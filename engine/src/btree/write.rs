@@ -42,6 +42,8 @@ pub struct WriteTxn<'b> {
     /// Next page past the high-water mark.
     next: u64,
     changed: bool,
+    /// The committed version's txid is at least this (see [`WriteTxn::set_txid_at_least`]).
+    min_txid: u64,
 }
 
 fn bucket_name(b: &[u8]) -> String {
@@ -76,6 +78,7 @@ impl<'b> WriteTxn<'b> {
             freed: Vec::new(),
             next,
             changed: false,
+            min_txid: 0,
         }
     }
 
@@ -606,6 +609,16 @@ impl<'b> WriteTxn<'b> {
         Ok(id)
     }
 
+    /// Makes the version this transaction commits have a txid of at least `txid` (and commits
+    /// one even if nothing changed). Defragmentation uses it so that the copy's versions follow
+    /// the original's, keeping reader bookkeeping ordered across the switch.
+    pub(super) fn set_txid_at_least(&mut self, txid: u64) {
+        if txid > self.base.txid + 1 {
+            self.min_txid = txid;
+            self.changed = true;
+        }
+    }
+
     /// Commits: writes the new pages and publishes the version. With `sync`, also makes it
     /// durable (see [`Backend::sync`]); without, durability waits for the next sync. An error
     /// poisons the backend (see `WriterState::poisoned`): reopen to recover.
@@ -679,7 +692,7 @@ impl<'b> WriteTxn<'b> {
         }
         self.w.high_water = page_count;
         let version = Arc::new(Version {
-            txid: self.base.txid + 1,
+            txid: (self.base.txid + 1).max(self.min_txid),
             catalog,
             page_count,
             page_size: p,

@@ -6,7 +6,8 @@
 //!   to etcd's for the same history), both computed on a blocking thread;
 //! - `Alarm`: every action goes through raft, as in etcd, so all members hold the same alarms;
 //! - `MoveLeader`: only the leader accepts it, and only toward a voter;
-//! - `Defragment`: the backend rewritten compactly (see `keel_engine::btree::defrag`).
+//! - `Defragment`: the backend rewritten compactly beside the writer; writes wait only for the
+//!   last catch-up round and the switch (see `keel_engine::btree::defrag`).
 //!
 //! `Snapshot` in etcd's bbolt format is not served yet: it answers `Unimplemented` with that
 //! reason, so `etcdctl snapshot save` fails cleanly instead of writing a file etcd cannot read.
@@ -150,6 +151,8 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         tracing::info!(
             size_before = report.size_before,
             size_after = report.size_after,
+            rounds = report.rounds,
+            leaves_while_writes_waited = report.locked_leaves,
             took = ?started.elapsed(),
             "finished defragment"
         );
