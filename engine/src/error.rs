@@ -195,6 +195,10 @@ pub enum Error {
     /// A request that only the leader serves reached another member (etcd's `ErrNotLeader`).
     #[error("etcdserver: not leader")]
     NotLeader,
+    /// A reconfiguration while this member has not reached every voter for a while (etcd's
+    /// `ErrUnhealthy`).
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     /// A leader transfer to a member that is not a voter (etcd's `ErrBadLeaderTransferee`).
     #[error("etcdserver: bad leader transferee")]
     BadLeaderTransferee,

@@ -113,6 +113,30 @@ impl Members {
         started >= quorum(members)
     }
 
+    /// etcd's `isConnectedFullySince`: every voter but `me` has been reachable since `since`.
+    pub fn connected_fully_since(
+        &self,
+        me: u64,
+        since: std::time::Instant,
+        active: impl Fn(u64) -> Option<std::time::Instant>,
+    ) -> bool {
+        self.voters()
+            .filter(|m| m.id != me)
+            .all(|m| active(m.id).is_some_and(|t| t <= since))
+    }
+
+    /// etcd's `numConnectedSince`: the voters reachable since `since`, `me` included.
+    pub fn connected_since(
+        &self,
+        me: u64,
+        since: std::time::Instant,
+        active: impl Fn(u64) -> Option<std::time::Instant>,
+    ) -> usize {
+        self.voters()
+            .filter(|m| m.id == me || active(m.id).is_some_and(|t| t <= since))
+            .count()
+    }
+
     /// etcd's `IsReadyToPromoteMember`: as adding a voter, the learner counted as started.
     pub fn ready_to_promote(&self) -> bool {
         let (mut members, mut started) = (1, 1);

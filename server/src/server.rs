@@ -408,6 +408,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         };
         if let Some(result) = fatal {
             trigger.fire();
+            if core.removed() {
+                tracing::warn!(
+                    "the member has been permanently removed from the cluster; the data-dir used \
+                     by this member must be removed: stopping"
+                );
+                return Ok(());
+            }
             return match result {
                 Ok(Err(e)) => Err(e).context("the storage core stopped"),
                 _ => bail!("the storage core stopped"),

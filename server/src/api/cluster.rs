@@ -8,7 +8,9 @@
 //! - at most one learner ("too many learner members in cluster");
 //! - with `--strict-reconfig-check` (on by default), adding or promoting a voter needs the
 //!   started voters to stay a quorum, and so does removing one ("re-configuration failed due to
-//!   not enough started members"); a member is started once it has published its name;
+//!   not enough started members"); a member is started once it has published its name. Adding
+//!   needs every voter reachable for 5 s, and removing a reachable voter needs the voters
+//!   reachable for 5 s, less it, to stay a quorum ("unhealthy cluster"), as etcd;
 //! - removing, updating or promoting an unknown ID fails with "member not found"; promoting a
 //!   voter with "can only promote a learner member"; promoting a learner whose log is not
 //!   within 10 % of the leader's with "can only promote a learner member which is in sync with
@@ -65,6 +67,15 @@ pub fn to_pb(m: &Member) -> pb::Member {
         client_ur_ls: m.client_urls.clone(),
         is_learner: m.is_learner,
     }
+}
+
+/// How long peers must have been reachable for a reconfiguration (etcd's `HealthInterval`).
+pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The instant peers must have been reachable since.
+fn health_since() -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_sub(HEALTH_INTERVAL).unwrap_or(now)
 }
 
 /// Peer URLs as etcd's `types.NewURLs` accepts them, normalised and sorted.
@@ -126,6 +137,16 @@ pub async fn add(
         } else if strict && !members.ready_to_add_voter() {
             return Err(Error::NotEnoughStartedMembers);
         }
+        if strict
+            && !members
+                .connected_fully_since(core.ids().1, health_since(), |id| core.active_since(id))
+        {
+            tracing::warn!(
+                "rejecting member add request; local member has not been connected to all \
+                 peers, reconfigure breaks active quorum"
+            );
+            return Err(Error::Unhealthy);
+        }
     }
     let member = Member {
         id,
@@ -152,8 +173,24 @@ pub async fn remove(core: &Core, strict: bool, id: u64) -> Result<Vec<Member>, E
         let Some(m) = members.members.get(&id) else {
             return Err(Error::MemberNotFound);
         };
-        if strict && !m.is_learner && !members.ready_to_remove_voter(id) {
-            return Err(Error::NotEnoughStartedMembers);
+        if strict && !m.is_learner {
+            if !members.ready_to_remove_voter(id) {
+                return Err(Error::NotEnoughStartedMembers);
+            }
+            // A member that is down is not part of the active quorum: safe to remove. Else the
+            // members reachable for a while, less the removed one, must stay a quorum.
+            let me = core.ids().1;
+            let down = id != me && core.active_since(id).is_none();
+            let voters = members.voters().count();
+            let active = members.connected_since(me, health_since(), |p| core.active_since(p));
+            if !down && active.saturating_sub(1) < 1 + voters.saturating_sub(1) / 2 {
+                tracing::warn!(
+                    active_peers = active,
+                    "rejecting member remove request; local member has not been connected to \
+                     all peers, reconfigure breaks active quorum"
+                );
+                return Err(Error::Unhealthy);
+            }
         }
     }
     let mut cc = ConfChange::default();

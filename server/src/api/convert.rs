@@ -47,6 +47,7 @@ pub fn status(e: &Error) -> Status {
         | Error::TooManyLearners
         | Error::NotLeader
         | Error::BadLeaderTransferee => Status::new(Code::FailedPrecondition, e.to_string()),
+        Error::Unhealthy => Status::new(Code::Unavailable, e.to_string()),
         // Not in etcd's error map: gRPC's Unknown, with the message.
         Error::LeaderTransferTimeout => Status::new(Code::Unknown, e.to_string()),
         Error::Corrupt => Status::new(Code::DataLoss, e.to_string()),

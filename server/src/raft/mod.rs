@@ -162,6 +162,10 @@ pub struct Shared {
     members: RwLock<Members>,
     /// The active alarms, as of the applied index.
     alarms: RwLock<crate::alarm::Alarms>,
+    /// Since when each peer has answered without interruption.
+    active: transport::ActiveSince,
+    /// The core stopped because this member was removed from the cluster.
+    removed: AtomicBool,
     /// Raft's commit index and this member's applied index.
     committed: AtomicU64,
     applied: AtomicU64,
@@ -321,6 +325,21 @@ impl Core {
             .get(leader, &url)
             .ok_or(Error::NoLeader)?;
         Ok((leader, client))
+    }
+
+    /// Whether the core stopped because this member was removed from the cluster.
+    pub fn removed(&self) -> bool {
+        self.shared.removed.load(Ordering::Acquire)
+    }
+
+    /// Since when peer `id` has been reachable without interruption (`None`: not now).
+    pub fn active_since(&self, id: u64) -> Option<std::time::Instant> {
+        self.shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .copied()
     }
 
     /// Clients of every other member's peer service, with their IDs.

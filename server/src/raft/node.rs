@@ -469,6 +469,8 @@ impl Node {
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(seen),
             alarms: std::sync::RwLock::new(crate::alarm::Alarms::load(&store.read())?),
+            active: network.active_since(),
+            removed: AtomicBool::new(false),
             committed: AtomicU64::new(0),
             applied: AtomicU64::new(applied),
             peer_clients: super::transport::PeerClients::default(),
@@ -619,11 +621,9 @@ impl Node {
                 }
                 if self.stopped() {
                     self.shutdown().await?;
-                    return Err(Error::InvalidArgument(
-                        "the member has been permanently removed from the cluster; the data-dir \
-                         used by this member must be removed"
-                            .into(),
-                    ));
+                    // The process ends, with success as etcd's does: nothing to restart.
+                    self.shared.removed.store(true, Ordering::Release);
+                    return Ok(());
                 }
             }
         }
@@ -681,6 +681,16 @@ impl Node {
                 }
             }
             Command::Report(Report::Unreachable(id)) => self.raw.report_unreachable(id),
+            Command::Report(Report::Removed(by)) => {
+                if !self.removed {
+                    tracing::error!(
+                        peer = format!("{by:x}"),
+                        "the member has been permanently removed from the cluster; the data-dir \
+                         used by this member must be removed"
+                    );
+                    self.removed = true;
+                }
+            }
             Command::Report(Report::Snapshot(id, ok)) => {
                 let status = if ok {
                     SnapshotStatus::Finish

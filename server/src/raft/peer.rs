@@ -30,6 +30,9 @@ pub struct PeerService {
     strict: bool,
 }
 
+/// The refusal a removed member gets; its transport reports it to its core, which stops.
+pub const REMOVED: &str = "removed member";
+
 fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
     u64::from_str_radix(md.get(key)?.to_str().ok()?, 16).ok()
 }
@@ -62,7 +65,7 @@ impl PeerService {
         let members = self.core.members();
         if members.removed.contains(&from) {
             tracing::warn!("rejected the stream from peer {from:x} since it was removed");
-            return Err(Status::permission_denied("removed member"));
+            return Err(Status::permission_denied(REMOVED));
         }
         if !members.members.contains_key(&from) {
             tracing::error!("failed to find member {from:x} in cluster {cluster_id:x}");
@@ -100,6 +103,12 @@ impl pp::peer_server::Peer for PeerService {
         let mut stream = request.into_inner();
         let label = metrics::from(from);
         while let Some(batch) = stream.message().await? {
+            if self.core.members().removed.contains(&from) {
+                // Removed while its stream was open: it learns so from this answer, and stops
+                // (etcd's HTTP 410 to a removed member).
+                tracing::warn!("rejected the stream from peer {from:x} since it was removed");
+                return Err(Status::permission_denied(REMOVED));
+            }
             let mut messages = Vec::with_capacity(batch.messages.len());
             let mut size = 0;
             for bytes in &batch.messages {

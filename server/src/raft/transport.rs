@@ -58,7 +58,14 @@ pub trait Network: Send + Sync {
     fn send_snapshot(&self, message: Message, data: ReadTxn);
     /// The peers: every member but this one, with their peer URLs.
     fn set_peers(&self, peers: Vec<(u64, Vec<String>)>);
+    /// Since when each peer has answered without interruption (etcd's `ActiveSince`).
+    fn active_since(&self) -> ActiveSince {
+        ActiveSince::default()
+    }
 }
+
+/// Since when each peer has answered its probes without interruption; absent: not now.
+pub type ActiveSince = Arc<Mutex<HashMap<u64, Instant>>>;
 
 /// A peer's sending side.
 struct PeerLink {
@@ -76,6 +83,7 @@ struct Inner {
     /// Reports back to the storage core (unreachable peers, snapshot outcomes).
     core: mpsc::Sender<Command>,
     metrics: Arc<Metrics>,
+    active: ActiveSince,
 }
 
 /// The gRPC peer transport. Cheap to clone.
@@ -99,6 +107,8 @@ pub enum Report {
     Unreachable(u64),
     /// A snapshot sent to a peer finished (`true`) or failed.
     Snapshot(u64, bool),
+    /// A peer refused this member as removed from the cluster.
+    Removed(u64),
 }
 
 impl Transport {
@@ -119,6 +129,7 @@ impl Transport {
                 peers: Mutex::new(HashMap::new()),
                 core,
                 metrics,
+                active: ActiveSince::default(),
             }),
         }
     }
@@ -244,6 +255,7 @@ impl Transport {
         let mut attempt = 0usize;
         let mut pending: Vec<pp::RaftBatch> = Vec::new();
         let mut healthy = true;
+        let mut removed = false;
         loop {
             let url = &urls[attempt % urls.len()];
             attempt += 1;
@@ -267,7 +279,11 @@ impl Transport {
                     tokio::select! {
                         r = &mut call => break Err(match r {
                             Ok(_) => "the peer ended the stream".into(),
-                            Err(s) => s.message().to_string(),
+                            Err(s) => {
+                                removed = s.code() == tonic::Code::PermissionDenied
+                                    && s.message() == super::peer::REMOVED;
+                                s.message().to_string()
+                            }
                         }),
                         permit = tx.reserve() => match permit {
                             Ok(p) => {
@@ -281,7 +297,11 @@ impl Transport {
                     tokio::select! {
                         r = &mut call => break Err(match r {
                             Ok(_) => "the peer ended the stream".into(),
-                            Err(s) => s.message().to_string(),
+                            Err(s) => {
+                                removed = s.code() == tonic::Code::PermissionDenied
+                                    && s.message() == super::peer::REMOVED;
+                                s.message().to_string()
+                            }
                         }),
                         next = queue.recv() => match next {
                             Some(messages) => pending.extend(encode(messages)),
@@ -299,6 +319,9 @@ impl Transport {
                     tracing::debug!(peer = format!("{to:x}"), %url, error = %why, "peer still unreachable");
                 }
                 healthy = false;
+                if std::mem::take(&mut removed) {
+                    self.report(Report::Removed(to));
+                }
                 self.report(Report::Unreachable(to));
                 // What was not sent is stale by the time the peer is back: raft resends.
                 pending.clear();
@@ -327,11 +350,19 @@ impl Transport {
             let request = headers(&self.inner, to, tonic::Request::new(pp::ProbeRequest {}));
             let started = Instant::now();
             let r = tokio::time::timeout(Duration::from_secs(5), peer.probe(request)).await;
+            let mut active = self
+                .inner
+                .active
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Ok(Ok(_)) = r {
                 Metrics::observe(
                     &self.inner.metrics.peer_round_trip.get_or_create(&label),
                     started.elapsed(),
                 );
+                active.entry(to).or_insert(started);
+            } else {
+                active.remove(&to);
             }
         }
     }
@@ -440,9 +471,18 @@ impl Network for Transport {
         }
     }
 
+    fn active_since(&self) -> ActiveSince {
+        self.inner.active.clone()
+    }
+
     fn set_peers(&self, peers: Vec<(u64, Vec<String>)>) {
         let mut links = self.peers();
         links.retain(|id, _| peers.iter().any(|(p, _)| p == id));
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id, _| peers.iter().any(|(p, _)| p == id));
         for (id, urls) in peers {
             if id == self.inner.member_id || urls.is_empty() {
                 continue;

@@ -49,8 +49,19 @@ pub fn keel(data: &Path, port: u16, extra: &[&str]) -> Server {
 
 /// The `keel` command for data dir `data` on `port`, with the extra flags and environment.
 pub fn keel_command(data: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    server_command(env!("CARGO_BIN_EXE_keel"), data, port, extra, env)
+}
+
+/// The command of `program` (keel, or etcd: the same flags) for data dir `data` on `port`.
+pub fn server_command(
+    program: &str,
+    data: &Path,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Command {
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    let mut cmd = Command::new(program);
     if !extra.iter().any(|a| a.starts_with("--initial-cluster=")) {
         // A single member still listens for peers: on a port of its own, not etcd's default
         // 2380 (tests run in parallel).
@@ -244,6 +255,8 @@ pub struct Cluster {
     /// For a member joining a running cluster: the `--initial-cluster` that `etcdctl member
     /// add` printed for it (it starts with `--initial-cluster-state=existing`).
     pub joining: Vec<Option<String>>,
+    /// The server binary: keel, or `etcd` for the same cluster run by etcd 3.4.
+    pub program: String,
 }
 
 impl Cluster {
@@ -267,7 +280,24 @@ impl Cluster {
             flags: flags.iter().map(ToString::to_string).collect(),
             token: "keel-test".into(),
             joining: (0..n).map(|_| None).collect(),
+            program: env!("CARGO_BIN_EXE_keel").to_string(),
         }
+    }
+
+    /// `n` members of etcd 3.4, started with the same flags as a keel cluster.
+    pub fn start_etcd(n: usize) -> Cluster {
+        let mut c = Cluster::new(n, &[]);
+        c.program = "etcd".into();
+        // etcd members wait for each other at their first start: start them all first.
+        for i in 0..n {
+            c.spawn_member(i, &[]);
+        }
+        for i in 0..n {
+            let port = c.client_ports[i];
+            let child = &mut c.members[i].as_mut().expect("spawned").child;
+            wait_listening(child, port, "etcd member");
+        }
+        c
     }
 
     /// A slot for a member added later (not started): its index.
@@ -349,6 +379,14 @@ impl Cluster {
 
     /// Starts (or restarts) member `i`, with extra environment variables.
     pub fn start_member_with(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.spawn_member(i, env);
+        let port = self.client_ports[i];
+        let child = &mut self.members[i].as_mut().expect("spawned").child;
+        wait_listening(child, port, "keel member");
+    }
+
+    /// Starts member `i` without waiting for it to listen.
+    fn spawn_member(&mut self, i: usize, env: &[(&str, &str)]) {
         let args = self.args(i);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = std::fs::OpenOptions::new()
@@ -356,10 +394,15 @@ impl Cluster {
             .append(true)
             .open(self.log(i))
             .unwrap();
-        let mut cmd = keel_command(&self.data_dir(i), self.client_ports[i], &args, env);
+        let mut cmd = server_command(
+            &self.program,
+            &self.data_dir(i),
+            self.client_ports[i],
+            &args,
+            env,
+        );
         cmd.stderr(log);
-        let mut child = cmd.spawn().unwrap();
-        wait_listening(&mut child, self.client_ports[i], "keel member");
+        let child = cmd.spawn().unwrap();
         self.members[i] = Some(Server {
             child,
             port: self.client_ports[i],
