@@ -234,6 +234,9 @@ async fn a_member_is_replaced_under_writes() {
                 let key = format!("w{n:06}");
                 if cl.put(key.clone(), "x", None).await.is_ok() {
                     acked.push(key);
+                } else {
+                    // Never a busy loop, even with every member gone.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             }
             acked
@@ -264,16 +267,20 @@ async fn a_member_is_replaced_under_writes() {
         "{}",
         c.log_text(victim)
     );
-    // It cannot come back with its data dir.
-    let (code, text) = common::keel_refused(
+    // It cannot come back with its data dir: it refuses to start if it applied its removal,
+    // else its peers refuse it and it stops again.
+    let (_, text) = common::keel_refused(
         &c.data_dir(victim),
         &c.args(victim)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    assert_ne!(code, Some(0));
-    assert!(text.contains("was removed from the cluster"), "{text}");
+    assert!(
+        text.contains("was removed from the cluster")
+            || text.contains("permanently removed from the cluster"),
+        "{text}"
+    );
 
     let new = c.add_slot();
     let out = reconfigure(
