@@ -16,6 +16,7 @@ use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpeer::peer_server::PeerServer;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
@@ -384,10 +385,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         for url in &config.listen_peer_urls {
             let addr = resolve(url).await?;
             let stop = peer_stopped.clone();
+            // Bound here, so that a port in use stops the start with the reason (a server task
+            // failing to bind on its own would leave a member that cannot be reached).
+            let incoming = TcpIncoming::bind(addr)
+                .with_context(|| format!("cannot listen for peers on {url} ({addr})"))?
+                .with_nodelay(Some(true));
             let server = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(peer.clone())
-                .serve_with_shutdown(addr, async move { stop.wait().await });
+                .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
             tracing::info!(%url, %addr, "serving peer traffic");
             peer_servers.push(tokio::spawn(server));
         }
@@ -395,10 +400,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
             let stop = shutdown.clone();
+            let incoming = TcpIncoming::bind(addr)
+                .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
             let server = tonic::transport::Server::builder()
                 .accept_http1(true)
                 .add_routes(routes.clone())
-                .serve_with_shutdown(addr, async move { stop.wait().await });
+                .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
             tracing::info!(%url, %addr, "serving client requests");
             servers.push(tokio::spawn(server));
         }

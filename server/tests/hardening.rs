@@ -473,3 +473,27 @@ fn flags_beyond_the_engines_limits_are_refused() {
     }
     let _ = Duration::ZERO;
 }
+
+/// A listen URL whose port is taken stops the start with the reason: never a member that runs
+/// without its listener (CI once met one: its port, briefly another test's, then refused).
+#[test]
+fn a_port_in_use_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let peer = format!("http://127.0.0.1:{port}");
+    let (code, err) = common::keel_refused(
+        &dir.path().join("data"),
+        &[
+            &format!("--listen-peer-urls={peer}"),
+            &format!("--initial-advertise-peer-urls={peer}"),
+            &format!("--initial-cluster=default={peer}"),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains(&format!("cannot listen for peers on {peer}")),
+        "{err}"
+    );
+    assert!(err.contains("Address already in use"), "{err}");
+}

@@ -404,6 +404,7 @@ fn refusals_match_etcd() {
     let script = |endpoint: &str| -> Vec<String> {
         let own = ok(endpoint, &["member", "list"]);
         let own_peer = own.split(", ").nth(3).unwrap().to_string();
+        let own_id = own.split(", ").next().unwrap().to_string();
         let mut out = Vec::new();
         let mut run = |args: &[&str]| {
             let (good, text) = etcdctl(endpoint, args);
@@ -459,6 +460,9 @@ fn refusals_match_etcd() {
         // keeps it a learner, a bug fixed in 3.5: Keel keeps it a learner in both.)
         run(&["member", "remove", &learner]);
         run(&["member", "remove", &learner]);
+        // Promoting a voter; removing the last member.
+        run(&["member", "promote", &own_id]);
+        run(&["member", "remove", &own_id]);
         run(&["member", "list"]);
         out
     };
