@@ -395,3 +395,23 @@ fn defrag_beside_a_writer_loses_and_resurrects_nothing() {
         );
     }
 }
+
+/// A defragmentation cut short leaves `db.defrag` beside an untouched `db`: the next open
+/// removes it and serves the original.
+#[test]
+fn an_interrupted_defrag_leaves_the_original_and_its_copy_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let b = Backend::open(&path, BackendOptions::default()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    txn.put(b"key", b"k", b"v").unwrap();
+    txn.commit(true).unwrap();
+    drop(b);
+    let copy = dir.path().join("db.defrag");
+    std::fs::write(&copy, vec![7u8; 8192]).unwrap();
+    let b = Backend::open(&path, BackendOptions::default()).unwrap();
+    assert!(!copy.exists());
+    assert_eq!(contents(&b, b"key"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    b.check().unwrap();
+}

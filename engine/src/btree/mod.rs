@@ -269,7 +269,19 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> Error 
 impl Backend {
     /// Opens (or creates) the backend file at `path`, locking it exclusively.
     pub fn open(path: impl AsRef<Path>, options: BackendOptions) -> Result<Backend> {
-        open_file(path.as_ref(), options, 0)
+        let backend = open_file(path.as_ref(), options, 0)?;
+        // A defragmentation cut short (kill -9, power loss) leaves its partial copy beside the
+        // file; the original was never touched. Holding the file's lock, no defrag runs now.
+        let mut copy = path.as_ref().as_os_str().to_owned();
+        copy.push(".defrag");
+        match std::fs::remove_file(&copy) {
+            Ok(()) => {
+                tracing::info!(path = %Path::new(&copy).display(), "removed the copy of an interrupted defragmentation")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing", Path::new(&copy), e)),
+        }
+        Ok(backend)
     }
 
     /// Starts a read transaction on the latest committed version. Never blocks on the writer.
