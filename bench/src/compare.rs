@@ -219,20 +219,27 @@ impl Server {
             endpoint,
             log,
         };
+        s.wait_listening(port)?;
+        Ok(s)
+    }
+
+    /// Waits until the server listens on `port` (30 s at most); an error if it exits first.
+    fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
+        let name = self.name;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = s.child.try_wait()? {
-                bail!("{name} exited ({status}); its log: {}", s.log.display());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{name} exited ({status}); its log: {}", self.log.display());
             }
             if Instant::now() > deadline {
                 bail!(
                     "{name} did not listen within 30 s; its log: {}",
-                    s.log.display()
+                    self.log.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(s)
+        Ok(())
     }
 
     fn proc(&self) -> ProcStats {
@@ -276,19 +283,7 @@ impl Server {
             endpoint,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            if let Some(status) = s.child.try_wait()? {
-                bail!("{name} exited ({status}); its log: {}", s.log.display());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} did not listen within 30 s; its log: {}",
-                    s.log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        s.wait_listening(client)?;
         Ok(s)
     }
 

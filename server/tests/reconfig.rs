@@ -410,17 +410,7 @@ fn refusals_match_etcd() {
             let (good, text) = etcdctl(endpoint, args);
             // Members are listed by ID, and IDs differ between the two clusters: compare the
             // lines (and the entries of ETCD_INITIAL_CLUSTER) as sets.
-            let mut lines: Vec<String> = mask(&text)
-                .lines()
-                .map(|l| match l.strip_prefix("ETCD_INITIAL_CLUSTER=") {
-                    Some(v) => {
-                        let mut parts: Vec<&str> = v.trim_matches('"').split(',').collect();
-                        parts.sort_unstable();
-                        format!("ETCD_INITIAL_CLUSTER={}", parts.join(","))
-                    }
-                    None => l.to_string(),
-                })
-                .collect();
+            let mut lines: Vec<String> = mask(&text).lines().map(sorted_cluster).collect();
             lines.sort();
             out.push(format!("{} -> {good} {lines:?}", mask(&args.join(" "))));
             text
@@ -495,6 +485,19 @@ fn mask(text: &str) -> String {
     out
 }
 
+/// A line of `etcdctl member add`'s output with the members of `ETCD_INITIAL_CLUSTER` sorted:
+/// they come in ID order, and IDs differ between clusters.
+fn sorted_cluster(line: &str) -> String {
+    match line.strip_prefix("ETCD_INITIAL_CLUSTER=") {
+        Some(v) => {
+            let mut parts: Vec<&str> = v.trim_matches('"').split(',').collect();
+            parts.sort_unstable();
+            format!("ETCD_INITIAL_CLUSTER={}", parts.join(","))
+        }
+        None => line.to_string(),
+    }
+}
+
 /// `text` with runs of spaces as one: etcdctl pads IDs to 16 columns.
 fn squeeze(text: &str) -> String {
     text.split('\n')
@@ -539,17 +542,7 @@ fn neutral(text: &str) -> String {
     }
     flush(&mut token, &mut out);
     // Members are listed by ID, and IDs differ between clusters.
-    let mut lines: Vec<String> = out
-        .lines()
-        .map(|l| match l.strip_prefix("ETCD_INITIAL_CLUSTER=") {
-            Some(v) => {
-                let mut parts: Vec<&str> = v.trim_matches('"').split(',').collect();
-                parts.sort_unstable();
-                format!("ETCD_INITIAL_CLUSTER={}", parts.join(","))
-            }
-            None => l.to_string(),
-        })
-        .collect();
+    let mut lines: Vec<String> = out.lines().map(sorted_cluster).collect();
     lines.sort_unstable();
     lines.join("\n")
 }
