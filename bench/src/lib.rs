@@ -7,11 +7,12 @@
 //! - [`workloads`]: the requests of each subcommand. [`mvcc`]: the engine without network.
 //! - [`watchlease`]: `watch-latency` and `lease-keepalive`.
 //! - [`report`]: latency histograms and etcd's report layout, or JSON.
-//! - [`compare`]: the side-by-side comparison against etcd.
+//! - [`compare`]: the side-by-side comparison against etcd. [`ports`]: free loopback ports.
 
 pub mod client;
 pub mod compare;
 pub mod mvcc;
+pub mod ports;
 pub mod report;
 pub mod run;
 pub mod watchlease;

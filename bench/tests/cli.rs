@@ -4,7 +4,6 @@
 //! mid-run give a clear message, a partial report and a non-zero exit. No timings are asserted,
 //! and nothing waits for time to pass: the kill waits for the server to have applied puts.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -12,11 +11,7 @@ use std::time::{Duration, Instant};
 use keel_bench::compare::Server;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    keel_bench::ports::free_port().unwrap()
 }
 
 /// The `keel` binary of this build (built by the workspace's test run; built here if missing).

@@ -3,7 +3,6 @@
 //! give the same HashKV at every revision, before and after a compaction. This checks that the
 //! stored bytes (revision keys, `KeyValue` encoding) and the hash rules are etcd's.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,12 +23,11 @@ impl Drop for Etcd {
     }
 }
 
+#[path = "../../bench/src/ports.rs"]
+mod ports;
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::free_port().unwrap()
 }
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> String {

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,12 +23,12 @@ impl Drop for Server {
     }
 }
 
+#[path = "../../../bench/src/ports.rs"]
+mod ports;
+
+/// A free loopback port, never handed out before by this test binary (see `ports`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::free_port().unwrap()
 }
 
 fn wait_listening(child: &mut Child, port: u16, what: &str) {
