@@ -3,6 +3,11 @@
 //! interleaved (for each workload and round: etcd, then keel). Each row has both servers'
 //! requests/s and p50 latency (medians over the rounds), their ratio, and the server CPU time per
 //! request; each server's peak RSS and CPU seconds close the table.
+//!
+//! A second table gives the ceilings of the same run: the client-bound one, `(c + etcd CPU) /
+//! (c + keel CPU)` with `c` the load generator's measured CPU per request (its own process for
+//! keel-bench, the reaped child for etcd's tool), and, beside a single member, the throughput of
+//! `keel-bench noop-server` (keel's network stack doing nothing) under the same load.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -285,6 +290,28 @@ impl Server {
         Ok(s)
     }
 
+    /// Starts `keel-bench noop-server` (`bench`: this tool's binary) on a free port: keel's network
+    /// stack answering every KV request with nothing done. Log in `dir/no-op.log`.
+    fn start_noop(bench: &Path, dir: &Path) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let log = dir.join("no-op.log");
+        let child = Command::new(bench)
+            .arg("noop-server")
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {} noop-server", bench.display()))?;
+        let mut s = Server {
+            name: "no-op",
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        s.wait_listening(port)?;
+        Ok(s)
+    }
+
     /// Kills it now (SIGKILL).
     pub fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill()
@@ -391,6 +418,8 @@ struct Sample {
     rps: f64,
     p50: f64,
     cpu_per_request: f64,
+    /// The load generator's CPU time per request (user + system).
+    client_cpu_per_request: f64,
     /// Requests the server refused (overload: "too many requests"); counted, not fatal.
     refused: u64,
 }
@@ -422,6 +451,7 @@ fn measure_with_etcd_benchmark(
         .map(|e| e.trim_start_matches("http://").to_string())
         .collect();
     let before = server.proc();
+    let client_before = cpu_seconds(libc::RUSAGE_CHILDREN);
     let out = Command::new(tool)
         .arg(format!("--endpoints={}", endpoints.join(",")))
         .arg(format!("--conns={}", spec.conns))
@@ -431,6 +461,9 @@ fn measure_with_etcd_benchmark(
         .output()
         .with_context(|| format!("running {}", tool.display()))?;
     let after = server.proc();
+    // The servers are children too, but are reaped only at the end: the children's usage grew
+    // by the benchmark tool's alone.
+    let client = cpu_seconds(libc::RUSAGE_CHILDREN) - client_before;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -447,7 +480,22 @@ fn measure_with_etcd_benchmark(
         rps,
         p50,
         cpu_per_request: (after.cpu_seconds - before.cpu_seconds) / total.max(1) as f64,
+        client_cpu_per_request: client / total.max(1) as f64,
     })
+}
+
+/// User + system CPU seconds of `who` (`RUSAGE_SELF`: this process, the in-process load
+/// generator; `RUSAGE_CHILDREN`: its reaped children, the benchmark tool runs).
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value it is given; `who` is one of
+    // the two constants above, so it cannot fail.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Requests/s and the p50 latency (seconds) of etcd's `benchmark` report.
@@ -480,6 +528,7 @@ async fn measure(
     };
     let (channels, token) = opts.connect(spec.conns).await?;
     let before = server.proc();
+    let client_before = cpu_seconds(libc::RUSAGE_SELF);
     let outcome = run::run(
         spec.workload.clone(),
         &channels,
@@ -496,6 +545,7 @@ async fn measure(
     )
     .await;
     let after = server.proc();
+    let client = cpu_seconds(libc::RUSAGE_SELF) - client_before;
     let stats = outcome.stats();
     if let Some(why) = outcome.aborted {
         bail!(
@@ -515,6 +565,7 @@ async fn measure(
         rps: stats.rps,
         p50: stats.percentile(50.0),
         cpu_per_request: (after.cpu_seconds - before.cpu_seconds) / stats.requests.max(1) as f64,
+        client_cpu_per_request: client / stats.requests.max(1) as f64,
     })
 }
 
@@ -589,6 +640,17 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     let dir = tempfile::tempdir_in(&o.dir)?;
     let etcd = Deployment::start("etcd", &o.etcd, dir.path(), o.members, &[])?;
     let keel = Deployment::start("keel", &o.keel, dir.path(), o.members, &o.keel_flags)?;
+    // The floor of keel's network stack, beside a single member (the same client, connections
+    // and messages; nothing stored).
+    let noop = if o.members == 1 {
+        let bench = std::env::current_exe().context("finding keel-bench's own binary")?;
+        Some(Deployment {
+            name: "no-op",
+            members: vec![Server::start_noop(&bench, dir.path())?],
+        })
+    } else {
+        None
+    };
     preload(&etcd).await?;
     preload(&keel).await?;
     let raw = raw_fdatasync_p50(dir.path())?;
@@ -610,16 +672,21 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
         },
         raw * 1e3
     );
-    out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req |\n";
-    out += "|---|---|---|---|---|---|---|---|\n";
+    out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req | keel/etcd CPU |\n";
+    out += "|---|---|---|---|---|---|---|---|---|\n";
+    let mut ceilings = String::new();
+    let servers: Vec<&Deployment> = [Some(&etcd), Some(&keel), noop.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
     for spec in table() {
         if !o.only.is_empty() && !o.only.iter().any(|w| spec.name.contains(w.as_str())) {
             continue;
         }
         let total = ((spec.total as f64 * o.scale) as u64).max(100);
-        let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
         for round in 0..o.rounds.max(1) {
-            for (i, server) in [&etcd, &keel].into_iter().enumerate() {
+            for (i, server) in servers.iter().enumerate() {
                 eprintln!("round {}: {} on {}", round + 1, spec.name, server.name);
                 samples[i].push(measure(o, server, &spec, total).await?);
             }
@@ -634,19 +701,65 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
                 format!(" ({n} refused)")
             }
         };
+        let (ecpu, kcpu) = (
+            pick(0, |s| s.cpu_per_request),
+            pick(1, |s| s.cpu_per_request),
+        );
         let _ = writeln!(
             out,
-            "| {} (total {total}) | {e:.0}{} | {k:.0}{} | **{:.2}×** | {:.3} | {:.3} | {:.1} | {:.1} |",
+            "| {} (total {total}) | {e:.0}{} | {k:.0}{} | **{:.2}×** | {:.3} | {:.3} | {:.1} | {:.1} | **{:.2}×** |",
             spec.name,
             refused(0),
             refused(1),
             k / e.max(f64::MIN_POSITIVE),
             pick(0, |s| s.p50) * 1e3,
             pick(1, |s| s.p50) * 1e3,
-            pick(0, |s| s.cpu_per_request) * 1e6,
-            pick(1, |s| s.cpu_per_request) * 1e6,
+            ecpu * 1e6,
+            kcpu * 1e6,
+            kcpu / ecpu.max(f64::MIN_POSITIVE),
         );
+        // The best keel/etcd ratio a server could reach with this load generator on the same
+        // CPUs: (c + etcd's CPU) / (c + keel's CPU), c the client's CPU per request.
+        let client: Vec<f64> = samples[..2]
+            .iter()
+            .flatten()
+            .map(|s| s.client_cpu_per_request)
+            .collect();
+        let c = median(client);
+        let ceiling = (c + ecpu) / (c + kcpu).max(f64::MIN_POSITIVE);
+        let ratio = k / e.max(f64::MIN_POSITIVE);
+        let _ = write!(
+            ceilings,
+            "| {} | {:.1} | {ceiling:.2}× | **{:.2}** |",
+            spec.name,
+            c * 1e6,
+            ratio / ceiling.max(f64::MIN_POSITIVE),
+        );
+        if noop.is_some() {
+            let (n, ncpu) = (pick(2, |s| s.rps), pick(2, |s| s.cpu_per_request));
+            let _ = write!(
+                ceilings,
+                " {n:.0} | {:.1} | **{:.2}** |",
+                ncpu * 1e6,
+                k / n.max(f64::MIN_POSITIVE)
+            );
+        }
+        ceilings.push('\n');
     }
+    out += "\nCeilings, same run. *Client-bound*: with the load generator on the same CPUs, costing \
+            `c` of CPU per request, keel/etcd can reach at most `(c + etcd CPU) / (c + keel CPU)`; \
+            the fraction is the measured keel/etcd over that. ";
+    if noop.is_some() {
+        out += "*No-op*: keel-bench's `noop-server`, keel's network stack answering every request \
+                with nothing done (the same client, connections and messages): the ceiling of any \
+                server on this stack here; the fraction is keel's req/s over the no-op's.\n\n\
+                | workload | client CPU µs/req | client-bound ceiling | keel/etcd ÷ ceiling | no-op req/s | no-op CPU µs/req | keel/no-op |\n\
+                |---|---|---|---|---|---|---|\n";
+    } else {
+        out += "\n\n| workload | client CPU µs/req | client-bound ceiling | keel/etcd ÷ ceiling |\n\
+                |---|---|---|---|\n";
+    }
+    out += &ceilings;
     let (ep, kp) = (etcd.proc(), keel.proc());
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let _ = writeln!(

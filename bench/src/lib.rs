@@ -5,6 +5,7 @@
 //! - [`client`]: connections, TLS, authentication, error classification.
 //! - [`run`]: the concurrent runner (clients, connections, rate, progress, compaction).
 //! - [`workloads`]: the requests of each subcommand. [`mvcc`]: the engine without network.
+//! - [`noop`]: a no-op KV server on keel's network stack (the floor of any server on it).
 //! - [`watchlease`]: `watch-latency` and `lease-keepalive`.
 //! - [`report`]: latency histograms and etcd's report layout, or JSON.
 //! - [`compare`]: the side-by-side comparison against etcd. [`ports`]: free loopback ports.
@@ -12,6 +13,7 @@
 pub mod client;
 pub mod compare;
 pub mod mvcc;
+pub mod noop;
 pub mod ports;
 pub mod report;
 pub mod run;

@@ -15,6 +15,11 @@ use keel_bench::run::{self, Outcome, RunOptions, Workload};
 use keel_bench::watchlease::{self, LeaseKeepalive, WatchLatency};
 use keel_bench::workloads::{Put, Range, TxnMixed, TxnPut, value};
 
+/// The allocator keel uses, so that `noop-server` measures keel's stack (and the load generator
+/// costs less of the shared CPUs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn duration(s: &str) -> Result<Duration, String> {
     keel::config::parse_go_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration like 5s or 100ms"))
@@ -231,6 +236,16 @@ enum Cmd {
     Mvcc {
         #[command(subcommand)]
         command: MvccCmd,
+    },
+    /// Serve etcd's KV service with no-op handlers on keel's network stack (the floor `compare`
+    /// measures keel against), until stopped.
+    NoopServer {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        listen: std::net::SocketAddr,
+        /// Network threads (default: one per CPU, as keel's `--net-threads`).
+        #[arg(long)]
+        net_threads: Option<usize>,
     },
     /// Start fresh etcd and keel servers and run the etcd docs' workloads on both.
     Compare {
@@ -566,6 +581,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             let (rec, elapsed) = mvcc::put(&o, &std::env::temp_dir())?;
             Ok(cli.print(&[""], &[rec], elapsed))
         }
+        Cmd::NoopServer { .. } => anyhow::bail!("noop-server runs on its own runtime"),
         Cmd::Compare {
             keel,
             etcd,
@@ -635,6 +651,21 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::NoopServer {
+        listen,
+        net_threads,
+    } = cli.command
+    {
+        let threads = net_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        return match keel_bench::noop::serve(listen, threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel-bench: noop-server: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -293,3 +293,98 @@ fn a_server_killed_mid_run_gives_a_partial_report_and_an_error() {
     assert!(text.contains("Summary:"), "partial report missing: {text}");
     assert!(text.contains("Error distribution:"), "{text}");
 }
+
+/// `noop-server` answers every KV request keel-bench sends (nothing stored), and refuses to start
+/// on a port in use with the reason.
+#[test]
+fn the_noop_server_answers_every_request() {
+    let port = free_port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(["noop-server", &format!("--listen=127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(server.try_wait().unwrap().is_none(), "noop-server exited");
+        assert!(Instant::now() < deadline, "noop-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = format!("--endpoints=127.0.0.1:{port}");
+    for args in [
+        &["put", "--key-size=8", "--val-size=256", "--total=500"][..],
+        &["range", "foo", "--consistency=s", "--total=500"],
+        &["range", "foo", "--total=500"],
+        &["txn-put", "--txn-ops=2", "--total=500"],
+    ] {
+        let out = bench(
+            &[
+                &[e.as_str(), "--conns=2", "--clients=10", "--output=json"],
+                args,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = json(&out);
+        assert_eq!(report["report"]["requests"], 500, "{args:?}");
+        assert_eq!(report["report"]["failures"], 0, "{args:?}");
+    }
+    let second = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(["noop-server", &format!("--listen=127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(second, "a second noop-server on the same port hangs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Address already in use"), "{err}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// `compare` beside a single member reports the same run's ceilings: the client-bound one (from
+/// the load generator's measured CPU) and the no-op server's.
+#[test]
+fn compare_reports_the_ceilings_of_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_bin();
+    let out = bench(&[
+        "compare",
+        &format!("--keel={}", keel.display()),
+        &format!("--dir={}", dir.path().display()),
+        "--rounds=1",
+        "--scale=0.003",
+        "--only=put, 100 conns",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| put, 100 conns, 1000 clients |"))
+        .unwrap_or_else(|| panic!("no ceiling row: {text}"));
+    // workload, client CPU, client-bound ceiling, fraction, no-op req/s, no-op CPU, keel/no-op.
+    let cells: Vec<&str> = row
+        .split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(cells.len(), 7, "{row}");
+    let number = |c: &str| -> f64 {
+        c.trim_matches(|ch: char| ch == '*' || ch == '×')
+            .parse()
+            .unwrap_or_else(|_| panic!("{c:?} in {row}"))
+    };
+    for cell in &cells[1..] {
+        assert!(number(cell) > 0.0, "{row}");
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`api`]: the gRPC services clients use (KV, Watch, Lease), one file each, and the mapping of
 //!   errors to etcd's statuses.
 //! - [`http`]: `/health`, `/version`, `/metrics`.
+//! - [`net`]: the network threads' runtime and the client listeners (gRPC and HTTP/1).
 //! - [`membership`]: member and cluster IDs, as etcd derives them.
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
@@ -24,5 +25,6 @@ pub mod faults;
 pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod net;
 pub mod raft;
 pub mod server;

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use keel::config::Flags;
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without glibc's bin consolidation
+/// (see bench/RESULTS.md, "CPU per put").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     let config = match flags.validate() {

@@ -216,14 +216,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         / config.heartbeat_interval.as_millis().max(1)) as usize;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let net_threads = config.net_threads.unwrap_or(cpus);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(net_threads)
-        .thread_name("keel-net")
-        // Decoding and answering a txn nested 256 deep recurses through prost and the engine.
-        .thread_stack_size(16 << 20)
-        .enable_all()
-        .build()
-        .context("starting the network runtime")?;
+    let runtime = crate::net::runtime(net_threads)?;
     // One watch hub per network thread.
     let feeds: Vec<Arc<Feed>> = (0..net_threads)
         .map(|_| Arc::new(Feed::default()))
@@ -400,12 +393,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
             let stop = shutdown.clone();
-            let incoming = TcpIncoming::bind(addr)
+            let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
-            let server = tonic::transport::Server::builder()
-                .accept_http1(true)
-                .add_routes(routes.clone())
-                .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
+            let server =
+                crate::net::serve_clients(
+                    incoming,
+                    routes.clone(),
+                    async move { stop.wait().await },
+                );
             tracing::info!(%url, %addr, "serving client requests");
             servers.push(tokio::spawn(server));
         }

@@ -682,10 +682,10 @@ impl<'b> WriteTxn<'b> {
             if j == k + 1 {
                 write_at(&mut self.w, start * p as u64, &writes[k].1)?;
             } else {
-                let joined: Vec<u8> = writes[k..j]
-                    .iter()
-                    .flat_map(|(_, b)| b.iter().copied())
-                    .collect();
+                let mut joined = Vec::with_capacity(((end - start) as usize) * p);
+                for (_, b) in &writes[k..j] {
+                    joined.extend_from_slice(b);
+                }
                 write_at(&mut self.w, start * p as u64, &joined)?;
             }
             k = j;

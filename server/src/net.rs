@@ -1,0 +1,42 @@
+//! The network stack clients reach: the tokio runtime of the network threads and the gRPC/HTTP
+//! listener on a client URL. `keel-bench noop-server` serves a no-op KV service through these same
+//! functions, so the floor it measures is this stack's.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+
+/// The network threads' runtime: `threads` tokio workers named `keel-net`.
+pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("keel-net")
+        // Decoding and answering a txn nested 256 deep recurses through prost and the engine.
+        .thread_stack_size(16 << 20)
+        .enable_all()
+        .build()
+        .context("starting the network runtime")
+}
+
+/// Binds a client listener on `addr` (so that a port in use fails here, with the reason).
+/// Accepted connections get `TCP_NODELAY`, as grpc-go's (etcd's) do: a response is sent when it
+/// is ready, not held back by Nagle's algorithm until the previous one is acknowledged.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
+    Ok(TcpIncoming::bind(addr)?.with_nodelay(Some(true)))
+}
+
+/// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
+pub async fn serve_clients(
+    incoming: TcpIncoming,
+    routes: Routes,
+    stop: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+}
