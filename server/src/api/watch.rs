@@ -298,7 +298,14 @@ impl Hub {
         loop {
             tokio::select! {
                 msg = requests.recv() => match msg {
-                    Some(m) => self.handle(m),
+                    Some(m) => {
+                        self.handle(m);
+                        if self.streams.is_empty() {
+                            // The tick below sleeps while there is no stream: the gauges are
+                            // brought down here instead.
+                            self.gauges();
+                        }
+                    }
                     None => break,
                 },
                 item = feed.next() => match item {
@@ -308,7 +315,8 @@ impl Hub {
                     FeedItem::Closed => break,
                 },
                 _ = shutdown.wait() => break,
-                _ = tick.tick() => {
+                // Only while streams exist: an idle member's network threads stay asleep.
+                _ = tick.tick(), if !self.streams.is_empty() => {
                     self.catch_up();
                     self.gauges();
                     if last_progress.elapsed() >= self.progress_interval {
