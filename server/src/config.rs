@@ -164,9 +164,13 @@ pub struct Flags {
     /// CPU the storage core (raft, WAL, apply) is pinned to (default: the last CPU).
     #[arg(long, env = "KEEL_STORAGE_CORE")]
     pub storage_core: Option<usize>,
-    /// How long the storage core polls for work before it sleeps (a Go duration; 0: never).
-    /// Polling saves a wake-up per request on a member that has its CPUs to itself.
-    #[arg(long, env = "KEEL_STORAGE_CORE_SPIN", default_value = "200us")]
+    // Measured on 2026-11-27 (bench/RESULTS.md): one-client puts 1,228–1,319/s at 480–503 µs
+    // of server CPU each without polling, 1,161–1,186/s at 800–820 µs with 200 µs; 3–4 µs less
+    // per put at 1000 clients without it.
+    /// How long the storage core polls for work before it sleeps (a Go duration; 0: never, the
+    /// default). Polling can save a wake-up per request on a member that has its CPUs to itself,
+    /// at the price of that much CPU after each burst of work.
+    #[arg(long, env = "KEEL_STORAGE_CORE_SPIN", default_value = "0s")]
     pub storage_core_spin: String,
     /// Network threads (gRPC, HTTP) (default: one per CPU; the storage core mostly waits on
     /// the disk, so it shares a CPU well).

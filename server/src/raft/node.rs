@@ -53,14 +53,6 @@ use super::{Applied, Command, DRAIN, Reply, Shared, lock};
 use crate::membership::{MEMBERS_BUCKET, MEMBERS_REMOVED_BUCKET, Member, Members};
 use crate::metrics::Metrics;
 
-/// How long the storage core polls for work (and I/O completions) before sleeping, by default
-/// (`--storage-core-spin`): a command or an fdatasync completion arriving within it avoids the
-/// eventfd wake-up. 200 µs covers one fdatasync on this hardware; measured: one-client put p50
-/// 0.25 ms with 50 µs, 0.21–0.23 ms with 200 µs (`bench/RESULTS.md`). The price is up to 200 µs
-/// of CPU after each burst of work on an otherwise idle member, which hurts when several
-/// members share too few CPUs.
-pub const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
-
 /// How often the leader looks for expired leases (etcd: 500 ms).
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Expired leases revoked per check at most: 1000 a second, etcd's `leaseRevokeRate`.
