@@ -1,5 +1,6 @@
 //! `keel-bench compare`: a fresh single-member etcd (Debian's `etcd-server`) and a fresh `keel`,
-//! on loopback with temporary data dirs on the same disk, run the etcd docs' workload table
+//! on loopback with temporary data dirs on the same disk, run the etcd docs' workload table (plus
+//! puts at 10 and 100 clients, for the scale between its 1 and 1000)
 //! interleaved (for each workload and round: etcd, then keel). Each row has both servers'
 //! requests/s and p50 latency (medians over the rounds), their ratio, and the server CPU time per
 //! request; each server's peak RSS and CPU seconds close the table.
@@ -109,6 +110,23 @@ pub fn table() -> Vec<Spec> {
     ];
     vec![
         spec("put, 1 conn, 1 client", 1, 1, 10_000, put(10_000), PUT_1),
+        // Between the docs' two put rows: how throughput scales with clients.
+        spec(
+            "put, 10 conns, 10 clients",
+            10,
+            10,
+            20_000,
+            put(100_000),
+            PUT,
+        ),
+        spec(
+            "put, 100 conns, 100 clients",
+            100,
+            100,
+            50_000,
+            put(100_000),
+            PUT,
+        ),
         spec(
             "put, 100 conns, 1000 clients",
             100,
@@ -954,7 +972,16 @@ mod tests {
     #[test]
     fn the_table_has_the_docs_workloads() {
         let names: Vec<&str> = table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 7);
+        // The etcd docs' 7 rows, and puts at 10 and 100 clients between their 1 and 1000.
+        assert_eq!(names.len(), 9);
+        for clients in ["1 client", "10 clients", "100 clients", "1000 clients"] {
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.starts_with("put, ") && n.ends_with(clients)),
+                "{clients}"
+            );
+        }
         assert!(names.iter().any(|n| n.starts_with("put, 1 conn")));
         assert!(names.iter().any(|n| n.starts_with("txn-put")));
     }
