@@ -656,9 +656,7 @@ fn main() -> ExitCode {
         net_threads,
     } = cli.command
     {
-        let threads = net_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        return match keel_bench::noop::serve(listen, threads) {
+        return match keel_bench::noop::serve(listen, keel::net::threads(net_threads)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keel-bench: noop-server: {e:#}");

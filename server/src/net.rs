@@ -9,6 +9,11 @@ use anyhow::Context;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
+/// How many network threads: `requested` (`--net-threads`), or one per CPU.
+pub fn threads(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The network threads' runtime: `threads` tokio workers named `keel-net`.
 pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -214,8 +214,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1)) as usize;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let net_threads = config.net_threads.unwrap_or(cpus);
+    let net_threads = crate::net::threads(config.net_threads);
     let runtime = crate::net::runtime(net_threads)?;
     // One watch hub per network thread.
     let feeds: Vec<Arc<Feed>> = (0..net_threads)
