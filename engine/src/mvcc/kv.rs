@@ -27,6 +27,20 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+/// The fields of a stored [`KeyValue`] that rebuilding the index needs. Decoding the same
+/// bytes as this skips the value instead of copying it.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct KeyHeader {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(int64, tag = "2")]
+    pub create_revision: i64,
+    #[prost(int64, tag = "4")]
+    pub version: i64,
+    #[prost(int64, tag = "6")]
+    pub lease: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +68,26 @@ mod tests {
             ..KeyValue::default()
         };
         assert_eq!(tombstone.encode_to_vec(), [0x0a, 3, b'f', b'o', b'o']);
+    }
+
+    #[test]
+    fn the_header_is_the_key_value_without_its_value() {
+        let kv = KeyValue {
+            key: b"k".to_vec(),
+            create_revision: 7,
+            mod_revision: 9,
+            version: 3,
+            value: vec![b'x'; 300],
+            lease: 42,
+        };
+        let bytes = kv.encode_to_vec();
+        let h = KeyHeader::decode(bytes.as_slice()).unwrap();
+        assert_eq!(
+            (h.key, h.create_revision, h.version, h.lease),
+            (b"k".to_vec(), 7, 3, 42)
+        );
+        // A value cut short is an error, as for the whole message.
+        assert!(KeyHeader::decode(&bytes[..bytes.len() - 10]).is_err());
+        assert!(KeyValue::decode(&bytes[..bytes.len() - 10]).is_err());
     }
 }

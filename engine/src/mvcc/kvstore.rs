@@ -25,13 +25,13 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prost::Message as _;
 
-use super::index::TreeIndex;
+use super::index::{Leased, Restored, TreeIndex};
 use super::key_index::KeyMark;
-use super::kv::KeyValue;
+use super::kv::{KeyHeader, KeyValue};
 use super::revision::Revision;
 use crate::btree::{self, Backend, BackendOptions};
 use crate::error::{Error, Result};
@@ -136,6 +136,9 @@ pub struct Store {
     index: RwLock<TreeIndex>,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
+    /// The leased keys found while the index was rebuilt, and the revision they are of: taken
+    /// once by [`Store::take_leased_keys`].
+    leased_at_open: Mutex<Option<(i64, Leased)>>,
 }
 
 fn read_index(lock: &RwLock<TreeIndex>) -> RwLockReadGuard<'_, TreeIndex> {
@@ -174,34 +177,35 @@ impl Store {
     pub fn open(path: impl AsRef<Path>, options: BackendOptions) -> Result<Store> {
         let backend = Backend::open(path, options)?;
         backend.create_etcd_buckets()?;
-        let mut index = TreeIndex::default();
         let mut last = 1i64;
-        let (finished, scheduled) = {
+        let (index, leased, finished, scheduled) = {
             let r = backend.begin_read();
+            let mut changes = Vec::new();
             for kv in r.range(KEY_BUCKET, b"", None)? {
                 let (k, v) = kv?;
                 let (rev, tombstone) = Revision::from_bytes(k)?;
-                let kv = KeyValue::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
-                let restored = if tombstone {
-                    index.restore_tombstone(&kv.key, rev)
+                let kv = KeyHeader::decode(v).map_err(|e| corrupt_kv(rev, &e.to_string()))?;
+                changes.push(if tombstone {
+                    Restored::tombstone(kv.key, rev)
                 } else {
                     let created = Revision::new(kv.create_revision, 0);
-                    index.restore_put(&kv.key, created, rev, kv.version)
-                };
-                if !restored {
-                    return Err(corrupt_kv(
-                        rev,
-                        "two changes of one key at the same revision",
-                    ));
-                }
+                    Restored::put(kv.key, rev, created, kv.version, kv.lease)
+                });
                 last = last.max(rev.main);
             }
+            let (index, leased) = TreeIndex::restore(changes)
+                .map_err(|rev| corrupt_kv(rev, "two changes of one key at the same revision"))?;
             let meta_rev = |key: &[u8]| -> Result<Option<i64>> {
                 r.get(META_BUCKET, key)?
                     .map(|v| Revision::from_bytes(v).map(|(r, _)| r.main))
                     .transpose()
             };
-            (meta_rev(FINISHED_COMPACT)?, meta_rev(SCHEDULED_COMPACT)?)
+            (
+                index,
+                leased,
+                meta_rev(FINISHED_COMPACT)?,
+                meta_rev(SCHEDULED_COMPACT)?,
+            )
         };
         let compact = finished.unwrap_or(-1);
         let current = last.max(compact).max(scheduled.unwrap_or(-1));
@@ -210,6 +214,7 @@ impl Store {
             index: RwLock::new(index),
             current_rev: AtomicI64::new(current),
             compact_rev: AtomicI64::new(compact),
+            leased_at_open: Mutex::new(Some((current, leased))),
         };
         // An interrupted compaction is finished before anything else.
         if let Some(s) = scheduled
@@ -230,6 +235,21 @@ impl Store {
     /// The backend (for checkpoints, defragmentation, snapshots).
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// The live keys attached to a lease, with the lease (what a lessor recovers). The first
+    /// call after `open`, with nothing written since, gets what the index rebuild found; any
+    /// other reads every live key.
+    pub fn take_leased_keys(&self) -> Result<Leased> {
+        let found = self
+            .leased_at_open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match found {
+            Some((rev, leased)) if rev == self.current_revision() => Ok(leased),
+            _ => self.read().leased_keys(),
+        }
     }
 
     /// The current revision.
