@@ -11,6 +11,7 @@
 //! - [`storage`]: raft-rs's `Storage` over the WAL, with the membership and snapshot metadata
 //!   of the backend.
 //! - [`checkpoint`]: backend syncs on a thread of their own.
+//! - [`tick`]: the raft clock, a thread that wakes the loop every heartbeat.
 //! - [`events`]: the bounded feeds of applied revisions to the watch hubs.
 //! - [`transport`] (sending) and [`peer`] (receiving): raft messages between members over gRPC
 //!   streams on the peer URLs, with the cluster and member checks.
@@ -34,6 +35,7 @@ pub mod peer;
 pub mod proposal;
 pub mod snapshot;
 pub mod storage;
+pub mod tick;
 pub mod transport;
 
 #[cfg(test)]

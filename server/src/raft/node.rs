@@ -518,9 +518,8 @@ impl Node {
     /// The loop: until every handle is dropped or a stop is asked; an error is fatal.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<()> {
         let mut buf = Vec::with_capacity(DRAIN);
-        let heartbeat = self.cfg.heartbeat;
-        let mut next_tick = Instant::now() + heartbeat;
-        let mut timer = glommio::timer::Timer::new(heartbeat);
+        let ticks = super::tick::Ticks::start(self.cfg.heartbeat)
+            .map_err(|e| Error::io("starting thread", "keel-tick", e))?;
         let mut stop = None;
         self.pump().await?;
         loop {
@@ -552,7 +551,7 @@ impl Node {
                     self.releasing = None;
                     return Poll::Ready(Event::Released(r.unwrap_or(Ok(0))));
                 }
-                if Pin::new(&mut timer).poll(cx).is_ready() {
+                if ticks.poll_tick(cx).is_ready() {
                     return Poll::Ready(Event::Tick);
                 }
                 match rx.poll_recv_many(cx, &mut buf, DRAIN) {
@@ -570,10 +569,7 @@ impl Node {
                 Event::Closed => break,
                 Event::Tick => {
                     self.raw.tick();
-                    let now = Instant::now();
-                    next_tick = (next_tick + heartbeat).max(now);
-                    timer = glommio::timer::Timer::new(next_tick - now);
-                    self.expire(now);
+                    self.expire(Instant::now());
                     self.retry_reads(false);
                 }
                 Event::Persisted(result) => {
