@@ -40,6 +40,8 @@ pub struct CompareOptions {
     pub etcd_benchmark: Option<PathBuf>,
     /// Extra flags for keel's members (Keel's own tuning flags; etcd gets none).
     pub keel_flags: Vec<String>,
+    /// Append the plotted figures here, as `series server x y` lines (see `bench/plot.sh`).
+    pub data: Option<PathBuf>,
 }
 
 /// One row of the table.
@@ -53,6 +55,12 @@ pub struct Spec {
     /// total is appended).
     pub etcd_args: &'static [&'static str],
 }
+
+/// How long a fresh server may take to listen.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// How long a restarted server may take to listen and answer: it recovers its data dir, which
+/// for etcd and keel alike grows with the keys it holds.
+pub const RESTART_LIMIT: Duration = Duration::from_secs(600);
 
 /// The key the range workloads read (written before the runs, 256-byte value).
 pub const RANGE_KEY: &[u8] = b"foo";
@@ -190,6 +198,10 @@ pub struct Server {
     /// Its client URL.
     pub endpoint: String,
     log: PathBuf,
+    /// How it was started, for [`restart`](Self::restart): binary, arguments, client port.
+    bin: PathBuf,
+    args: Vec<String>,
+    port: u16,
 }
 
 impl Drop for Server {
@@ -220,16 +232,32 @@ impl Server {
         let (port, peer) = (free_port()?, free_port()?);
         let endpoint = format!("http://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut args = vec![
+            "--name=bench".to_string(),
+            format!("--data-dir={}", dir.join(name).display()),
+            format!("--listen-client-urls={endpoint}"),
+            format!("--advertise-client-urls={endpoint}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=bench={peer_url}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let log = dir.join(format!("{name}.log"));
+        Server::spawn(name, bin, args, port, log, START_LIMIT)
+    }
+
+    /// Starts `bin args` (its client URL on `port`, stderr to `log`) and waits until it listens
+    /// (`limit` at most).
+    fn spawn(
+        name: &'static str,
+        bin: &Path,
+        args: Vec<String>,
+        port: u16,
+        log: PathBuf,
+        limit: Duration,
+    ) -> anyhow::Result<Server> {
         let child = Command::new(bin)
-            .arg("--name=bench")
-            .arg(format!("--data-dir={}", dir.join(name).display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=bench={peer_url}"))
-            .args(extra)
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -237,28 +265,53 @@ impl Server {
         let mut s = Server {
             name,
             child,
-            endpoint,
+            endpoint: format!("http://127.0.0.1:{port}"),
             log,
+            bin: bin.to_path_buf(),
+            args,
+            port,
         };
-        s.wait_listening(port)?;
+        s.wait_listening(port, limit)?;
         Ok(s)
     }
 
-    /// Waits until the server listens on `port` (30 s at most); an error if it exits first.
-    fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
+    /// Kills it (SIGKILL: no clean shutdown) and starts it again with the same data dir, flags
+    /// and ports; returns once it listens (its log is kept beside, as `NAME.log.1` and so on).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let mut n = 1;
+        while self.log.with_extension(format!("log.{n}")).exists() {
+            n += 1;
+        }
+        std::fs::rename(&self.log, self.log.with_extension(format!("log.{n}")))?;
+        let fresh = Server::spawn(
+            self.name,
+            &self.bin.clone(),
+            self.args.clone(),
+            self.port,
+            self.log.clone(),
+            RESTART_LIMIT,
+        )?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Waits until the server listens on `port` (`START_LIMIT` at most, or `RESTART_LIMIT` when
+    /// it recovers a data dir); an error if it exits first.
+    fn wait_listening(&mut self, port: u16, limit: Duration) -> anyhow::Result<()> {
         let name = self.name;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + limit;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = self.child.try_wait()? {
                 bail!("{name} exited ({status}); its log: {}", self.log.display());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{name} did not listen within 30 s; its log: {}",
+                    "{name} did not listen within {limit:?}; its log: {}",
                     self.log.display()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
     }
@@ -280,59 +333,55 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = dir.join(format!("{name}-{member}.log"));
-        let child = Command::new(bin)
-            .arg(format!("--name={member}"))
-            .arg(format!(
+        let mut args = vec![
+            format!("--name={member}"),
+            format!(
                 "--data-dir={}",
                 dir.join(format!("{name}-{member}")).display()
-            ))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster={initial_cluster}"))
-            .arg("--initial-cluster-token=bench")
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut s = Server {
-            name,
-            child,
-            endpoint,
-            log,
-        };
-        s.wait_listening(client)?;
-        Ok(s)
+            ),
+            format!("--listen-client-urls={endpoint}"),
+            format!("--advertise-client-urls={endpoint}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={initial_cluster}"),
+            "--initial-cluster-token=bench".to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let log = dir.join(format!("{name}-{member}.log"));
+        Server::spawn(name, bin, args, client, log, START_LIMIT)
     }
 
     /// Starts `keel-bench noop-server` (`bench`: this tool's binary) on a free port: keel's network
     /// stack answering every KV request with nothing done. Log in `dir/no-op.log`.
     fn start_noop(bench: &Path, dir: &Path) -> anyhow::Result<Server> {
         let port = free_port()?;
+        let args = vec![
+            "noop-server".to_string(),
+            format!("--listen=127.0.0.1:{port}"),
+        ];
         let log = dir.join("no-op.log");
-        let child = Command::new(bench)
-            .arg("noop-server")
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {} noop-server", bench.display()))?;
-        let mut s = Server {
-            name: "no-op",
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        s.wait_listening(port)?;
-        Ok(s)
+        Server::spawn("no-op", bench, args, port, log, START_LIMIT)
     }
 
     /// Kills it now (SIGKILL).
     pub fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill()
+    }
+
+    /// Kills it (SIGKILL) and waits until it has exited.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its CPU time so far (user + system seconds).
+    pub fn cpu_seconds(&self) -> f64 {
+        self.proc().cpu_seconds
     }
 
     /// If the process has exited: its status and the end of its log.
@@ -693,6 +742,7 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
     out += "| workload | etcd req/s | keel req/s | keel/etcd | etcd p50 ms | keel p50 ms | etcd CPU µs/req | keel CPU µs/req | keel/etcd CPU |\n";
     out += "|---|---|---|---|---|---|---|---|---|\n";
     let mut ceilings = String::new();
+    let mut tsv = String::new();
     let servers: Vec<&Deployment> = [Some(&etcd), Some(&keel), noop.as_ref()]
         .into_iter()
         .flatten()
@@ -763,6 +813,20 @@ pub async fn compare(o: &CompareOptions) -> anyhow::Result<String> {
             );
         }
         ceilings.push('\n');
+        if spec.name.starts_with("put,") {
+            for (server, rps, cpu) in [("etcd", e, ecpu), ("keel", k, kcpu)] {
+                let _ = writeln!(tsv, "put-clients\t{server}\t{}\t{rps:.1}", spec.clients);
+                let _ = writeln!(
+                    tsv,
+                    "put-cpu-clients\t{server}\t{}\t{:.1}",
+                    spec.clients,
+                    cpu * 1e6
+                );
+            }
+        }
+    }
+    if let Some(path) = &o.data {
+        append(path, &tsv)?;
     }
     out += "\nCeilings, same run. *Client-bound*: with the load generator on the same CPUs, costing \
             `c` of CPU per request, keel/etcd can reach at most `(c + etcd CPU) / (c + keel CPU)`; \
@@ -801,7 +865,8 @@ pub struct ScaleOptions {
     pub leases: u64,
 }
 
-fn rss_now(pid: u32) -> u64 {
+/// The resident memory of process `pid` now (`VmRSS`), 0 if it is gone.
+pub(crate) fn rss_now(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -890,6 +955,17 @@ fn scale_row(out: &mut String, workload: &str, server: &Server, st: &Stats, cpu:
         st.failures,
         rss_now(server.child.id()) as f64 / (1 << 20) as f64,
     );
+}
+
+/// Appends `text` to the file at `path` (created if missing).
+pub fn append(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("appending to {}", path.display()))
 }
 
 /// Today's UTC date as `YYYY-MM-DD` (civil-from-days).

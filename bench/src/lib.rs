@@ -8,7 +8,8 @@
 //! - [`noop`]: a no-op KV server on keel's network stack (the floor of any server on it).
 //! - [`watchlease`]: `watch-latency` and `lease-keepalive`.
 //! - [`report`]: latency histograms and etcd's report layout, or JSON.
-//! - [`compare`]: the side-by-side comparison against etcd. [`ports`]: free loopback ports.
+//! - [`compare`]: the side-by-side comparison against etcd; [`storesize`]: the same as the store
+//!   grows (load, reads, restart). [`ports`]: free loopback ports.
 
 pub mod client;
 pub mod compare;
@@ -17,5 +18,6 @@ pub mod noop;
 pub mod ports;
 pub mod report;
 pub mod run;
+pub mod storesize;
 pub mod watchlease;
 pub mod workloads;

@@ -12,6 +12,7 @@ use keel_bench::compare::{self, CompareOptions};
 use keel_bench::mvcc;
 use keel_bench::report::{Recorder, Stats};
 use keel_bench::run::{self, Outcome, RunOptions, Workload};
+use keel_bench::storesize;
 use keel_bench::watchlease::{self, LeaseKeepalive, WatchLatency};
 use keel_bench::workloads::{Put, Range, TxnMixed, TxnPut, value};
 
@@ -283,6 +284,14 @@ enum Cmd {
         /// Append the report, with date, machine and command, to this file.
         #[arg(long)]
         results: Option<PathBuf>,
+        /// Append the figures that `bench/plot.sh` draws to this file (tab-separated `series
+        /// server x y` lines).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run the store-size comparison instead of the KV table: for each of these key counts,
+        /// load, random reads and a restart after SIGKILL (e.g. `10000,1000000,10000000`).
+        #[arg(long, value_delimiter = ',')]
+        store_keys: Vec<u64>,
         /// Run the watch and lease scale comparison instead of the KV table.
         #[arg(long)]
         watch_lease: bool,
@@ -594,6 +603,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             etcd_benchmark,
             keel_flag,
             results,
+            data,
+            store_keys,
             watch_lease,
             watchers,
             put_rate,
@@ -614,8 +625,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 only: only.clone(),
                 etcd_benchmark: (client == "etcd-benchmark").then(|| etcd_benchmark.clone()),
                 keel_flags: keel_flag.clone(),
+                data: data.clone(),
             };
-            let table = if *watch_lease {
+            let table = if !store_keys.is_empty() {
+                storesize::compare_store_size(&o, store_keys).await?
+            } else if *watch_lease {
                 let s = compare::ScaleOptions {
                     watchers: *watchers,
                     put_rate: *put_rate,

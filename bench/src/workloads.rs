@@ -92,6 +92,27 @@ impl Workload for Range {
     }
 }
 
+/// Point reads of random keys of a key space (the keys `put`, `txn-put` and `compare
+/// --store-keys` write): how a read scales with the size of the store.
+#[derive(Debug, Clone)]
+pub struct RangeRandom {
+    pub key_size: usize,
+    pub key_space: u64,
+    pub serializable: bool,
+}
+
+impl Workload for RangeRandom {
+    fn op(&self, _i: u64, rng: &mut SmallRng) -> (usize, Op) {
+        let n = rng.random_range(0..self.key_space.max(1));
+        let r = pb::RangeRequest {
+            key: key(n, self.key_size),
+            serializable: self.serializable,
+            ..Default::default()
+        };
+        (0, Op::Range(r))
+    }
+}
+
 fn put_op(key: Vec<u8>, value: &[u8]) -> pb::RequestOp {
     pb::RequestOp {
         request: Some(OpRequest::RequestPut(pb::PutRequest {
@@ -204,6 +225,28 @@ mod tests {
         assert_eq!(keys[0], keys[3]);
         assert_eq!(keys[2], key(2, 8));
         assert_ne!(keys[0], keys[1]);
+    }
+
+    #[test]
+    fn random_ranges_stay_in_the_key_space() {
+        let w = RangeRandom {
+            key_size: 8,
+            key_space: 5,
+            serializable: true,
+        };
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            match w.op(i, &mut rng).1 {
+                Op::Range(r) => {
+                    assert!(r.serializable && r.range_end.is_empty());
+                    seen.insert(r.key);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let all: std::collections::BTreeSet<Vec<u8>> = (0..5).map(|n| key(n, 8)).collect();
+        assert_eq!(seen, all);
     }
 
     #[test]

@@ -388,3 +388,71 @@ fn compare_reports_the_ceilings_of_the_same_run() {
         assert!(number(cell) > 0.0, "{row}");
     }
 }
+
+/// `compare --store-keys` loads each size into fresh servers, reads, restarts them after SIGKILL
+/// (checking every key is back), and writes the figures `bench/plot.sh` draws; the script makes a
+/// PNG of them.
+#[test]
+fn store_size_comparison_and_its_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_bin();
+    let data = dir.path().join("data.tsv");
+    let out = bench(&[
+        "compare",
+        &format!("--keel={}", keel.display()),
+        &format!("--dir={}", dir.path().display()),
+        &format!("--data={}", data.display()),
+        "--store-keys=300,1000",
+        "--scale=0.01",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for keys in ["300", "1000"] {
+        for server in ["etcd", "keel", "**keel/etcd**"] {
+            let row = format!("| {keys} | {server} |");
+            assert!(text.contains(&row), "no {row:?} in {text}");
+        }
+    }
+    let figures = std::fs::read_to_string(&data).unwrap();
+    let lines: Vec<Vec<&str>> = figures.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 12, "{figures}");
+    for l in &lines {
+        assert_eq!(l.len(), 4, "{figures}");
+        assert!(
+            ["range-keys", "range-keys-after-load", "restart-keys"].contains(&l[0]),
+            "{figures}"
+        );
+        assert!(l[3].parse::<f64>().unwrap() > 0.0, "{figures}");
+    }
+    // The plot (gnuplot is installed by scripts/install-deps).
+    let png = dir.path().join("scale.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plot.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&data)
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // A file with none of its series is refused with a message.
+    let empty = dir.path().join("empty.tsv");
+    std::fs::write(&empty, "other\tetcd\t1\t2\n").unwrap();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&empty)
+        .arg(dir.path().join("none.png"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none of the series"));
+}
