@@ -577,12 +577,14 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
             runtime, cluster_id, member_id, reports, metrics,
         ))
     };
-    let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<Arc<Shared>>>();
+    let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(Arc<Shared>, u64)>>();
     let (done_tx, done) = oneshot::channel();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = config.cpu.unwrap_or(cpus - 1).min(cpus - 1);
     let max_request_bytes = config.max_request_bytes;
     let spin = config.spin;
+    let ticks = tick::Ticks::start(config.heartbeat)
+        .map_err(|e| Error::io("starting thread", "keel-tick", e))?;
     let thread = std::thread::Builder::new()
         .name("keel-storage".into())
         // Applying a txn nested 128 deep recurses through the engine's apply.
@@ -606,8 +608,10 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
                         }
                     };
                     let shared = node.shared().clone();
-                    let _ = init_tx.send(Ok(shared.clone()));
-                    let result = node.run(rx).await;
+                    // The commit index the WAL recovered: applied before clients are served.
+                    let committed = node.raw.raft.raft_log.committed;
+                    let _ = init_tx.send(Ok((shared.clone(), committed)));
+                    let result = node.run(rx, ticks).await;
                     shared.alive.store(false, Ordering::Release);
                     result
                 })
@@ -618,10 +622,23 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::io("starting thread", "keel-storage", e))?;
-    let shared = match init_rx.recv() {
+    let (shared, committed) = match init_rx.recv() {
         Ok(r) => r?,
         Err(_) => return Err(Error::Stopped),
     };
+    // As etcd serves clients only once it is ready: a restarted member first applies what its
+    // WAL holds as committed (entries after the backend's last checkpoint), so that no read,
+    // serializable ones included, sees the store from before writes it acknowledged.
+    let mut done = done;
+    while shared.applied.load(Ordering::Acquire) < committed {
+        match done.try_recv() {
+            Ok(result) => return Err(result.err().unwrap_or(Error::Stopped)),
+            Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Stopped),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
     Ok(Started {
         core: Core {
             tx,

@@ -515,11 +515,14 @@ impl Node {
         })
     }
 
-    /// The loop: until every handle is dropped or a stop is asked; an error is fatal.
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<()> {
+    /// The loop, ticked by `ticks`: until every handle is dropped or a stop is asked; an error
+    /// is fatal.
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        ticks: super::tick::Ticks,
+    ) -> Result<()> {
         let mut buf = Vec::with_capacity(DRAIN);
-        let ticks = super::tick::Ticks::start(self.cfg.heartbeat)
-            .map_err(|e| Error::io("starting thread", "keel-tick", e))?;
         let mut stop = None;
         self.pump().await?;
         loop {
@@ -829,7 +832,7 @@ impl Node {
         }
         let committed = self.raw.raft.raft_log.committed;
         self.shared.committed.store(committed, Ordering::Relaxed);
-        self.shared.applied.store(self.applied, Ordering::Relaxed);
+        self.shared.applied.store(self.applied, Ordering::Release);
         self.shared
             .apply_gap
             .store(committed.saturating_sub(self.applied), Ordering::Relaxed);

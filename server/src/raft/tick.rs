@@ -29,7 +29,8 @@ pub struct Ticks {
 }
 
 impl Ticks {
-    /// Starts the clock thread: the first tick is due one `period` from now.
+    /// Starts the clock thread: the first tick is due one `period` from now. Started before the
+    /// storage core pins its thread, so the clock is not pinned to the core's CPU.
     pub fn start(period: Duration) -> std::io::Result<Ticks> {
         let inner = Arc::new(Inner {
             due: AtomicBool::new(false),
@@ -75,6 +76,8 @@ impl Ticks {
 
 impl Drop for Ticks {
     fn drop(&mut self) {
+        // The loop's waker is dropped here, on the loop's thread, not later on the clock's.
+        drop(self.inner.waker.take());
         self.inner.stop.store(true, Ordering::Release);
         self.thread.unpark();
     }
