@@ -63,7 +63,7 @@ cols=$((n > 1 ? 2 : 1))
 rows=$(((n + 1) / 2))
 {
     echo "set terminal pngcairo size $((cols * 640)),$((rows * 440)) font 'sans,10'"
-    echo "set output '$out'"
+    echo "set output ARG1"
     echo "set multiplot layout $rows,$cols"
     echo "set logscale x"
     echo "set format x '10^{%L}'"
@@ -80,5 +80,6 @@ rows=$(((n + 1) / 2))
     done
     echo "unset multiplot"
 } >"$tmp/plot.gp"
-gnuplot "$tmp/plot.gp"
+# The output path is passed as ARG1, so no quote in it can break the script.
+gnuplot -c "$tmp/plot.gp" "$out"
 echo "wrote $out"

@@ -158,7 +158,8 @@ async fn one(
     let load = TxnPut {
         key_size: KEY_SIZE,
         value: value(VALUE_SIZE),
-        ops: TXN_OPS,
+        // One transaction never repeats a key (etcd refuses that).
+        ops: TXN_OPS.min(n),
         key_space: n,
     };
     let (channels, token) = opts.connect(100).await?;
@@ -168,7 +169,7 @@ async fn one(
         Arc::new(load),
         &channels,
         &token,
-        &run_options(100, n.div_ceil(TXN_OPS)),
+        &run_options(100, n.div_ceil(TXN_OPS.min(n))),
     )
     .await;
     let load_secs = started.elapsed().as_secs_f64();

@@ -58,6 +58,10 @@ impl Restored {
     }
 }
 
+#[allow(
+    clippy::big_endian_bytes,
+    reason = "big-endian integers order as the bytes do: that is the point"
+)]
 fn order(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = key.len().min(8);
