@@ -600,15 +600,7 @@ async fn measure(
         spec.workload.clone(),
         &channels,
         &token,
-        &RunOptions {
-            clients: spec.clients,
-            total,
-            rate: 0.0,
-            sample: false,
-            progress: false,
-            compact_interval: Duration::ZERO,
-            compact_delta: 0,
-        },
+        &RunOptions::flat_out(spec.clients, total),
     )
     .await;
     let after = server.proc();

@@ -54,6 +54,22 @@ pub struct RunOptions {
     pub compact_delta: i64,
 }
 
+impl RunOptions {
+    /// `total` requests from `clients` as fast as they go: no rate limit, no sampling, no
+    /// progress bar, no compaction (how `compare` measures).
+    pub fn flat_out(clients: usize, total: u64) -> RunOptions {
+        RunOptions {
+            clients,
+            total,
+            rate: 0.0,
+            sample: false,
+            progress: false,
+            compact_interval: Duration::ZERO,
+            compact_delta: 0,
+        }
+    }
+}
+
 /// The outcome of a run.
 #[derive(Debug)]
 pub struct Outcome {

@@ -169,7 +169,7 @@ async fn one(
         Arc::new(load),
         &channels,
         &token,
-        &run_options(100, n.div_ceil(TXN_OPS.min(n))),
+        &RunOptions::flat_out(100, n.div_ceil(TXN_OPS.min(n))),
     )
     .await;
     let load_secs = started.elapsed().as_secs_f64();
@@ -236,7 +236,7 @@ async fn reads_of(
         Arc::new(read.clone()),
         channels,
         token,
-        &run_options(1000, total),
+        &RunOptions::flat_out(1000, total),
     )
     .await;
     let cpu = server.cpu_seconds() - before;
@@ -246,18 +246,6 @@ async fn reads_of(
         rps: stats.rps,
         cpu: cpu / stats.requests.max(1) as f64,
     })
-}
-
-fn run_options(clients: usize, total: u64) -> RunOptions {
-    RunOptions {
-        clients,
-        total,
-        rate: 0.0,
-        sample: false,
-        progress: false,
-        compact_interval: Duration::ZERO,
-        compact_delta: 0,
-    }
 }
 
 /// An error if a run stopped or had a failed request.
