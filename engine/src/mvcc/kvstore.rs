@@ -178,7 +178,8 @@ impl Store {
         let backend = Backend::open(path, options)?;
         backend.create_etcd_buckets()?;
         let mut last = 1i64;
-        let (index, leased, finished, scheduled) = {
+        let started = std::time::Instant::now();
+        let (index, leased, changes_read, finished, scheduled) = {
             let r = backend.begin_read();
             let mut changes = Vec::new();
             for kv in r.range(KEY_BUCKET, b"", None)? {
@@ -193,6 +194,7 @@ impl Store {
                 });
                 last = last.max(rev.main);
             }
+            let changes_read = changes.len();
             let (index, leased) = TreeIndex::restore(changes)
                 .map_err(|rev| corrupt_kv(rev, "two changes of one key at the same revision"))?;
             let meta_rev = |key: &[u8]| -> Result<Option<i64>> {
@@ -203,10 +205,20 @@ impl Store {
             (
                 index,
                 leased,
+                changes_read,
                 meta_rev(FINISHED_COMPACT)?,
                 meta_rev(SCHEDULED_COMPACT)?,
             )
         };
+        if !index.is_empty() {
+            // What a long restart was doing: on a large store, most of it is this.
+            tracing::info!(
+                keys = index.len(),
+                changes = changes_read,
+                ms = started.elapsed().as_millis() as u64,
+                "rebuilt the key index from the backend"
+            );
+        }
         let compact = finished.unwrap_or(-1);
         let current = last.max(compact).max(scheduled.unwrap_or(-1));
         let store = Store {

@@ -630,6 +630,14 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
     // WAL holds as committed (entries after the backend's last checkpoint), so that no read,
     // serializable ones included, sees the store from before writes it acknowledged.
     let mut done = done;
+    let applied = shared.applied.load(Ordering::Acquire);
+    if applied < committed {
+        tracing::info!(
+            applied,
+            committed,
+            "applying the WAL's committed entries before serving clients"
+        );
+    }
     while shared.applied.load(Ordering::Acquire) < committed {
         match done.try_recv() {
             Ok(result) => return Err(result.err().unwrap_or(Error::Stopped)),
