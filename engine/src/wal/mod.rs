@@ -255,7 +255,10 @@ impl Wal {
     /// executor.
     pub async fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<(Wal, Recovery)> {
         options.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        // Absolute: glommio opens directories relative to fd -1, not the working directory, so a
+        // relative path fails with EBADF at the first segment cut.
+        let dir = std::path::absolute(dir.as_ref())
+            .map_err(|e| Error::io("resolving directory", dir.as_ref(), e))?;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating directory", &dir, e))?;
         let rec = recovery::recover(&dir, options.segment_size, options.cache_bytes).await?;
         let mut log = rec.log;
