@@ -155,6 +155,80 @@ pub struct Flags {
         default_value = "10m"
     )]
     pub experimental_watch_progress_notify_interval: String,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Enable client cert authentication.
+    #[arg(
+        long,
+        env = "ETCD_CLIENT_CERT_AUTH",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub client_cert_auth: bool,
+    /// Path to the client certificate revocation list file.
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Client TLS using generated certificates.
+    #[arg(
+        long,
+        env = "ETCD_AUTO_TLS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub auto_tls: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Enable peer client cert authentication.
+    #[arg(
+        long,
+        env = "ETCD_PEER_CLIENT_CERT_AUTH",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub peer_client_cert_auth: bool,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Allowed CN for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Allowed TLS hostname for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
+    pub peer_cert_allowed_hostname: Option<String>,
+    /// Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided.
+    #[arg(
+        long,
+        env = "ETCD_PEER_AUTO_TLS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub peer_auto_tls: bool,
+    /// Path to the peer certificate revocation list file.
+    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers
+    /// (empty will be auto-populated by Go; here: rustls's defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
     /// Watchers one watch stream may hold (Keel's limit; etcd has none).
     #[arg(long, env = "KEEL_MAX_WATCHERS_PER_STREAM", default_value_t = 100_000)]
     pub max_watchers_per_stream: usize,
@@ -240,6 +314,10 @@ pub struct Config {
     pub net_threads: Option<usize>,
     pub max_watchers_per_stream: usize,
     pub max_watchers: usize,
+    /// Client-side TLS (what `https` client URLs serve with).
+    pub client_tls: crate::tls::Settings,
+    /// Peer-side TLS (what `https` peer URLs serve and dial with).
+    pub peer_tls: crate::tls::Settings,
 }
 
 /// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
@@ -349,6 +427,9 @@ impl Flags {
         let data_dir = self
             .data_dir
             .unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)));
+        // Relative to the working directory at start, as etcd's; logged and used absolute.
+        let data_dir = std::path::absolute(&data_dir)
+            .map_err(|e| err("data-dir", format!("{}: {e}", data_dir.display())))?;
         let mut initial_cluster: Vec<(String, Vec<Url>)> = Vec::new();
         for member in self
             .initial_cluster
@@ -455,7 +536,57 @@ impl Flags {
         if self.net_threads.is_some_and(|n| n == 0 || n > 1024) {
             return Err(err("net-threads", "must be between 1 and 1024"));
         }
+        let suites =
+            crate::tls::cipher::parse(&self.cipher_suites).map_err(|e| err("cipher-suites", e))?;
+        if let (Some(cn), Some(host)) =
+            (&self.peer_cert_allowed_cn, &self.peer_cert_allowed_hostname)
+        {
+            // etcd's message.
+            return Err(err(
+                "peer-cert-allowed-cn",
+                format!(
+                    "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
+                ),
+            ));
+        }
+        let client_tls = crate::tls::Settings {
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            trusted_ca_file: self.trusted_ca_file,
+            client_cert_auth: self.client_cert_auth,
+            crl_file: self.client_crl_file,
+            auto_tls: self.auto_tls,
+            suites: suites.clone(),
+            ..Default::default()
+        };
+        let peer_tls = crate::tls::Settings {
+            cert_file: self.peer_cert_file,
+            key_file: self.peer_key_file,
+            trusted_ca_file: self.peer_trusted_ca_file,
+            client_cert_auth: self.peer_client_cert_auth,
+            crl_file: self.peer_crl_file,
+            auto_tls: self.peer_auto_tls,
+            allowed_cn: self.peer_cert_allowed_cn,
+            allowed_hostname: self.peer_cert_allowed_hostname,
+            suites,
+            self_signed: false,
+        };
+        for (side, tls, cert, key) in [
+            ("client", &client_tls, "cert-file", "key-file"),
+            ("peer", &peer_tls, "peer-cert-file", "peer-key-file"),
+        ] {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(err(
+                    if tls.cert_file.is_some() { key } else { cert },
+                    format!(
+                        "the {side} TLS certificate and key are given together (--{cert} and --{key})"
+                    ),
+                ));
+            }
+        }
         Ok(Config {
+            client_tls,
+            peer_tls,
             data_dir,
             listen_client_urls: parse_urls("listen-client-urls", &self.listen_client_urls)?,
             advertise_client_urls: parse_urls(
@@ -522,7 +653,10 @@ mod tests {
     fn defaults_match_etcd() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.name, "default");
-        assert_eq!(c.data_dir, PathBuf::from("default.keel"));
+        assert_eq!(
+            c.data_dir,
+            std::env::current_dir().unwrap().join("default.keel")
+        );
         assert_eq!(c.listen_client_urls[0].to_string(), "http://localhost:2379");
         assert_eq!(
             c.initial_cluster,
@@ -556,7 +690,7 @@ mod tests {
             "1024",
         ])
         .unwrap();
-        assert_eq!(c.data_dir, PathBuf::from("n1.keel"));
+        assert_eq!(c.data_dir, std::env::current_dir().unwrap().join("n1.keel"));
         assert_eq!(c.listen_client_urls.len(), 2);
         assert!(c.listen_client_urls[1].tls);
         assert_eq!(c.listen_client_urls[1].host, "[::1]");

@@ -28,3 +28,4 @@ pub mod metrics;
 pub mod net;
 pub mod raft;
 pub mod server;
+pub mod tls;

@@ -34,11 +34,24 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
 }
 
 /// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
-pub async fn serve_clients(
-    incoming: TcpIncoming,
+/// `incoming` is a plain [`TcpIncoming`] or the TLS connections of one
+/// ([`crate::tls::incoming::incoming`]).
+pub async fn serve_clients<I, IO, IE>(
+    incoming: I,
     routes: Routes,
     stop: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(routes)

@@ -117,14 +117,17 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// The members of the running cluster a new member joins, asked of the other members listed in
 /// `--initial-cluster` (etcd's `GetClusterFromRemotePeers`): the cluster ID and the members.
-async fn fetch_members(config: &Config) -> anyhow::Result<(u64, Vec<crate::membership::Member>)> {
+async fn fetch_members(
+    config: &Config,
+    dialer: &crate::tls::dial::Dialer,
+) -> anyhow::Result<(u64, Vec<crate::membership::Member>)> {
     use keel_proto::keelpeer::peer_client::PeerClient;
     let mine: Vec<&Url> = config.initial_advertise_peer_urls.iter().collect();
     let mut errors = Vec::new();
     for (_, urls) in &config.initial_cluster {
         for url in urls.iter().filter(|u| !mine.contains(u)) {
             let attempt = async {
-                let mut c = PeerClient::connect(url.to_string()).await?;
+                let mut c = PeerClient::new(dialer.connect(&url.to_string()).await?);
                 let r = c
                     .members(keel_proto::keelpeer::MembersRequest {})
                     .await?
@@ -153,6 +156,89 @@ fn has_wal(data_dir: &Path) -> bool {
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with(".wal"))
     })
+}
+
+/// The member's TLS: what its `https` client and peer URLs serve with, and how it dials peers.
+struct Tls {
+    client: Option<Arc<crate::tls::ServerTls>>,
+    peer: Option<Arc<crate::tls::ServerTls>>,
+    dialer: crate::tls::dial::Dialer,
+}
+
+impl Tls {
+    /// Reads the certificates (or makes the `--auto-tls` ones), as etcd checks them at start:
+    /// an `https` URL without a certificate, or a file that does not load, stops the start.
+    fn load(config: &Config) -> anyhow::Result<Tls> {
+        let client = Self::side(
+            config,
+            "client",
+            &config.client_tls,
+            &config.listen_client_urls,
+            ("cert-file", "key-file"),
+        )?;
+        let (peer, peer_settings) = Self::side(
+            config,
+            "peer",
+            &config.peer_tls,
+            &config.listen_peer_urls,
+            ("peer-cert-file", "peer-key-file"),
+        )?;
+        let dialer = crate::tls::dial::Dialer::new(Some(
+            crate::tls::client("peer", &peer_settings).context("peer TLS")?,
+        ));
+        Ok(Tls {
+            client: client.0,
+            peer,
+            dialer,
+        })
+    }
+
+    fn side(
+        config: &Config,
+        side: &'static str,
+        settings: &crate::tls::Settings,
+        urls: &[Url],
+        (cert_flag, key_flag): (&str, &str),
+    ) -> anyhow::Result<(Option<Arc<crate::tls::ServerTls>>, crate::tls::Settings)> {
+        let mut settings = settings.clone();
+        if settings.auto_tls {
+            if settings.has_cert() {
+                tracing::warn!("ignoring {side} auto TLS since certs given");
+            } else {
+                let hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
+                let dir = config.data_dir.join("fixtures").join(side);
+                let (cert, key) = crate::tls::auto::self_cert(&dir, &hosts)
+                    .with_context(|| format!("{side} auto TLS"))?;
+                settings.cert_file = Some(cert);
+                settings.key_file = Some(key);
+                settings.self_signed = true;
+            }
+        }
+        let mut server = None;
+        for url in urls {
+            if !url.tls {
+                if settings.has_cert() && !settings.self_signed {
+                    tracing::warn!(
+                        %url,
+                        "scheme is HTTP while key and cert files are present; ignoring key and cert files"
+                    );
+                }
+                continue;
+            }
+            if !settings.has_cert() {
+                bail!(
+                    "TLS key/cert (--{cert_flag}, --{key_flag}) must be provided for {side} url \
+                     {url} with HTTPS scheme"
+                );
+            }
+            if server.is_none() {
+                server = Some(
+                    crate::tls::server(side, &settings).with_context(|| format!("{side} TLS"))?,
+                );
+            }
+        }
+        Ok((server, settings))
+    }
 }
 
 /// Counts SIGINT/SIGTERM: the first starts an orderly stop, a second exits at once.
@@ -194,18 +280,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(url) = config
-        .listen_client_urls
-        .iter()
-        .chain(&config.listen_peer_urls)
-        .find(|u| u.tls)
-    {
-        bail!("TLS URLs are not supported yet: {url}");
-    }
     // Everything the member creates is private to its user (dirs 0700, files 0600), as etcd's.
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
     prepare_data_dir(&config.data_dir)?;
+    let tls = Tls::load(&config)?;
     let mut ids = crate::membership::Ids::new(&config);
     let mut known_members = Vec::new();
     let restarting = has_wal(&config.data_dir);
@@ -228,7 +307,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             // Joining a running cluster: its members, from any of them, and this member's ID
             // as `etcdctl member add` recorded it.
             let (cluster_id, members) = runtime
-                .block_on(fetch_members(&config))
+                .block_on(fetch_members(&config, &tls.dialer))
                 .context("cannot fetch cluster info from peer urls")?;
             let mine: Vec<String> = config
                 .initial_advertise_peer_urls
@@ -287,6 +366,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             faults: crate::faults::Faults::from_env(),
             fixed_election_tick: None,
             wal_segment_size: 64 << 20,
+            dialer: tls.dialer.clone(),
         },
         runtime.handle().clone(),
     )
@@ -382,11 +462,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let incoming = TcpIncoming::bind(addr)
                 .with_context(|| format!("cannot listen for peers on {url} ({addr})"))?
                 .with_nodelay(Some(true));
-            let server = tonic::transport::Server::builder()
-                .add_service(peer.clone())
-                .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
+            let builder = tonic::transport::Server::builder().add_service(peer.clone());
+            let stop = async move { stop.wait().await };
+            let server = match (&tls.peer, url.tls) {
+                (Some(t), true) => tokio::spawn(builder.serve_with_incoming_shutdown(
+                    crate::tls::incoming::incoming(incoming, t.clone(), "peer"),
+                    stop,
+                )),
+                _ => tokio::spawn(builder.serve_with_incoming_shutdown(incoming, stop)),
+            };
             tracing::info!(%url, %addr, "serving peer traffic");
-            peer_servers.push(tokio::spawn(server));
+            peer_servers.push(server);
         }
         let mut servers = Vec::new();
         for url in &config.listen_client_urls {
@@ -394,14 +480,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let stop = shutdown.clone();
             let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
-            let server =
-                crate::net::serve_clients(
-                    incoming,
+            let stop = async move { stop.wait().await };
+            let server = match (&tls.client, url.tls) {
+                (Some(t), true) => tokio::spawn(crate::net::serve_clients(
+                    crate::tls::incoming::incoming(incoming, t.clone(), "client"),
                     routes.clone(),
-                    async move { stop.wait().await },
-                );
+                    stop,
+                )),
+                _ => tokio::spawn(crate::net::serve_clients(incoming, routes.clone(), stop)),
+            };
             tracing::info!(%url, %addr, "serving client requests");
-            servers.push(tokio::spawn(server));
+            servers.push(server);
         }
         let fatal = tokio::select! {
             _ = shutdown.wait() => None,

@@ -518,3 +518,37 @@ async fn etcd_client_kv_calls_answer_like_etcd() {
     }
     assert_eq!(got.len(), expected.len());
 }
+
+/// With no `--data-dir`, a member keeps its data in `<name>.keel` under the working directory
+/// (etcd's `<name>.etcd`), and works: a relative data dir once stopped the storage core at
+/// start (glommio opened its WAL directory relative to fd -1).
+#[test]
+fn the_default_data_dir_is_relative_to_the_working_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let (port, peer) = (common::free_port(), common::free_port());
+    let client = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{peer}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(cwd.path())
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=default={peer}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_listening(&mut child, port, "keel");
+    let server = common::Server {
+        child,
+        port,
+        endpoint: client.clone(),
+    };
+    assert_eq!(common::ok(&server.endpoint, &["put", "k", "v"]), "OK\n");
+    assert_eq!(
+        common::ok(&server.endpoint, &["get", "k", "--print-value-only"]),
+        "v\n"
+    );
+    assert!(cwd.path().join("default.keel/member/wal").is_dir());
+}

@@ -572,9 +572,10 @@ pub fn start(config: CoreConfig, runtime: tokio::runtime::Handle) -> Result<Star
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let reports = tx.clone();
     let metrics = config.metrics.clone();
+    let dialer = config.dialer.clone();
     let network = move |cluster_id, member_id| -> Arc<dyn transport::Network> {
         Arc::new(transport::Transport::new(
-            runtime, cluster_id, member_id, reports, metrics,
+            runtime, cluster_id, member_id, reports, metrics, dialer,
         ))
     };
     let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(Arc<Shared>, u64)>>();

@@ -110,6 +110,8 @@ pub struct CoreConfig {
     pub faults: crate::faults::Faults,
     /// Size of each WAL segment file (64 MiB normally; tests use smaller ones).
     pub wal_segment_size: u64,
+    /// How the member reaches its peers (TLS for `https` peer URLs).
+    pub dialer: crate::tls::dial::Dialer,
     /// Tests only: a fixed election timeout in ticks instead of raft's randomized one, so that
     /// a seeded run replays exactly.
     pub fixed_election_tick: Option<usize>,
@@ -465,7 +467,7 @@ impl Node {
             removed: AtomicBool::new(false),
             committed: AtomicU64::new(0),
             applied: AtomicU64::new(applied),
-            peer_clients: super::transport::PeerClients::default(),
+            peer_clients: super::transport::PeerClients::new(cfg.dialer.clone()),
             alive: AtomicBool::new(true),
             queued_bytes: AtomicUsize::new(0),
             next_id: AtomicU64::new(id_prefix),

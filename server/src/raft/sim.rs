@@ -129,6 +129,7 @@ impl Sim {
             // Different per member, so that elections end.
             fixed_election_tick: Some(10 + 3 * i),
             wal_segment_size: 1 << 20,
+            dialer: crate::tls::dial::Dialer::default(),
         }
     }
 

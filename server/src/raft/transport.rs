@@ -29,7 +29,9 @@ use pp::peer_client::PeerClient;
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::tls::dial::Dialer;
 
 use super::Command;
 use crate::metrics::{self, Metrics};
@@ -84,6 +86,7 @@ struct Inner {
     core: mpsc::Sender<Command>,
     metrics: Arc<Metrics>,
     active: ActiveSince,
+    dialer: Dialer,
 }
 
 /// The gRPC peer transport. Cheap to clone.
@@ -120,6 +123,7 @@ impl Transport {
         member_id: u64,
         core: mpsc::Sender<Command>,
         metrics: Arc<Metrics>,
+        dialer: Dialer,
     ) -> Transport {
         Transport {
             inner: Arc::new(Inner {
@@ -130,6 +134,7 @@ impl Transport {
                 core,
                 metrics,
                 active: ActiveSince::default(),
+                dialer,
             }),
         }
     }
@@ -144,19 +149,6 @@ impl Transport {
     fn report(&self, r: Report) {
         let _ = self.inner.core.try_send(Command::Report(r));
     }
-}
-
-/// A lazily connected channel to the first of `urls` (a peer with several peer URLs is reached
-/// through the first; the others are tried after a failure).
-fn channel(url: &str) -> Option<Channel> {
-    Endpoint::from_shared(url.to_string()).ok().map(|e| {
-        e.connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy()
-    })
 }
 
 fn client(channel: Channel) -> PeerClient<Channel> {
@@ -191,8 +183,8 @@ pub fn peer_request<T>(
 
 /// Clients of the other members' peer services, for requests a follower forwards to the leader
 /// (keep-alives, TimeToLive). Channels connect lazily and are kept per member.
-#[derive(Default)]
 pub struct PeerClients {
+    dialer: Dialer,
     clients: Mutex<HashMap<u64, (String, PeerClient<Channel>)>>,
 }
 
@@ -203,6 +195,14 @@ impl std::fmt::Debug for PeerClients {
 }
 
 impl PeerClients {
+    /// Clients that dial with `dialer`.
+    pub fn new(dialer: Dialer) -> PeerClients {
+        PeerClients {
+            dialer,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A client of member `id` at `url` (called on the network runtime).
     pub fn get(&self, id: u64, url: &str) -> Option<PeerClient<Channel>> {
         let mut clients = self
@@ -214,7 +214,7 @@ impl PeerClients {
         {
             return Some(c.clone());
         }
-        let c = client(channel(url)?);
+        let c = client(self.dialer.channel(url)?);
         clients.insert(id, (url.to_string(), c.clone()));
         Some(c)
     }
@@ -259,7 +259,7 @@ impl Transport {
         loop {
             let url = &urls[attempt % urls.len()];
             attempt += 1;
-            let Some(channel) = channel(url) else {
+            let Some(channel) = inner.dialer.channel(url) else {
                 tracing::error!(peer = format!("{to:x}"), %url, "invalid peer URL");
                 return;
             };
@@ -339,7 +339,7 @@ impl Transport {
 
     /// Measures the round-trip time to peer `to` every second.
     async fn probe(self, to: u64, urls: Vec<String>) {
-        let Some(channel) = urls.first().and_then(|u| channel(u)) else {
+        let Some(channel) = urls.first().and_then(|u| self.inner.dialer.channel(u)) else {
             return;
         };
         let mut peer = client(channel);
@@ -394,7 +394,10 @@ impl Transport {
         message: Message,
         data: ReadTxn,
     ) -> Result<(), String> {
-        let channel = urls.first().and_then(|u| channel(u)).ok_or("no peer URL")?;
+        let channel = urls
+            .first()
+            .and_then(|u| self.inner.dialer.channel(u))
+            .ok_or("no peer URL")?;
         let header = message.write_to_bytes().map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel::<pp::SnapshotChunk>(4);
         let first = pp::SnapshotChunk {

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod certs;
+
 /// A server process, killed (SIGKILL) and reaped when dropped.
 pub struct Server {
     pub child: Child,
@@ -31,7 +33,7 @@ pub fn free_port() -> u16 {
     ports::free_port().unwrap()
 }
 
-fn wait_listening(child: &mut Child, port: u16, what: &str) {
+pub fn wait_listening(child: &mut Child, port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
@@ -75,11 +77,12 @@ pub fn server_command(
             .arg(format!("--initial-cluster={name}={peer}"));
     }
     cmd.args(extra)
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={endpoint}"))
-        .arg(format!("--advertise-client-urls={endpoint}"))
-        .envs(env.iter().copied())
-        .stdout(Stdio::null());
+        .arg(format!("--data-dir={}", data.display()));
+    if !extra.iter().any(|a| a.starts_with("--listen-client-urls=")) {
+        cmd.arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"));
+    }
+    cmd.envs(env.iter().copied()).stdout(Stdio::null());
     cmd
 }
 
@@ -257,6 +260,9 @@ pub struct Cluster {
     pub joining: Vec<Option<String>>,
     /// The server binary: keel, or `etcd` for the same cluster run by etcd 3.4.
     pub program: String,
+    /// `http` or `https`, for the peer URLs and for the client URLs.
+    pub peer_scheme: &'static str,
+    pub client_scheme: &'static str,
 }
 
 impl Cluster {
@@ -281,6 +287,8 @@ impl Cluster {
             token: "keel-test".into(),
             joining: (0..n).map(|_| None).collect(),
             program: env!("CARGO_BIN_EXE_keel").to_string(),
+            peer_scheme: "http",
+            client_scheme: "http",
         }
     }
 
@@ -312,7 +320,7 @@ impl Cluster {
     }
 
     pub fn peer_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.peer_ports[i])
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_ports[i])
     }
 
     /// Starts member `i` joining the running cluster, with the `--initial-cluster` that
@@ -327,7 +335,7 @@ impl Cluster {
         self.names
             .iter()
             .zip(&self.peer_ports)
-            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .map(|(n, p)| format!("{n}={}://127.0.0.1:{p}", self.peer_scheme))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -346,7 +354,10 @@ impl Cluster {
     }
 
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.client_ports[i])
+        format!(
+            "{}://127.0.0.1:{}",
+            self.client_scheme, self.client_ports[i]
+        )
     }
 
     /// Every member's client endpoint.
@@ -356,8 +367,11 @@ impl Cluster {
 
     /// The arguments of member `i`.
     pub fn args(&self, i: usize) -> Vec<String> {
-        let peer = format!("http://127.0.0.1:{}", self.peer_ports[i]);
+        let peer = self.peer_url(i);
+        let client = self.endpoint(i);
         let mut args = vec![
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
             format!("--name={}", self.names[i]),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),

@@ -1,0 +1,148 @@
+//! A TLS listener for tonic: TCP connections accepted, their handshakes run concurrently (a slow
+//! or hostile client delays nobody else), and the finished ones handed to the server.
+//!
+//! - A handshake has [`HANDSHAKE_TIMEOUT`] to finish; then the connection is closed.
+//! - A failed handshake (no or wrong client certificate, a revoked one, not TLS at all) is
+//!   logged at warn level, as etcd logs "rejected connection", and the connection closed.
+//! - Each connection carries its [`Identity`] (address, and the client certificate's common
+//!   name): the user of a request without a token under `--client-cert-auth`.
+//! - The configuration is taken anew for each handshake, so rotated files apply to new
+//!   connections (see [`super::Reloading`]).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::server::{Connected, TcpIncoming};
+
+use super::ServerTls;
+
+/// How long a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Finished handshakes waiting for the server to take them.
+const READY_QUEUE: usize = 128;
+
+/// Who is on the other end of a TLS connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub remote: Option<SocketAddr>,
+    /// The verified client certificate's subject CN (none without a client certificate).
+    pub common_name: Option<String>,
+}
+
+/// An accepted connection whose handshake finished.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: Identity,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = Identity;
+
+    fn connect_info(&self) -> Identity {
+        self.identity.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The TLS connections of `tcp`, for `tonic::transport::Server::serve_with_incoming*`. The
+/// accepting task ends (closing the listener) when the returned stream is dropped.
+pub fn incoming(
+    mut tcp: TcpIncoming,
+    tls: Arc<ServerTls>,
+    what: &'static str,
+) -> impl Stream<Item = std::io::Result<TlsConn>> + Send + 'static {
+    let (ready, mut rx) = tokio::sync::mpsc::channel::<TlsConn>(READY_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = tcp.next() => a,
+                () = ready.closed() => break,
+            };
+            let stream = match accepted {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    // EMFILE and the like: keep accepting once the pressure is gone.
+                    tracing::warn!(what, error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                None => break,
+            };
+            let remote = stream.peer_addr().ok();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let common_name = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| super::cn::common_name(c));
+                        let identity = Identity {
+                            remote,
+                            common_name,
+                        };
+                        let _ = ready.send(TlsConn { stream, identity }).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(what, remote = ?remote, error = %e, "rejected connection");
+                    }
+                    Err(_) => tracing::warn!(
+                        what,
+                        remote = ?remote,
+                        "rejected connection: TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}"
+                    ),
+                }
+            });
+        }
+    });
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok)))
+}
