@@ -208,6 +208,9 @@ pub enum Error {
     /// A CORRUPT alarm is active: the cluster refuses writes (etcd's `ErrCorrupt`).
     #[error("etcdserver: corrupt cluster")]
     Corrupt,
+    /// An authentication or authorization error (etcd's `auth` package).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// A put names a lease that does not exist (etcd's `ErrLeaseNotFound`).
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
@@ -256,4 +259,47 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// etcd's authentication errors (`auth/store.go`), with the messages etcd's clients match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    /// Not in etcd's gRPC error map: clients see gRPC's Unknown with this text.
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
+    /// Keel's own: Authenticate calls from one client address beyond the rate limit.
+    #[error("etcdserver: too many authentication attempts, retry later")]
+    TooManyAttempts,
 }

@@ -229,6 +229,15 @@ pub struct Flags {
     /// (empty will be auto-populated by Go; here: rustls's defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
     pub cipher_suites: String,
+    /// Specify auth token type and options (simple; JWT is not served yet).
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// The lifetime in seconds of the auth token.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// Specify bcrypt algorithm cost factor for auth password hashing.
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
     /// Watchers one watch stream may hold (Keel's limit; etcd has none).
     #[arg(long, env = "KEEL_MAX_WATCHERS_PER_STREAM", default_value_t = 100_000)]
     pub max_watchers_per_stream: usize,
@@ -318,6 +327,8 @@ pub struct Config {
     pub client_tls: crate::tls::Settings,
     /// Peer-side TLS (what `https` peer URLs serve and dial with).
     pub peer_tls: crate::tls::Settings,
+    pub auth_token_ttl: Duration,
+    pub bcrypt_cost: u32,
 }
 
 /// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
@@ -584,7 +595,31 @@ impl Flags {
                 ));
             }
         }
+        match self.auth_token.split(',').next().unwrap_or_default() {
+            "simple" => {}
+            "jwt" => {
+                return Err(err(
+                    "auth-token",
+                    "JWT tokens are not served by Keel yet: use --auth-token=simple",
+                ));
+            }
+            // etcd's message for an unknown provider.
+            other => {
+                return Err(err(
+                    "auth-token",
+                    format!("auth: invalid auth options (unknown token type {other:?})"),
+                ));
+            }
+        }
+        // etcd's bounds: anything else is bcrypt's default.
+        let bcrypt_cost = if (4..=31).contains(&self.bcrypt_cost) {
+            self.bcrypt_cost
+        } else {
+            10
+        };
         Ok(Config {
+            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost,
             client_tls,
             peer_tls,
             data_dir,
@@ -789,7 +824,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 29);
+        assert_eq!(checked, 47);
     }
 
     #[test]

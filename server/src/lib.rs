@@ -18,6 +18,7 @@
 
 pub mod alarm;
 pub mod api;
+pub mod auth;
 pub mod compactor;
 pub mod config;
 pub mod corrupt;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use keel_proto::etcdserverpb::auth_server::AuthServer;
 use keel_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
@@ -18,6 +19,7 @@ use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpeer::peer_server::PeerServer;
 use tonic::transport::server::TcpIncoming;
 
+use crate::api::auth::AuthService;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
@@ -367,6 +369,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             fixed_election_tick: None,
             wal_segment_size: 64 << 20,
             dialer: tls.dialer.clone(),
+            auth_token_ttl: config.auth_token_ttl,
         },
         runtime.handle().clone(),
     )
@@ -390,8 +393,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let trigger = Arc::new(trigger);
         tokio::spawn(signals(trigger.clone()));
         let limit = config.max_request_bytes as usize + 512 * 1024;
+        let gate = crate::auth::gate::Gate::new(core.clone(), config.client_tls.client_cert_auth);
+        let auth = AuthServer::new(AuthService::new(gate.clone(), config.bcrypt_cost))
+            .max_decoding_message_size(limit);
         let kv = KvServer::new(KvService::new(
             core.clone(),
+            gate.clone(),
             config.max_txn_ops as usize,
             config.quota_backend_bytes,
         ))
@@ -399,12 +406,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .max_encoding_message_size(i32::MAX as usize);
         let lease = LeaseServer::new(LeaseService::new(
             core.clone(),
+            gate.clone(),
             shutdown.clone(),
             config.quota_backend_bytes,
         ))
         .max_decoding_message_size(limit);
         let watch = WatchServer::new(WatchService::start(
             core.clone(),
+            gate.clone(),
             feeds,
             limit,
             config.watch_progress_notify_interval,
@@ -418,10 +427,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .max_decoding_message_size(limit);
         let cluster = ClusterServer::new(ClusterService::new(
             core.clone(),
+            gate.clone(),
             config.strict_reconfig_check,
         ));
         let maintenance = MaintenanceServer::new(MaintenanceService::new(
             core.clone(),
+            gate.clone(),
             Duration::from_secs(5) + 2 * config.election_timeout,
             config.heartbeat_interval,
         ));
@@ -430,6 +441,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .add_service(watch)
             .add_service(cluster)
             .add_service(maintenance)
+            .add_service(auth)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(
                 core.clone(),

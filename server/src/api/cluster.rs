@@ -38,13 +38,14 @@ pub const LEARNER_READY: f64 = 0.9;
 #[derive(Debug, Clone)]
 pub struct ClusterService {
     core: Core,
+    gate: crate::auth::gate::Gate,
     strict: bool,
 }
 
 impl ClusterService {
     /// The service; `strict` is `--strict-reconfig-check`.
-    pub fn new(core: Core, strict: bool) -> Self {
-        ClusterService { core, strict }
+    pub fn new(core: Core, gate: crate::auth::gate::Gate, strict: bool) -> Self {
+        ClusterService { core, gate, strict }
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -283,6 +284,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        // etcd: membership changes are for administrators.
+        self.gate.check(&request).await?.admin()?;
         let r = request.into_inner();
         let (member, members) = add(&self.core, self.strict, &r.peer_ur_ls, r.is_learner)
             .await
@@ -298,6 +301,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        // etcd: membership changes are for administrators.
+        self.gate.check(&request).await?.admin()?;
         let id = request.into_inner().id;
         let members = remove(&self.core, self.strict, id)
             .await
@@ -312,6 +317,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        // etcd: membership changes are for administrators.
+        self.gate.check(&request).await?.admin()?;
         let mut r = request.into_inner();
         r.peer_ur_ls = peer_urls(&r.peer_ur_ls).map_err(|e| status(&e))?;
         {
@@ -353,6 +360,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        // etcd: membership changes are for administrators.
+        self.gate.check(&request).await?.admin()?;
         let id = request.into_inner().id;
         let (_, members) = promote(&self.core, self.strict, id)
             .await

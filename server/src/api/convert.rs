@@ -16,6 +16,30 @@ pub const MAX_RANGE_RESPONSE_BYTES: usize = i32::MAX as usize;
 pub const INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
 
 /// An engine error as etcd's gRPC status.
+/// The gRPC status of an auth error: etcd's code and message (`rpctypes`).
+pub fn auth_status(e: keel_engine::error::AuthError) -> Status {
+    use keel_engine::error::AuthError as A;
+    let code = match e {
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::UserAlreadyExist
+        | A::UserNotFound
+        | A::RoleAlreadyExist
+        | A::RoleNotFound
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::AuthNotEnabled => Code::FailedPrecondition,
+        A::UserEmpty | A::RoleEmpty | A::AuthFailed | A::InvalidAuthMgmt | A::AuthOldRevision => {
+            Code::InvalidArgument
+        }
+        A::PermissionDenied => Code::PermissionDenied,
+        A::InvalidAuthToken => Code::Unauthenticated,
+        A::NoPasswordUser => Code::Unknown,
+        A::TooManyAttempts => Code::ResourceExhausted,
+    };
+    Status::new(code, e.to_string())
+}
+
 pub fn status(e: &Error) -> Status {
     match e {
         Error::Compacted | Error::FutureRev => {
@@ -56,6 +80,7 @@ pub fn status(e: &Error) -> Status {
         Error::LeaseExists => Status::new(Code::FailedPrecondition, e.to_string()),
         Error::LeaseTtlTooLarge => Status::new(Code::OutOfRange, e.to_string()),
         Error::InvalidArgument(m) => Status::new(Code::InvalidArgument, m.clone()),
+        Error::Auth(a) => auth_status(*a),
         other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
     }
 }

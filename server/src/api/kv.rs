@@ -12,12 +12,14 @@ use keel_proto::etcdserverpb as pb;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, Header, status};
+use crate::auth::gate::{Checked, Gate};
 use crate::raft::{Applied, Core, Request as Write};
 
 /// The KV service.
 #[derive(Debug, Clone)]
 pub struct KvService {
     core: Core,
+    gate: Gate,
     max_txn_ops: usize,
     quota_bytes: u64,
 }
@@ -61,9 +63,10 @@ pub(crate) fn txn_puts(t: &pb::TxnRequest) -> bool {
 }
 
 impl KvService {
-    pub fn new(core: Core, max_txn_ops: usize, quota_bytes: u64) -> Self {
+    pub fn new(core: Core, gate: Gate, max_txn_ops: usize, quota_bytes: u64) -> Self {
         KvService {
             core,
+            gate,
             max_txn_ops,
             quota_bytes,
         }
@@ -79,8 +82,16 @@ impl KvService {
         self.core.header()
     }
 
-    async fn write(&self, request: Write) -> Result<Applied, Status> {
-        self.core.write(request).await.map_err(|e| status(&e))
+    async fn write(&self, request: Write, checked: &Checked) -> Result<Applied, Status> {
+        self.core
+            .write_stamped(request, Some(checked.stamp()))
+            .await
+            .map_err(|e| status(&e))
+    }
+
+    /// The keys attached to lease `id` now (for the permission check of a put with a lease).
+    fn lease_keys(&self) -> impl Fn(i64) -> Vec<Vec<u8>> + '_ {
+        |id| self.core.lessor().keys_of(id).unwrap_or_default()
     }
 }
 
@@ -104,8 +115,13 @@ fn read_only(t: &a::TxnRequest) -> bool {
 const STREAM_CHUNK: usize = 1000;
 
 impl KvService {
-    async fn do_range(&self, r: pb::RangeRequest) -> Result<pb::RangeResponse, Status> {
+    async fn do_range(
+        &self,
+        r: pb::RangeRequest,
+        checked: &Checked,
+    ) -> Result<pb::RangeResponse, Status> {
         self.core.metrics().ranges.inc();
+        checked.read(&r.key, &r.range_end)?;
         let r = convert::range_request(r)?;
         a::check_range(&r).map_err(|e| status(&e))?;
         if !r.serializable && self.core.is_learner() {
@@ -116,6 +132,7 @@ impl KvService {
         }
         let store = self.core.store();
         let resp = a::range(&store.read(), &r).map_err(|e| status(&e))?;
+        checked.still_current(&self.core)?;
         let header = self.header().with(resp.revision);
         Ok(convert::range_response(resp, header))
     }
@@ -195,7 +212,10 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        Ok(Response::new(self.do_range(request.into_inner()).await?))
+        let checked = self.gate.check(&request).await?;
+        Ok(Response::new(
+            self.do_range(request.into_inner(), &checked).await?,
+        ))
     }
 
     type RangeStreamStream = std::pin::Pin<
@@ -210,7 +230,9 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
+        checked.read(&r.key, &r.range_end)?;
         let key_order = matches!(r.sort_order, 0 | 1) && r.sort_target == 0;
         let filtered = r.min_mod_revision != 0
             || r.max_mod_revision != 0
@@ -238,7 +260,7 @@ impl pb::kv_server::Kv for KvService {
             let stream = futures::stream::iter(std::iter::from_fn(move || pager.next_page()));
             return Ok(Response::new(Box::pin(stream)));
         }
-        let mut full = self.do_range(r).await?;
+        let mut full = self.do_range(r, &checked).await?;
         let mut chunks = Vec::new();
         let kvs = std::mem::take(&mut full.kvs);
         let mut iter = kvs.into_iter().peekable();
@@ -270,11 +292,13 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         self.core.metrics().puts.inc();
+        let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         convert::check_put(&r).map_err(|e| status(&e))?;
+        checked.put(&r, &self.lease_keys())?;
         self.check_quota(KV_OVERHEAD + (r.key.len() + r.value.len()) as u64)
             .await?;
-        match self.write(Write::Put(r)).await? {
+        match self.write(Write::Put(r), &checked).await? {
             Applied::Put(resp) => {
                 let header = self.header().with(resp.revision);
                 Ok(Response::new(convert::put_response(resp, header)))
@@ -288,11 +312,13 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         self.core.metrics().deletes.inc();
+        let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         if r.key.is_empty() {
             return Err(status(&keel_engine::Error::EmptyKey));
         }
-        match self.write(Write::DeleteRange(r)).await? {
+        checked.delete(&r)?;
+        match self.write(Write::DeleteRange(r), &checked).await? {
             Applied::DeleteRange(resp) => {
                 let header = self.header().with(resp.revision);
                 Ok(Response::new(convert::delete_response(resp, header)))
@@ -306,21 +332,25 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
         self.core.metrics().txns.inc();
+        let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         let t = convert::txn_request(r.clone())?;
         a::check_txn(&t, self.max_txn_ops).map_err(|e| status(&e))?;
+        checked.txn(&r, &self.lease_keys())?;
         let resp = if read_only(&t) {
             // Served like ranges: no raft entry, no new revision.
             if !is_serializable(&t) {
                 self.core.linearizable().await.map_err(|e| status(&e))?;
             }
-            a::txn(&self.core.store(), &t, &a::NoLeases, None)
+            let resp = a::txn(&self.core.store(), &t, &a::NoLeases, None)
                 .map_err(|e| status(&e))?
-                .0
+                .0;
+            checked.still_current(&self.core)?;
+            resp
         } else {
             self.check_quota(cost(&t.success).max(cost(&t.failure)))
                 .await?;
-            match self.write(Write::Txn(r)).await? {
+            match self.write(Write::Txn(r), &checked).await? {
                 Applied::Txn(resp) => resp,
                 other => return Err(Status::internal(format!("unexpected result {other:?}"))),
             }
@@ -333,7 +363,12 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        match self.write(Write::Compaction(request.into_inner())).await? {
+        // etcd 3.4 checks no permission on compaction, but a bad token is refused.
+        let checked = self.gate.check(&request).await?;
+        match self
+            .write(Write::Compaction(request.into_inner()), &checked)
+            .await?
+        {
             Applied::Compaction(revision) => Ok(Response::new(pb::CompactionResponse {
                 header: self.header().with(revision),
             })),

@@ -19,6 +19,7 @@ use crate::server::Shutdown;
 #[derive(Debug, Clone)]
 pub struct LeaseService {
     core: Core,
+    gate: crate::auth::gate::Gate,
     shutdown: Shutdown,
     /// `--quota-backend-bytes`.
     quota_bytes: u64,
@@ -29,9 +30,15 @@ const LEASE_OVERHEAD: u64 = 64;
 
 impl LeaseService {
     /// The service; its keep-alive streams end when `shutdown` fires.
-    pub fn new(core: Core, shutdown: Shutdown, quota_bytes: u64) -> Self {
+    pub fn new(
+        core: Core,
+        gate: crate::auth::gate::Gate,
+        shutdown: Shutdown,
+        quota_bytes: u64,
+    ) -> Self {
         LeaseService {
             core,
+            gate,
             shutdown,
             quota_bytes,
         }
@@ -65,6 +72,8 @@ impl pb::lease_server::Lease for LeaseService {
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         super::kv::quota(&self.core, self.quota_bytes, LEASE_OVERHEAD).await?;
+        // No permission to check (etcd 3.4), but a bad token is refused.
+        self.gate.check(&request).await?;
         let mut r = request.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(status(&Error::LeaseTtlTooLarge));
@@ -104,11 +113,23 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         if self.core.lessor().get(r.id).is_none() {
             return Err(status(&Error::LeaseNotFound));
         }
-        match self.core.write(Write::LeaseRevoke(r)).await {
+        // etcd: write permission on every key attached to the lease.
+        if checked.state.enabled {
+            let keys = self.core.lessor().keys_of(r.id).unwrap_or_default();
+            for k in keys {
+                checked.write(&k, b"")?;
+            }
+        }
+        match self
+            .core
+            .write_stamped(Write::LeaseRevoke(r), Some(checked.stamp()))
+            .await
+        {
             Ok(Applied::LeaseRevoke { revision }) => Ok(Response::new(pb::LeaseRevokeResponse {
                 // The revision of its deletes, not the store's when the reply leaves.
                 header: self.core.header().with(revision),

@@ -27,6 +27,7 @@ use crate::raft::{Applied, Core, Request as Write};
 #[derive(Debug, Clone)]
 pub struct MaintenanceService {
     core: Core,
+    gate: crate::auth::gate::Gate,
     /// How long `MoveLeader` waits for the transferee to lead (etcd: the request timeout).
     transfer_timeout: Duration,
     /// How often it looks (etcd: one heartbeat).
@@ -34,9 +35,15 @@ pub struct MaintenanceService {
 }
 
 impl MaintenanceService {
-    pub fn new(core: Core, transfer_timeout: Duration, heartbeat: Duration) -> Self {
+    pub fn new(
+        core: Core,
+        gate: crate::auth::gate::Gate,
+        transfer_timeout: Duration,
+        heartbeat: Duration,
+    ) -> Self {
         MaintenanceService {
             core,
+            gate,
             transfer_timeout,
             heartbeat,
         }
@@ -138,8 +145,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _request: Request<pb::DefragmentRequest>,
+        request: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.gate.check(&request).await?.admin_raw()?;
         let store = self.core.store();
         tracing::info!("starting defragment");
         let started = Instant::now();
@@ -163,8 +171,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn hash(
         &self,
-        _request: Request<pb::HashRequest>,
+        request: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        self.gate.check(&request).await?.admin_raw()?;
         let store = self.core.store();
         let (hash, revision) = blocking(move || {
             let revision = store.current_revision();
@@ -181,6 +190,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         request: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.gate.check(&request).await?.admin_raw()?;
         let rev = request.into_inner().revision;
         let store = self.core.store();
         let h = blocking(move || store.hash_kv(rev)).await?;
@@ -196,8 +206,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _request: Request<pb::SnapshotRequest>,
+        request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.gate.check(&request).await?.admin_raw()?;
         Err(Status::unimplemented(
             "keel: snapshots in etcd's bbolt format are not implemented yet",
         ))

@@ -9,6 +9,7 @@
 //! the storage core (`crate::raft::Core`) already encoded and checked, reads are served here from
 //! a read view of the store.
 
+pub mod auth;
 pub mod cluster;
 pub mod convert;
 pub mod kv;

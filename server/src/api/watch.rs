@@ -147,6 +147,8 @@ impl Drop for SenderSide {
 enum HubMsg {
     Open(u64, Arc<Outbox>),
     Create(u64, pb::WatchCreateRequest),
+    /// A create refused before it reached the hub (permission): answered with the reason.
+    Refuse(u64, String),
     Cancel(u64, i64),
     Progress(u64),
     Close(u64),
@@ -214,6 +216,7 @@ struct Hub {
 #[derive(Debug, Clone)]
 pub struct WatchService {
     hubs: Vec<mpsc::UnboundedSender<HubMsg>>,
+    gate: crate::auth::gate::Gate,
     next_stream: Arc<AtomicU64>,
     shutdown: Shutdown,
     core: Core,
@@ -237,8 +240,10 @@ impl WatchService {
     /// revision to many watchers runs on several network threads. Responses are split in
     /// fragments (for watchers that allow it) above `max_response_bytes`; `progress_interval`
     /// paces progress notifications. Streams end when `shutdown` fires.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         core: Core,
+        gate: crate::auth::gate::Gate,
         feeds: Vec<Arc<Feed>>,
         max_response_bytes: usize,
         progress_interval: Duration,
@@ -265,6 +270,7 @@ impl WatchService {
         }
         WatchService {
             hubs,
+            gate,
             next_stream: Arc::new(AtomicU64::new(0)),
             shutdown,
             core,
@@ -374,6 +380,19 @@ impl Hub {
                 }
             }
             HubMsg::Create(id, req) => self.create(id, req),
+            HubMsg::Refuse(id, reason) => {
+                let header = self.core.header().with(self.current);
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.outbox.push(pb::WatchResponse {
+                        header,
+                        watch_id: -1,
+                        created: true,
+                        canceled: true,
+                        cancel_reason: reason,
+                        ..Default::default()
+                    });
+                }
+            }
             HubMsg::Cancel(id, watch_id) => {
                 let header = self.header();
                 if let Some(s) = self.streams.get_mut(&id)
@@ -829,6 +848,27 @@ fn fragments(
         .collect()
 }
 
+/// Whether the stream's user may watch what `c` asks: read permission on the range (an empty
+/// key is `"\0"`, as etcd makes it; a `"\0"` range end is every key from the key on). The
+/// refusal is etcd's cancel reason: the full gRPC status text clients match on.
+fn watch_permitted(
+    core: &Core,
+    identity: Option<&crate::auth::AuthInfo>,
+    c: &pb::WatchCreateRequest,
+) -> Result<(), String> {
+    let state = core.auth();
+    if !state.enabled {
+        return Ok(());
+    }
+    let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+    state
+        .permitted(identity, key, &c.range_end, false)
+        .map_err(|e| {
+            let s = convert::auth_status(e);
+            format!("rpc error: code = {:?} desc = {}", s.code(), s.message())
+        })
+}
+
 #[tonic::async_trait]
 impl pb::watch_server::Watch for WatchService {
     type WatchStream =
@@ -841,6 +881,9 @@ impl pb::watch_server::Watch for WatchService {
         if self.shutdown.fired() {
             return Err(Status::unavailable("etcdserver: server stopped"));
         }
+        // The stream's identity, checked against the auth state of each create (etcd's
+        // `isWatchPermitted`).
+        let identity = self.gate.check(&request).await?.info;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
@@ -874,6 +917,7 @@ impl pb::watch_server::Watch for WatchService {
         }
         let mut requests = request.into_inner();
         let reader_outbox = outbox.clone();
+        let auth_core = self.core.clone();
         tokio::spawn(async move {
             while let Some(Ok(req)) = requests.next().await {
                 // A client that sends but does not read waits here once its outbox is well over
@@ -884,7 +928,12 @@ impl pb::watch_server::Watch for WatchService {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 let msg = match req.request_union {
-                    Some(RequestUnion::CreateRequest(c)) => HubMsg::Create(id, c),
+                    Some(RequestUnion::CreateRequest(c)) => {
+                        match watch_permitted(&auth_core, identity.as_ref(), &c) {
+                            Ok(()) => HubMsg::Create(id, c),
+                            Err(reason) => HubMsg::Refuse(id, reason),
+                        }
+                    }
                     Some(RequestUnion::CancelRequest(c)) => HubMsg::Cancel(id, c.watch_id),
                     Some(RequestUnion::ProgressRequest(_)) => HubMsg::Progress(id),
                     None => continue,

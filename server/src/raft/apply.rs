@@ -113,7 +113,10 @@ impl Node {
                 }
                 request => {
                     let w = txn.as_mut().expect("open");
-                    let result = self.apply_request(w, request);
+                    let result = match self.auth_fence(proposal.auth) {
+                        Ok(()) => self.apply_request(w, request, e.index),
+                        Err(refused) => Err(refused),
+                    };
                     if let Err(err) = &result
                         && err.is_fatal()
                     {
@@ -169,7 +172,25 @@ impl Node {
 
     /// One request in the batch's transaction. The lessor is locked per operation, never across
     /// the batch, so keep-alives never wait for an apply.
-    fn apply_request(&mut self, w: &mut WriteTxn<'_>, request: Option<Request>) -> Result<Applied> {
+    /// A client request checked against an older auth state than the applied one (or while
+    /// auth was off, and it is on now) is refused: etcd's "revision of auth store is old".
+    fn auth_fence(&self, stamp: Option<super::proposal::AuthStamp>) -> Result<()> {
+        let Some(stamp) = stamp else {
+            return Ok(());
+        };
+        let auth = self.shared.auth.load();
+        if auth.enabled && (!stamp.enabled || stamp.revision < auth.revision) {
+            return Err(keel_engine::error::AuthError::AuthOldRevision.into());
+        }
+        Ok(())
+    }
+
+    fn apply_request(
+        &mut self,
+        w: &mut WriteTxn<'_>,
+        request: Option<Request>,
+        index: u64,
+    ) -> Result<Applied> {
         // etcd's appliers under an alarm: CORRUPT refuses every write, NOSPACE those that add
         // data (`applierV3Corrupt`, `applierV3Capped`).
         let refused = match &request {
@@ -284,6 +305,20 @@ impl Node {
                 }
                 self.set_members(members);
                 Ok(Applied::MemberAttributes)
+            }
+            Some(Request::Auth(r)) => {
+                let op =
+                    r.op.ok_or_else(|| Error::InvalidArgument("empty auth request".into()))?;
+                let (state, applied, effect) = self.shared.auth.load().apply(w, op, index)?;
+                self.shared.auth.store(Arc::new(state));
+                use crate::auth::TokenEffect;
+                match effect {
+                    TokenEffect::None => {}
+                    TokenEffect::DropUser(u) => self.shared.tokens.drop_user(&u),
+                    TokenEffect::DropAll => self.shared.tokens.drop_all(),
+                    TokenEffect::Assign { token, user } => self.shared.tokens.assign(token, user),
+                }
+                Ok(Applied::Auth(applied))
             }
             Some(Request::Compaction(_)) => unreachable!("applied by the caller"),
             None => Err(Error::InvalidArgument("empty proposal".into())),

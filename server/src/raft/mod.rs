@@ -103,6 +103,8 @@ pub enum Applied {
     },
     /// An alarm request applied: the alarms it concerned (etcd's `AlarmResponse.alarms`).
     Alarms(Vec<pb::AlarmMember>),
+    /// An auth change applied.
+    Auth(crate::auth::AuthApplied),
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -164,6 +166,10 @@ pub struct Shared {
     members: RwLock<Members>,
     /// The active alarms, as of the applied index.
     alarms: RwLock<crate::alarm::Alarms>,
+    /// Users, roles and whether auth is on, as of the applied index.
+    auth: ArcSwap<crate::auth::AuthState>,
+    /// The simple tokens assigned by applied Authenticate entries.
+    tokens: crate::auth::token::SimpleTokens,
     /// Since when each peer has answered without interruption.
     active: transport::ActiveSince,
     /// The core stopped because this member was removed from the cluster.
@@ -277,6 +283,21 @@ impl Core {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The auth state, as of the applied index.
+    pub fn auth(&self) -> Arc<crate::auth::AuthState> {
+        self.shared.auth.load_full()
+    }
+
+    /// The member's simple tokens.
+    pub fn tokens(&self) -> &crate::auth::token::SimpleTokens {
+        &self.shared.tokens
+    }
+
+    /// This member's applied index.
+    pub fn applied_index(&self) -> u64 {
+        self.shared.applied.load(Ordering::Acquire)
     }
 
     /// Raft's commit index and this member's applied index.
@@ -505,6 +526,15 @@ impl Core {
     /// Proposes a write and waits until it is applied. The bytes that will be proposed are
     /// encoded and checked here (size, txn nesting), on the calling thread.
     pub async fn write(&self, request: Request) -> Result<Applied> {
+        self.write_stamped(request, None).await
+    }
+
+    /// Proposes a client's `request`, checked against the auth state of `stamp`.
+    pub async fn write_stamped(
+        &self,
+        request: Request,
+        stamp: Option<proposal::AuthStamp>,
+    ) -> Result<Applied> {
         if !self.alive() {
             return Err(Error::Stopped);
         }
@@ -516,6 +546,7 @@ impl Core {
             id,
             request: Some(request),
             member: self.shared.member_id,
+            auth: stamp,
         }
         .encode_checked(self.max_request_bytes)?;
         let bytes = data.len();

@@ -112,6 +112,8 @@ pub struct CoreConfig {
     pub wal_segment_size: u64,
     /// How the member reaches its peers (TLS for `https` peer URLs).
     pub dialer: crate::tls::dial::Dialer,
+    /// How long a simple token lives after its last use (`--auth-token-ttl`).
+    pub auth_token_ttl: Duration,
     /// Tests only: a fixed election timeout in ticks instead of raft's randomized one, so that
     /// a seeded run replays exactly.
     pub fixed_election_tick: Option<usize>,
@@ -463,6 +465,8 @@ impl Node {
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(seen),
             alarms: std::sync::RwLock::new(crate::alarm::Alarms::load(&store.read())?),
+            auth: ArcSwap::from_pointee(crate::auth::AuthState::load(&store.read())?),
+            tokens: crate::auth::token::SimpleTokens::new(cfg.auth_token_ttl),
             active: network.active_since(),
             removed: AtomicBool::new(false),
             committed: AtomicU64::new(0),
@@ -977,6 +981,9 @@ impl Node {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             crate::alarm::Alarms::load(&self.store.read())?;
+        self.shared
+            .auth
+            .store(Arc::new(crate::auth::AuthState::load(&self.store.read())?));
         self.applied = index;
         self.checkpointed = index;
         self.marker = index;
@@ -1160,6 +1167,7 @@ impl Node {
             id: self.next_internal,
             request: Some(request),
             member: self.shared.member_id,
+            auth: None,
         };
         use prost::Message as _;
         self.propose(self.next_internal, data.encode_to_vec(), None);

@@ -8,6 +8,8 @@
 //! |---|---|---|
 //! | `id` | 1 | matches the reply to the waiting request on the proposing member |
 //! | `request` | 2–9 | the request: `PutRequest`, `DeleteRangeRequest`, `TxnRequest`, `CompactionRequest`, `LeaseGrantRequest`, `LeaseRevokeRequest`, `LeaseCheckpointRequest` (etcd's messages), a member's published attributes ([`MemberAttributes`]: ID 1, name 2, client URLs 3), or a member's new peer URLs (10, etcd's `MemberUpdateRequest`) |
+//! | `request` | 12 | an auth change ([`AuthRequest`]: etcd's Auth request messages, tags 1–12, passwords replaced by their bcrypt hashes, and Authenticate's token prefix) |
+//! | `auth` | 14 | [`AuthStamp`]: the auth revision a client request was checked against, and whether auth was on; absent in the member's own proposals |
 //! | `member` | 15 | the proposing member's ID (0 in entries written before replication) |
 //!
 //! The network side encodes exactly the bytes that will be proposed and checks them (size and
@@ -27,8 +29,11 @@ pub struct Proposal {
     /// Matches the reply to the request on the proposing member.
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "Request", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub request: Option<Request>,
+    /// What a client request's permissions were checked against (none: the member's own).
+    #[prost(message, optional, tag = "14")]
+    pub auth: Option<AuthStamp>,
     /// The member that proposed it (only its waiter gets the reply).
     #[prost(uint64, tag = "15")]
     pub member: u64,
@@ -61,6 +66,66 @@ pub enum Request {
     /// Get, raise or clear an alarm (etcd's `InternalRaftRequest.Alarm`).
     #[prost(message, tag = "11")]
     Alarm(pb::AlarmRequest),
+    /// An auth change.
+    #[prost(message, tag = "12")]
+    Auth(AuthRequest),
+}
+
+/// The auth state a client request was checked against: applying it with a newer auth
+/// revision (or with auth turned on meanwhile) refuses it ("revision of auth store is old").
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct AuthStamp {
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    #[prost(bool, tag = "2")]
+    pub enabled: bool,
+}
+
+/// An auth change, as carried in a proposal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthRequest {
+    #[prost(oneof = "AuthOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    pub op: Option<AuthOp>,
+}
+
+/// etcd's Auth requests that change the auth store (`UserAdd` and `UserChangePassword` carry
+/// `hashedPassword`, never the password).
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum AuthOp {
+    #[prost(message, tag = "1")]
+    Enable(pb::AuthEnableRequest),
+    #[prost(message, tag = "2")]
+    Disable(pb::AuthDisableRequest),
+    #[prost(message, tag = "3")]
+    Authenticate(InternalAuthenticate),
+    #[prost(message, tag = "4")]
+    UserAdd(pb::AuthUserAddRequest),
+    #[prost(message, tag = "5")]
+    UserDelete(pb::AuthUserDeleteRequest),
+    #[prost(message, tag = "6")]
+    UserChangePassword(pb::AuthUserChangePasswordRequest),
+    #[prost(message, tag = "7")]
+    UserGrantRole(pb::AuthUserGrantRoleRequest),
+    #[prost(message, tag = "8")]
+    UserRevokeRole(pb::AuthUserRevokeRoleRequest),
+    #[prost(message, tag = "9")]
+    RoleAdd(pb::AuthRoleAddRequest),
+    #[prost(message, tag = "10")]
+    RoleDelete(pb::AuthRoleDeleteRequest),
+    #[prost(message, tag = "11")]
+    RoleGrantPermission(pb::AuthRoleGrantPermissionRequest),
+    #[prost(message, tag = "12")]
+    RoleRevokePermission(pb::AuthRoleRevokePermissionRequest),
+}
+
+/// Authenticate, once the password was checked (etcd's `InternalAuthenticateRequest`): the user
+/// and the random part of the token, whose index part is the entry's.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InternalAuthenticate {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub simple_token: String,
 }
 
 /// A member's name and client URLs, as it publishes them through raft.
@@ -162,6 +227,7 @@ mod tests {
             id: 7,
             member: 9,
             request: Some(Request::Txn(nested(MAX_TXN_DEPTH))),
+            auth: None,
         };
         let bytes = p.encode_checked(0).unwrap();
         assert_eq!(decode(&bytes).unwrap(), p);
@@ -169,6 +235,7 @@ mod tests {
             id: 7,
             member: 9,
             request: Some(Request::Txn(nested(MAX_TXN_DEPTH + 1))),
+            auth: None,
         };
         assert!(
             matches!(deep.encode_checked(0), Err(Error::InvalidArgument(m)) if m.contains("nested"))
@@ -194,12 +261,19 @@ mod tests {
             Request::MemberAttributes(MemberAttributes::default()),
             Request::MemberUpdate(pb::MemberUpdateRequest::default()),
             Request::Alarm(pb::AlarmRequest::default()),
+            Request::Auth(AuthRequest {
+                op: Some(AuthOp::RoleRevokePermission(Default::default())),
+            }),
         ];
         for request in requests {
             let p = Proposal {
                 id: 1,
                 member: 2,
                 request: Some(request),
+                auth: Some(AuthStamp {
+                    revision: 3,
+                    enabled: true,
+                }),
             };
             assert_eq!(decode(&p.encode_checked(0).unwrap()).unwrap(), p);
         }

@@ -130,6 +130,7 @@ impl Sim {
             fixed_election_tick: Some(10 + 3 * i),
             wal_segment_size: 1 << 20,
             dialer: crate::tls::dial::Dialer::default(),
+            auth_token_ttl: std::time::Duration::from_secs(300),
         }
     }
 
@@ -253,6 +254,7 @@ impl Sim {
                 ..Default::default()
             })),
             member: self.ids[i],
+            auth: None,
         }
         .encode_to_vec();
         let (reply, rx) = oneshot::channel();

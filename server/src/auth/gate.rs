@@ -1,0 +1,208 @@
+//! Who sent a request, and whether they may do it: what every service asks before it serves.
+//!
+//! The identity comes, as in etcd (`AuthInfoFromCtx`), from the `token` metadata (or
+//! `authorization`), else, under `--client-cert-auth`, from the verified client certificate's
+//! common name. A token that is not live is refused ("etcdserver: invalid auth token") even
+//! while auth is off, as etcd does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_engine::error::AuthError;
+use keel_proto::etcdserverpb as pb;
+use tonic::{Request, Status};
+
+use super::{AuthInfo, AuthState};
+use crate::api::convert::auth_status;
+use crate::raft::Core;
+use crate::raft::proposal::AuthStamp;
+
+/// How long a token is waited for on a member that has not applied its Authenticate entry yet.
+const TOKEN_WAIT: Duration = Duration::from_secs(5);
+
+/// What the services share to identify and check requests. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    core: Core,
+    client_cert_auth: bool,
+    pub limiter: Arc<super::limit::Limiter>,
+}
+
+/// One request's identity and the auth state it was checked against.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub state: Arc<AuthState>,
+    pub info: Option<AuthInfo>,
+}
+
+impl Gate {
+    pub fn new(core: Core, client_cert_auth: bool) -> Gate {
+        Gate {
+            core,
+            client_cert_auth,
+            limiter: Arc::default(),
+        }
+    }
+
+    /// The identity of `request` and the current auth state.
+    pub async fn check<T>(&self, request: &Request<T>) -> Result<Checked, Status> {
+        let md = request.metadata();
+        let token = md
+            .get("token")
+            .or_else(|| md.get("authorization"))
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let info = match token {
+            Some(token) => Some(self.token_user(&token).await?),
+            None if self.client_cert_auth => request
+                .extensions()
+                .get::<crate::tls::incoming::Identity>()
+                .and_then(|i| i.common_name.clone())
+                .map(|username| AuthInfo {
+                    username,
+                    revision: self.core.auth().revision,
+                }),
+            None => None,
+        };
+        Ok(Checked {
+            state: self.core.auth(),
+            info,
+        })
+    }
+
+    async fn token_user(&self, token: &str) -> Result<AuthInfo, Status> {
+        let invalid = || auth_status(AuthError::InvalidAuthToken);
+        let index = super::token::index_of(token).ok_or_else(invalid)?;
+        // Assigned on another member: wait until this one has applied it.
+        let deadline = tokio::time::Instant::now() + TOKEN_WAIT;
+        while self.core.applied_index() < index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(invalid());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let username = self.core.tokens().user(token).ok_or_else(invalid)?;
+        Ok(AuthInfo {
+            username,
+            revision: self.core.auth().revision,
+        })
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Checked {
+    fn info(&self) -> Option<&AuthInfo> {
+        self.info.as_ref()
+    }
+
+    /// May the caller read `[key, range_end)`?
+    pub fn read(&self, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+        self.state
+            .permitted(self.info(), key, range_end, false)
+            .map_err(auth_status)
+    }
+
+    /// May the caller write `[key, range_end)`?
+    pub fn write(&self, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+        self.state
+            .permitted(self.info(), key, range_end, true)
+            .map_err(auth_status)
+    }
+
+    /// Is the caller an administrator (root role), or is auth off?
+    pub fn admin(&self) -> Result<(), Status> {
+        self.state.admin(self.info()).map_err(auth_status)
+    }
+
+    /// etcd's Maintenance checks return the auth package's own errors, which reach clients as
+    /// gRPC's Unknown with the `auth:` message.
+    pub fn admin_raw(&self) -> Result<(), Status> {
+        self.state.admin(self.info()).map_err(|e| {
+            let msg = match e {
+                AuthError::UserEmpty => "auth: user name is empty",
+                AuthError::UserNotFound => "auth: user not found",
+                _ => "auth: permission denied",
+            };
+            Status::unknown(msg)
+        })
+    }
+
+    /// The caller's name ("" without one).
+    pub fn username(&self) -> &str {
+        self.info.as_ref().map_or("", |i| i.username.as_str())
+    }
+
+    /// The stamp a proposal checked against this state carries.
+    pub fn stamp(&self) -> AuthStamp {
+        AuthStamp {
+            revision: self
+                .info
+                .as_ref()
+                .map_or(self.state.revision, |i| i.revision),
+            enabled: self.state.enabled,
+        }
+    }
+
+    /// After a serializable read: etcd refuses its result if the auth store changed meanwhile.
+    pub fn still_current(&self, core: &Core) -> Result<(), Status> {
+        match &self.info {
+            Some(i) if self.state.enabled && i.revision != core.auth().revision => {
+                Err(auth_status(AuthError::AuthOldRevision))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every key range a txn reads or writes, its compares and both branches, nested txns too
+    /// (etcd 3.4 skips nested ones; checking them is the safe side).
+    pub fn txn(
+        &self,
+        t: &pb::TxnRequest,
+        lease_keys: &dyn Fn(i64) -> Vec<Vec<u8>>,
+    ) -> Result<(), Status> {
+        for c in &t.compare {
+            self.read(&c.key, &c.range_end)?;
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            use pb::request_op::Request as R;
+            match &op.request {
+                Some(R::RequestRange(r)) => self.read(&r.key, &r.range_end)?,
+                Some(R::RequestPut(p)) => self.put(p, lease_keys)?,
+                Some(R::RequestDeleteRange(d)) => self.delete(d)?,
+                Some(R::RequestTxn(n)) => self.txn(n, lease_keys)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A put: write on the key; read too with `prev_kv`; write on the keys already attached to
+    /// its lease (etcd's `checkLeasePuts`).
+    pub fn put(
+        &self,
+        p: &pb::PutRequest,
+        lease_keys: &dyn Fn(i64) -> Vec<Vec<u8>>,
+    ) -> Result<(), Status> {
+        self.write(&p.key, b"")?;
+        if p.prev_kv {
+            self.read(&p.key, b"")?;
+        }
+        if p.lease != 0 && self.state.enabled {
+            for k in lease_keys(p.lease) {
+                self.write(&k, b"")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A delete: write on the range; read too with `prev_kv`.
+    pub fn delete(&self, d: &pb::DeleteRangeRequest) -> Result<(), Status> {
+        self.write(&d.key, &d.range_end)?;
+        if d.prev_kv {
+            self.read(&d.key, &d.range_end)?;
+        }
+        Ok(())
+    }
+}
