@@ -239,3 +239,125 @@ fn auth_holds_on_every_member_of_a_cluster() {
     let (allowed, _) = etcdctl(&e(1), &["get", "app/1"]);
     assert!(!allowed);
 }
+
+/// The etcd-client crate's auth API against keel and etcd: the same calls give the same
+/// answers. A watch opened by a user keeps its events after the user's role is revoked (etcd
+/// checks a watch when it is made), and a new one is refused with etcd's cancel reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_auth_api_and_a_watch_whose_role_is_revoked() {
+    use etcd_client::{Client, ConnectOptions, GetOptions, Permission, WatchOptions};
+    let mut records = Vec::new();
+    for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut child = server_command(program, data.path(), port, &[], &[])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(&mut child, port, program);
+        let _server = Server {
+            child,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let endpoint = format!("127.0.0.1:{port}");
+        let mut rec = Vec::new();
+        let admin = Client::connect([&endpoint], None).await.unwrap();
+        let mut auth = admin.auth_client();
+        auth.user_add("root", "rootpw", None).await.unwrap();
+        auth.user_grant_role("root", "root").await.unwrap();
+        auth.role_add("watchers").await.unwrap();
+        auth.role_grant_permission("watchers", Permission::read("w/").with_prefix())
+            .await
+            .unwrap();
+        auth.user_add("dave", "pw", None).await.unwrap();
+        auth.user_grant_role("dave", "watchers").await.unwrap();
+        auth.auth_enable().await.unwrap();
+        let with = |u: &str, p: &str| ConnectOptions::new().with_user(u, p);
+        let mut root = Client::connect([&endpoint], Some(with("root", "rootpw")))
+            .await
+            .unwrap();
+        let mut dave = Client::connect([&endpoint], Some(with("dave", "pw")))
+            .await
+            .unwrap();
+        let wrong = Client::connect([&endpoint], Some(with("dave", "nope"))).await;
+        rec.push(format!(
+            "wrong password: {:?}",
+            wrong.err().map(|e| e.to_string())
+        ));
+        let roles = root.auth_client().user_get("dave").await.unwrap();
+        rec.push(format!("dave's roles: {:?}", roles.roles()));
+        let perms = root.auth_client().role_get("watchers").await.unwrap();
+        rec.push(format!("watchers: {:?}", perms.permissions()));
+
+        let mut events = dave
+            .watch("w/", Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let created = events.message().await.unwrap().unwrap();
+        rec.push(format!(
+            "watch created: {} canceled: {}",
+            created.created(),
+            created.canceled()
+        ));
+        root.put("w/1", "a", None).await.unwrap();
+        let got = events.message().await.unwrap().unwrap();
+        rec.push(format!(
+            "event: {:?}",
+            got.events()
+                .iter()
+                .map(|e| e.kv().map(|kv| kv.key().to_vec()))
+                .collect::<Vec<_>>()
+        ));
+        let read = dave.get("w/1", None).await.map(|r| r.kvs().len());
+        rec.push(format!("dave reads w/1: {read:?}"));
+        let denied = dave
+            .put("w/2", "b", None)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        rec.push(format!("dave writes w/2: {denied:?}"));
+
+        root.auth_client()
+            .user_revoke_role("dave", "watchers")
+            .await
+            .unwrap();
+        root.put("w/3", "c", None).await.unwrap();
+        let after = events.message().await.unwrap().unwrap();
+        rec.push(format!(
+            "after the revoke, the open watch sees: {:?}",
+            after
+                .events()
+                .iter()
+                .map(|e| e.kv().map(|kv| kv.key().to_vec()))
+                .collect::<Vec<_>>()
+        ));
+        let read = dave
+            .get("w/", Some(GetOptions::new().with_prefix()))
+            .await
+            .map(|r| r.kvs().len())
+            .map_err(|e| e.to_string());
+        rec.push(format!("dave reads w/ after the revoke: {read:?}"));
+        let mut refused = dave
+            .watch("w/", Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let first = refused.message().await.unwrap().unwrap();
+        rec.push(format!(
+            "a new watch: created {} canceled {} reason {:?}",
+            first.created(),
+            first.canceled(),
+            first.cancel_reason()
+        ));
+        records.push(rec);
+    }
+    let (keel, etcd) = (&records[0], &records[1]);
+    for (k, e) in keel.iter().zip(etcd) {
+        assert_eq!(k, e);
+    }
+    assert_eq!(keel.len(), etcd.len());
+    assert!(
+        keel.iter().any(|l| l.contains("PermissionDenied")),
+        "{keel:#?}"
+    );
+}

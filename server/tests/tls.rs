@@ -14,6 +14,7 @@ use common::*;
 /// `member`), a client certificate (CN `root`), and a client certificate of another CA.
 struct Certs {
     dir: tempfile::TempDir,
+    signer: Ca,
     ca: PathBuf,
     server: (PathBuf, PathBuf),
     client: (PathBuf, PathBuf),
@@ -30,6 +31,7 @@ impl Certs {
         let rogue = other.sign(dir.path(), "rogue", "root", &[]);
         Certs {
             ca: ca.path.clone(),
+            signer: ca,
             server,
             client,
             rogue,
@@ -401,4 +403,71 @@ fn rotated_certificates_apply_to_new_connections() {
         &["put", "after", "rotation"],
     );
     assert!(ok, "{out}");
+}
+
+/// Under `--client-cert-auth`, a request without a token is the user its certificate names
+/// (CN), as in etcd: the same session against keel and etcd.
+#[test]
+fn the_client_certificate_common_name_is_the_user() {
+    let certs = Certs::new();
+    // Signed by the CA the server trusts.
+    let alice = certs_sign(&certs, "alice");
+    let mut transcripts = Vec::new();
+    for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
+        let data = tempfile::tempdir().unwrap();
+        let (https, http) = (free_port(), free_port());
+        let server = start(
+            program,
+            data.path(),
+            &certs.server_flags(https, http),
+            https,
+        );
+        let root = certs.client_flags(Some(&certs.client));
+        let as_alice = certs.client_flags(Some(&alice));
+        let e = server.endpoint.clone();
+        wait_for("the server to answer", || {
+            ctl(&e, &root, &["get", "x"]).0.then_some(())
+        });
+        let mut t = Vec::new();
+        for (who, args) in [
+            (&root, &["user", "add", "root", "--no-password"][..]),
+            (&root, &["user", "grant-role", "root", "root"]),
+            (&root, &["user", "add", "alice", "--no-password"]),
+            (&root, &["role", "add", "app"]),
+            (
+                &root,
+                &[
+                    "role",
+                    "grant-permission",
+                    "--prefix",
+                    "app",
+                    "readwrite",
+                    "app/",
+                ],
+            ),
+            (&root, &["user", "grant-role", "alice", "app"]),
+            (&root, &["auth", "enable"]),
+            (&root, &["put", "top", "1"]),
+            (&as_alice, &["put", "app/1", "1"]),
+            (&as_alice, &["put", "top", "2"]),
+            (&as_alice, &["get", "app/", "--prefix"]),
+            (&as_alice, &["user", "list"]),
+            (&root, &["user", "list"]),
+        ] {
+            let (ok, out) = ctl(&e, who, args);
+            t.push(format!("{args:?} {ok} {out}"));
+        }
+        transcripts.push(t);
+    }
+    assert_eq!(transcripts[0], transcripts[1]);
+    let text = transcripts[0].join("\n");
+    assert!(
+        text.contains("\"top\", \"2\"] false Error: etcdserver: permission denied"),
+        "{text}"
+    );
+}
+
+/// A client certificate for `cn`, from the test's CA.
+fn certs_sign(certs: &Certs, cn: &str) -> (PathBuf, PathBuf) {
+    certs.signer.sign(certs.dir.path(), cn, cn, &[])
 }

@@ -882,8 +882,14 @@ impl pb::watch_server::Watch for WatchService {
             return Err(Status::unavailable("etcdserver: server stopped"));
         }
         // The stream's identity, checked against the auth state of each create (etcd's
-        // `isWatchPermitted`).
-        let identity = self.gate.check(&request).await?.info;
+        // `isWatchPermitted`). A bad token does not fail the stream: each create is refused
+        // with the reason, which etcd's clients answer by authenticating again.
+        let identity = self
+            .gate
+            .check(&request)
+            .await
+            .map(|c| c.info)
+            .map_err(|s| format!("rpc error: code = {:?} desc = {}", s.code(), s.message()));
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
@@ -929,7 +935,11 @@ impl pb::watch_server::Watch for WatchService {
                 }
                 let msg = match req.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
-                        match watch_permitted(&auth_core, identity.as_ref(), &c) {
+                        let permitted = match &identity {
+                            Ok(info) => watch_permitted(&auth_core, info.as_ref(), &c),
+                            Err(reason) => Err(reason.clone()),
+                        };
+                        match permitted {
                             Ok(()) => HubMsg::Create(id, c),
                             Err(reason) => HubMsg::Refuse(id, reason),
                         }
