@@ -229,7 +229,8 @@ pub struct Flags {
     /// (empty will be auto-populated by Go; here: rustls's defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
     pub cipher_suites: String,
-    /// Specify auth token type and options (simple; JWT is not served yet).
+    /// Specify auth token type and options, e.g. `simple` or
+    /// `jwt,pub-key=PATH,priv-key=PATH,sign-method=RS256,ttl=5m`.
     #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
     pub auth_token: String,
     /// The lifetime in seconds of the auth token.
@@ -327,6 +328,8 @@ pub struct Config {
     pub client_tls: crate::tls::Settings,
     /// Peer-side TLS (what `https` peer URLs serve and dial with).
     pub peer_tls: crate::tls::Settings,
+    /// `--auth-token`: simple tokens, or JWT and its keys.
+    pub auth_token: crate::auth::jwt::TokenType,
     pub auth_token_ttl: Duration,
     pub bcrypt_cost: u32,
 }
@@ -595,22 +598,8 @@ impl Flags {
                 ));
             }
         }
-        match self.auth_token.split(',').next().unwrap_or_default() {
-            "simple" => {}
-            "jwt" => {
-                return Err(err(
-                    "auth-token",
-                    "JWT tokens are not served by Keel yet: use --auth-token=simple",
-                ));
-            }
-            // etcd's message for an unknown provider.
-            other => {
-                return Err(err(
-                    "auth-token",
-                    format!("auth: invalid auth options (unknown token type {other:?})"),
-                ));
-            }
-        }
+        let auth_token =
+            crate::auth::jwt::parse(&self.auth_token).map_err(|e| err("auth-token", e))?;
         // etcd's bounds: anything else is bcrypt's default.
         let bcrypt_cost = if (4..=31).contains(&self.bcrypt_cost) {
             self.bcrypt_cost
@@ -618,6 +607,7 @@ impl Flags {
             10
         };
         Ok(Config {
+            auth_token,
             auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
             bcrypt_cost,
             client_tls,

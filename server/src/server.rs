@@ -287,6 +287,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     unsafe { libc::umask(0o077) };
     prepare_data_dir(&config.data_dir)?;
     let tls = Tls::load(&config)?;
+    let jwt = match &config.auth_token {
+        crate::auth::jwt::TokenType::Jwt(o) => Some(Arc::new(
+            crate::auth::jwt::Jwt::load(o).map_err(anyhow::Error::msg)?,
+        )),
+        crate::auth::jwt::TokenType::Simple => None,
+    };
     let mut ids = crate::membership::Ids::new(&config);
     let mut known_members = Vec::new();
     let restarting = has_wal(&config.data_dir);
@@ -393,7 +399,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let trigger = Arc::new(trigger);
         tokio::spawn(signals(trigger.clone()));
         let limit = config.max_request_bytes as usize + 512 * 1024;
-        let gate = crate::auth::gate::Gate::new(core.clone(), config.client_tls.client_cert_auth);
+        let gate = crate::auth::gate::Gate::new(
+            core.clone(),
+            config.client_tls.client_cert_auth,
+            jwt.clone(),
+        );
         let auth = AuthServer::new(AuthService::new(gate.clone(), config.bcrypt_cost))
             .max_decoding_message_size(limit);
         let kv = KvServer::new(KvService::new(

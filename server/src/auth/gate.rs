@@ -25,6 +25,8 @@ const TOKEN_WAIT: Duration = Duration::from_secs(5);
 pub struct Gate {
     core: Core,
     client_cert_auth: bool,
+    /// JWT tokens (`--auth-token jwt,...`); none: simple tokens.
+    pub jwt: Option<Arc<super::jwt::Jwt>>,
     pub limiter: Arc<super::limit::Limiter>,
 }
 
@@ -36,10 +38,11 @@ pub struct Checked {
 }
 
 impl Gate {
-    pub fn new(core: Core, client_cert_auth: bool) -> Gate {
+    pub fn new(core: Core, client_cert_auth: bool, jwt: Option<Arc<super::jwt::Jwt>>) -> Gate {
         Gate {
             core,
             client_cert_auth,
+            jwt,
             limiter: Arc::default(),
         }
     }
@@ -71,6 +74,9 @@ impl Gate {
 
     async fn token_user(&self, token: &str) -> Result<AuthInfo, Status> {
         let invalid = || auth_status(AuthError::InvalidAuthToken);
+        if let Some(jwt) = &self.jwt {
+            return jwt.verify(token).ok_or_else(invalid);
+        }
         let index = super::token::index_of(token).ok_or_else(invalid)?;
         // Assigned on another member: wait until this one has applied it.
         let deadline = tokio::time::Instant::now() + TOKEN_WAIT;

@@ -26,6 +26,7 @@
 //! | `authRoles` | role name | `authpb.Role` (protobuf) |
 
 pub mod gate;
+pub mod jwt;
 pub mod limit;
 pub mod perms;
 pub mod token;
