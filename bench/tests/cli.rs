@@ -456,3 +456,154 @@ fn store_size_comparison_and_its_plot() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("none of the series"));
 }
+
+/// Makes (with openssl) a CA and a certificate for 127.0.0.1 with CN `root`, for servers and
+/// clients: the paths of the CA, the certificate and its key.
+fn openssl_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (apt-get install openssl)")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout", "key.pem", "-out", "cert.csr", "-subj", "/CN=root",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// keel-bench with TLS flags and `--user` against a secured member (client-certificate TLS,
+/// auth enabled), keel and etcd alike; a wrong password is a clear error.
+#[test]
+fn tls_and_a_user_against_secured_keel_and_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = openssl_certs(dir.path());
+    let p = |x: &Path| x.display().to_string();
+    for bin in [keel_bin(), PathBuf::from("etcd")] {
+        let (port, peer) = (free_port(), free_port());
+        let data = tempfile::tempdir().unwrap();
+        let endpoint = format!("https://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut child = Command::new(&bin)
+            .arg(format!("--data-dir={}", data.path().display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=default={peer_url}"))
+            .arg(format!("--cert-file={}", p(&cert)))
+            .arg(format!("--key-file={}", p(&key)))
+            .arg(format!("--trusted-ca-file={}", p(&ca)))
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen",
+                bin.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let tls = [
+            format!("--cacert={}", p(&ca)),
+            format!("--cert={}", p(&cert)),
+            format!("--key={}", p(&key)),
+        ];
+        for args in [&["user", "add", "root:rootpw"][..], &["auth", "enable"]] {
+            let ok = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoint}"))
+                .args(&tls)
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "etcdctl {args:?} on {}", bin.display());
+        }
+        let e = format!("--endpoints={endpoint}");
+        let common: Vec<&str> = [e.as_str(), "--conns=2", "--clients=4", "--output=json"]
+            .into_iter()
+            .chain(tls.iter().map(String::as_str))
+            .collect();
+        let out = bench(&[&common[..], &["--user=root:rootpw", "put", "--total=200"]].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = json(&out);
+        assert_eq!(report["report"]["requests"], 200, "{}", bin.display());
+        assert_eq!(report["report"]["failures"], 0);
+        let out = bench(&[&common[..], &["--user=root:wrong", "put", "--total=10"]].concat());
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("authentication failed, invalid user ID or password"),
+            "{err}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
