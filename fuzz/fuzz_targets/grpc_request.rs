@@ -42,6 +42,7 @@ fn apply(request: Request) {
         id: 1,
         request: Some(request),
         member: 1,
+        auth: None,
     }
     .encode_checked(1_572_864);
     let Ok(data) = data else { return };

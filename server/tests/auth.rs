@@ -105,13 +105,14 @@ const SESSION: &[&[&str]] = &[
     &["get", "a"],
 ];
 
-fn run_session(endpoint: &str) -> Vec<String> {
+fn run_session(endpoint: &str, tls: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for args in SESSION {
         let mut cmd = std::process::Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoint}"))
             .arg("--dial-timeout=5s")
+            .args(tls)
             .args(*args);
         // alice's txn compares foo/x (readable) and puts bar (not writable); `passwd` reads
         // the new password.
@@ -149,13 +150,37 @@ fn run_session(endpoint: &str) -> Vec<String> {
     out
 }
 
+/// The session over plain HTTP, and over TLS (the server's certificate from a test CA, the
+/// client checking it), against keel and etcd.
 #[test]
 fn etcdctl_auth_session_prints_what_etcd_prints() {
+    for tls in [false, true] {
+        session_against_both(tls);
+    }
+}
+
+fn session_against_both(tls: bool) {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new(certs.path(), "ca");
+    let (cert, key) = ca.sign(certs.path(), "server", "server", &["127.0.0.1"]);
     let mut transcripts = Vec::new();
     for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
         let data = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut child = server_command(program, data.path(), port, &[], &[])
+        let scheme = if tls { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{port}");
+        let mut flags = vec![
+            format!("--listen-client-urls={endpoint}"),
+            format!("--advertise-client-urls={endpoint}"),
+        ];
+        let mut client = Vec::new();
+        if tls {
+            flags.push(format!("--cert-file={}", cert.display()));
+            flags.push(format!("--key-file={}", key.display()));
+            client.push(format!("--cacert={}", ca.path.display()));
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut child = server_command(program, data.path(), port, &flags, &[])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -163,9 +188,9 @@ fn etcdctl_auth_session_prints_what_etcd_prints() {
         let server = Server {
             child,
             port,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint,
         };
-        transcripts.push(run_session(&server.endpoint));
+        transcripts.push(run_session(&server.endpoint, &client));
     }
     let (keel, etcd) = (&transcripts[0], &transcripts[1]);
     for (k, e) in keel.iter().zip(etcd) {
