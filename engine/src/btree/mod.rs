@@ -29,6 +29,7 @@
 //! the txid of the commit that freed them, and move to the free set once every live reader and the
 //! durable version are at least that new.
 
+pub mod bbolt;
 mod check;
 mod defrag;
 mod mmap;

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod snapshot;
 pub mod watch;
 
 use axum::extract::{Request, State};
