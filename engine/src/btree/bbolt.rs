@@ -4,7 +4,8 @@
 //! # Format (bbolt 1.3.6, `page.go`, `db.go`, `node.go`; all integers little-endian)
 //! - Pages of [`PAGE`] bytes; page `n` starts at `n * PAGE`, and the file is `hwm * PAGE` bytes.
 //! - Every page starts with a 16-byte header: `id` u64 (its own index), `flags` u16 (branch
-//!   0x01, leaf 0x02, meta 0x04, freelist 0x10), `count` u16 (elements), `overflow` u32 (extra
+//!   0x01, leaf 0x02, meta 0x04, freelist 0x10: a file's freelist page, if it has one, is never
+//!   reached from the root and is not read), `count` u16 (elements), `overflow` u32 (extra
 //!   contiguous pages the node spans).
 //! - Pages 0 and 1 are metas, after the header: magic `0xED0CDAED` u32, version 2 u32, page size
 //!   u32, flags u32, root bucket `{root pgid u64, sequence u64}`, freelist pgid u64 (all ones:
@@ -40,7 +41,6 @@ const ELEMENT: usize = 16;
 const BRANCH: u16 = 0x01;
 const LEAF: u16 = 0x02;
 const META: u16 = 0x04;
-const FREELIST: u16 = 0x10;
 const BUCKET_LEAF: u32 = 0x01;
 const MAGIC: u32 = 0xED0C_DAED;
 const VERSION: u32 = 2;
@@ -336,9 +336,81 @@ fn write_branch(out: &mut dyn Write, b: &Branch) -> std::io::Result<u64> {
 /// Every bucket of a bbolt file and its entries, in order.
 pub type Buckets = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
-/// Reads and checks the bbolt file `bytes` (its length a multiple of [`PAGE`]; anything after
-/// `hwm` pages is ignored). `what` names the file in errors.
+/// Reads the whole bbolt file `bytes` into memory (see [`visit`]).
 pub fn read(bytes: &[u8], what: &str) -> Result<Buckets> {
+    let mut out: Buckets = Vec::new();
+    visit(bytes, what, &mut |bucket, k, v| {
+        if out.last().is_none_or(|(b, _)| b.as_slice() != bucket) {
+            out.push((bucket.to_vec(), Vec::new()));
+        }
+        out.last_mut()
+            .expect("pushed")
+            .1
+            .push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The names of the buckets of the bbolt file `bytes`, in order (empty ones too).
+pub fn bucket_names(bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+    let (reader, root) = open(bytes, what)?;
+    let mut names = Vec::new();
+    reader.walk(root, 0, &mut None, None, &mut None, &mut |name, _, _| {
+        names.push(name.to_vec());
+        Ok(())
+    })?;
+    Ok(names)
+}
+
+/// Walks the bbolt file `bytes` (its length at least `hwm` pages; anything after is ignored,
+/// such as etcd's sha256 trailer) and calls `f(bucket, key, value)` for every entry, in order,
+/// checking as it goes what bbolt and etcd rely on: metas and checksums, page ids, kinds and
+/// bounds, sorted keys, branch keys equal to their children's first keys, leaves at one depth.
+/// `what` names the file in errors, which give the offset. Mapping the file (rather than reading
+/// it) keeps memory to what the caller keeps.
+pub fn visit(bytes: &[u8], what: &str, f: &mut EntryFn<'_>) -> Result<()> {
+    let (reader, root) = open(bytes, what)?;
+    reader.walk(
+        root,
+        0,
+        &mut None,
+        None,
+        &mut None,
+        &mut |name, flags, value| {
+            if flags & BUCKET_LEAF == 0 || value.len() < 16 {
+                return Err(reader.bad(
+                    root as usize * PAGE,
+                    format!(
+                        "root bucket entry {:?} is not a bucket",
+                        String::from_utf8_lossy(name)
+                    ),
+                ));
+            }
+            let sub = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
+            let mut each = |k: &[u8], flags: u32, v: &[u8]| {
+                if flags & BUCKET_LEAF != 0 {
+                    return Err(reader.bad(0, "nested buckets are not etcd's".into()));
+                }
+                f(name, k, v)
+            };
+            if sub == 0 {
+                // An inline bucket: one leaf page after the 16-byte header.
+                let page = &value[16..];
+                if page.len() < HEADER {
+                    return Err(reader.bad(0, "a truncated inline bucket".into()));
+                }
+                let count = usize::from(u16::from_le_bytes([page[10], page[11]]));
+                reader.elements(page, count, 0, None, &mut None, &mut each)
+            } else {
+                reader.walk(sub, 0, &mut None, None, &mut None, &mut each)
+            }
+        },
+    )
+}
+
+/// The checked meta of `bytes`: a reader over its pages, and the root bucket's page.
+fn open<'a>(bytes: &'a [u8], what: &str) -> Result<(Reader<'a>, u64)> {
     let bad = |offset: usize, reason: String| Error::Corruption {
         path: what.into(),
         offset: offset as u64,
@@ -380,191 +452,155 @@ pub fn read(bytes: &[u8], what: &str) -> Result<Buckets> {
             format!("the file ends before its {hwm} pages ({size} bytes)"),
         ));
     }
-    let file = &bytes[..size];
-    let reader = Reader { file, bad: &bad };
-    let mut out = Vec::new();
-    for (name, flags, value) in reader.tree(root, &mut None)? {
-        if flags & BUCKET_LEAF == 0 || value.len() < 16 {
-            return Err(bad(
-                root as usize * PAGE,
-                format!(
-                    "root bucket entry {:?} is not a bucket",
-                    String::from_utf8_lossy(&name)
-                ),
-            ));
-        }
-        let sub = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
-        let entries = if sub == 0 {
-            // An inline bucket: a leaf page after the 16-byte header.
-            let inline = Reader {
-                file: &value[16..],
-                bad: &bad,
-            };
-            inline.leaf_entries(0, value.len() - 16)?
-        } else {
-            reader.tree(sub, &mut None)?
-        };
-        let entries = entries
-            .into_iter()
-            .map(|(k, f, v)| {
-                if f & BUCKET_LEAF != 0 {
-                    Err(bad(0, "nested buckets are not etcd's".into()))
-                } else {
-                    Ok((k, v))
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        out.push((name, entries));
-    }
-    Ok(out)
+    Ok((
+        Reader {
+            file: &bytes[..size],
+            what: what.to_string(),
+        },
+        root,
+    ))
 }
 
-/// A leaf element read back: key, flags, value.
-type Element = (Vec<u8>, u32, Vec<u8>);
+/// What [`visit`] calls for each entry: bucket, key, value.
+pub type EntryFn<'a> = dyn FnMut(&[u8], &[u8], &[u8]) -> Result<()> + 'a;
+/// What the walk calls for each leaf element: key, flags, value.
+type ElementFn<'a> = dyn FnMut(&[u8], u32, &[u8]) -> Result<()> + 'a;
 
-struct Reader<'a, F: Fn(usize, String) -> Error> {
+struct Reader<'a> {
     file: &'a [u8],
-    bad: &'a F,
+    what: String,
 }
 
-impl<F: Fn(usize, String) -> Error> Reader<'_, F> {
+impl Reader<'_> {
+    fn bad(&self, offset: usize, reason: String) -> Error {
+        Error::Corruption {
+            path: self.what.clone().into(),
+            offset: offset as u64,
+            reason,
+        }
+    }
+
     /// The page `id` and the bytes it spans, checked.
     fn page(&self, id: u64, kinds: &[u16]) -> Result<(u16, usize, &[u8])> {
         let start = usize::try_from(id)
             .ok()
             .and_then(|i| i.checked_mul(PAGE))
             .filter(|s| *s + PAGE <= self.file.len() && id >= 2)
-            .ok_or_else(|| (self.bad)(0, format!("page {id} is out of range")))?;
+            .ok_or_else(|| self.bad(0, format!("page {id} is out of range")))?;
         let h = &self.file[start..start + HEADER];
         let got = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
         let flags = u16::from_le_bytes([h[8], h[9]]);
         let count = usize::from(u16::from_le_bytes([h[10], h[11]]));
         let overflow = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
         if got != id {
-            return Err((self.bad)(
-                start,
-                format!("page {id} says it is page {got}"),
-            ));
+            return Err(self.bad(start, format!("page {id} says it is page {got}")));
         }
         if !kinds.contains(&flags) {
-            return Err((self.bad)(start, format!("page {id} has flags {flags:#x}")));
+            return Err(self.bad(start, format!("page {id} has flags {flags:#x}")));
         }
         let end = (overflow + 1)
             .checked_mul(PAGE)
             .and_then(|l| l.checked_add(start))
             .filter(|e| *e <= self.file.len())
-            .ok_or_else(|| (self.bad)(start, format!("page {id} overflows the file")))?;
+            .ok_or_else(|| self.bad(start, format!("page {id} overflows the file")))?;
         Ok((flags, count, &self.file[start..end]))
     }
 
-    /// The entries (key, flags, value) of leaf bytes `p` with `count` elements.
-    fn leaf_entries(&self, at: usize, len: usize) -> Result<Vec<Element>> {
-        let p = &self.file[at..at + len];
-        let count = usize::from(u16::from_le_bytes([p[10], p[11]]));
-        self.elements(p, count, at)
-    }
-
-    fn elements(&self, p: &[u8], count: usize, at: usize) -> Result<Vec<Element>> {
-        let mut out: Vec<Element> = Vec::with_capacity(count);
+    /// Calls `f(key, flags, value)` for the `count` elements of leaf bytes `p` (at file offset
+    /// `at`), checking their order after `last`, and that the first is `first`.
+    fn elements(
+        &self,
+        p: &[u8],
+        count: usize,
+        at: usize,
+        first: Option<&[u8]>,
+        last: &mut Option<Vec<u8>>,
+        f: &mut ElementFn<'_>,
+    ) -> Result<()> {
+        if count == 0 && first.is_some() {
+            return Err(self.bad(at, "an empty leaf below a branch".into()));
+        }
         for i in 0..count {
             let e = HEADER + ELEMENT * i;
             let field = |o: usize| {
                 p.get(e + o..e + o + 4)
                     .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-                    .ok_or_else(|| (self.bad)(at, format!("element {i} is out of its page")))
+                    .ok_or_else(|| self.bad(at, format!("element {i} is out of its page")))
             };
             let (flags, pos, ksize, vsize) = (field(0)?, field(4)?, field(8)?, field(12)?);
             let k = e + pos;
-            let (key, value) = match (p.get(k..k + ksize), p.get(k + ksize..k + ksize + vsize)) {
-                (Some(key), Some(value)) => (key, value),
-                _ => {
-                    return Err((self.bad)(
-                        at,
-                        format!("element {i} points out of its page"),
-                    ));
-                }
+            let (Some(key), Some(value)) = (
+                p.get(k..k.saturating_add(ksize)),
+                p.get(k.saturating_add(ksize)..k.saturating_add(ksize).saturating_add(vsize)),
+            ) else {
+                return Err(self.bad(at, format!("element {i} points out of its page")));
             };
-            if out
-                .last()
-                .is_some_and(|(prev, _, _)| prev.as_slice() >= key)
+            if i == 0
+                && let Some(first) = first
+                && key != first
             {
-                return Err((self.bad)(at, format!("element {i}: keys out of order")));
+                return Err(self.bad(at, "a branch key is not its child's first key".into()));
             }
-            out.push((key.to_vec(), flags as u32, value.to_vec()));
+            if last.as_deref().is_some_and(|prev| prev >= key) {
+                return Err(self.bad(at, format!("element {i}: keys out of order")));
+            }
+            *last = Some(key.to_vec());
+            f(key, flags as u32, value)?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Every entry of the tree rooted at `id`, in order; `depth` checks that leaves are level.
-    fn tree(&self, id: u64, depth: &mut Option<usize>) -> Result<Vec<Element>> {
-        let mut out = Vec::new();
-        self.walk(id, 0, depth, None, &mut out)?;
-        Ok(out)
-    }
-
+    /// Walks the tree rooted at `id` in key order; `depth` checks that leaves are level, `first`
+    /// is the key the parent branch gave this page.
     fn walk(
         &self,
         id: u64,
         level: usize,
         depth: &mut Option<usize>,
         first: Option<&[u8]>,
-        out: &mut Vec<Element>,
+        last: &mut Option<Vec<u8>>,
+        f: &mut ElementFn<'_>,
     ) -> Result<()> {
+        let at = usize::try_from(id)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(PAGE);
         if level > 64 {
-            return Err((self.bad)(
-                id as usize * PAGE,
-                "the tree is too deep (a cycle?)".into(),
-            ));
+            return Err(self.bad(at, "the tree is too deep (a cycle?)".into()));
         }
         let (flags, count, p) = self.page(id, &[BRANCH, LEAF])?;
-        let at = id as usize * PAGE;
-        let before = out.len();
         if flags == LEAF {
             if depth.is_some_and(|d| d != level) {
-                return Err((self.bad)(at, "leaves at different depths".into()));
+                return Err(self.bad(at, "leaves at different depths".into()));
             }
             *depth = Some(level);
-            let entries = self.elements(p, count, at)?;
-            if let (Some(prev), Some(next)) = (out.last(), entries.first())
-                && prev.0 >= next.0
-            {
-                return Err((self.bad)(at, "keys out of order across pages".into()));
-            }
-            out.extend(entries);
-        } else {
-            if count == 0 {
-                return Err((self.bad)(at, "an empty branch page".into()));
-            }
-            for i in 0..count {
-                let e = HEADER + ELEMENT * i;
-                let word = |o: usize, n: usize| {
-                    p.get(e + o..e + o + n)
-                        .ok_or_else(|| (self.bad)(at, format!("element {i} is out of its page")))
-                };
-                let pos = u32::from_le_bytes(word(0, 4)?.try_into().expect("4 bytes")) as usize;
-                let ksize = u32::from_le_bytes(word(4, 4)?.try_into().expect("4 bytes")) as usize;
-                let child = u64::from_le_bytes(word(8, 8)?.try_into().expect("8 bytes"));
-                let key = p
-                    .get(e + pos..e + pos + ksize)
-                    .ok_or_else(|| (self.bad)(at, format!("element {i} points out of its page")))?
-                    .to_vec();
-                self.walk(child, level + 1, depth, Some(&key), out)?;
-            }
+            return self.elements(p, count, at, first, last, f);
         }
-        if let (Some(first), Some(got)) = (first, out.get(before))
-            && got.0 != first
-        {
-            return Err((self.bad)(
-                at,
-                "a branch key is not its child's first key".into(),
-            ));
+        if count == 0 {
+            return Err(self.bad(at, "an empty branch page".into()));
+        }
+        for i in 0..count {
+            let e = HEADER + ELEMENT * i;
+            let word = |o: usize, n: usize| {
+                p.get(e + o..e + o + n)
+                    .ok_or_else(|| self.bad(at, format!("element {i} is out of its page")))
+            };
+            let pos = u32::from_le_bytes(word(0, 4)?.try_into().expect("4 bytes")) as usize;
+            let ksize = u32::from_le_bytes(word(4, 4)?.try_into().expect("4 bytes")) as usize;
+            let child = u64::from_le_bytes(word(8, 8)?.try_into().expect("8 bytes"));
+            let key = p
+                .get(e + pos..(e + pos).saturating_add(ksize))
+                .ok_or_else(|| self.bad(at, format!("element {i} points out of its page")))?;
+            if i == 0
+                && let Some(first) = first
+                && key != first
+            {
+                return Err(self.bad(at, "a branch key is not its child's first key".into()));
+            }
+            self.walk(child, level + 1, depth, Some(key), last, f)?;
         }
         Ok(())
     }
 }
-
-/// The freelist flag, accepted in files that have one (etcd 3.4 on Linux writes none).
-pub const FREELIST_FLAG: u16 = FREELIST;
 
 #[cfg(test)]
 mod tests {
@@ -591,9 +627,9 @@ mod tests {
         let mut bytes = Vec::new();
         assert_eq!(plan.write(&txn, &mut bytes).unwrap(), bytes.len() as u64);
         assert_eq!(bytes.len() as u64, plan.size());
+        assert_eq!(bucket_names(&bytes, "test.db").unwrap(), txn.buckets());
         let got = read(&bytes, "test.db").unwrap();
-        let names: Vec<_> = got.iter().map(|(n, _)| n.clone()).collect();
-        assert_eq!(names, txn.buckets());
+        assert_eq!(got.len(), 2, "the non-empty buckets");
         for (name, entries) in &got {
             let want: Vec<(Vec<u8>, Vec<u8>)> = txn
                 .range(name, b"", None)

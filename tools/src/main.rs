@@ -1,0 +1,54 @@
+//! `keelctl`: Keel's admin tool. One file per command, as bbolt's `cmd/`:
+//! - `snapshot save` ([`snapshot_save`]), `snapshot status` ([`snapshot_status`]),
+//!   `snapshot restore` ([`snapshot_restore`]): snapshots in etcd's format, made by keel or by
+//!   etcd 3.4, and the one-command migration from etcd.
+//!
+//! Errors name the file (and, for damaged snapshots, the offset); the exit status is 1.
+
+mod snapshot_file;
+mod snapshot_restore;
+mod snapshot_save;
+mod snapshot_status;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "keelctl", about = "Keel's admin tool", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Snapshots in etcd's format.
+    #[command(subcommand)]
+    Snapshot(Snapshot),
+}
+
+#[derive(Debug, Subcommand)]
+enum Snapshot {
+    /// Stores a member's backend in a snapshot file.
+    Save(snapshot_save::Args),
+    /// Prints a snapshot file's hash, revision, keys and size (as etcdctl).
+    Status(snapshot_status::Args),
+    /// Makes a keel data dir from a snapshot (etcd's or keel's).
+    Restore(snapshot_restore::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Snapshot(Snapshot::Status(a)) => snapshot_status::run(a),
+        Command::Snapshot(Snapshot::Restore(a)) => snapshot_restore::run(a),
+        Command::Snapshot(Snapshot::Save(a)) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(snapshot_save::run(a))),
+    };
+    if let Err(e) = result {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
