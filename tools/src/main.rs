@@ -1,10 +1,12 @@
 //! `keelctl`: Keel's admin tool. One file per command, as bbolt's `cmd/`:
 //! - `snapshot save` ([`snapshot_save`]), `snapshot status` ([`snapshot_status`]),
 //!   `snapshot restore` ([`snapshot_restore`]): snapshots in etcd's format, made by keel or by
-//!   etcd 3.4, and the one-command migration from etcd.
+//!   etcd 3.4, and the one-command migration from etcd;
+//! - `migrate --etcd-data-dir DIR` ([`migrate`]): the same from a stopped etcd member's data dir.
 //!
 //! Errors name the file (and, for damaged snapshots, the offset); the exit status is 1.
 
+mod migrate;
 mod snapshot_file;
 mod snapshot_restore;
 mod snapshot_save;
@@ -24,6 +26,8 @@ enum Command {
     /// Snapshots in etcd's format.
     #[command(subcommand)]
     Snapshot(Snapshot),
+    /// Makes a keel data dir from a stopped etcd 3.4 member's data dir.
+    Migrate(migrate::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +44,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Snapshot(Snapshot::Status(a)) => snapshot_status::run(a),
+        Command::Migrate(a) => migrate::run(a),
         Command::Snapshot(Snapshot::Restore(a)) => snapshot_restore::run(a),
         Command::Snapshot(Snapshot::Save(a)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -25,6 +25,16 @@ use crate::snapshot_file::SnapshotFile;
 pub struct Args {
     /// The snapshot file.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub cluster: Cluster,
+    /// Ignore snapshot integrity hash value (required if copied from data directory).
+    #[arg(long)]
+    pub skip_hash_check: bool,
+}
+
+/// The new member and cluster a restore makes (etcdctl's flags).
+#[derive(Debug, clap::Args)]
+pub struct Cluster {
     /// Human-readable name for this member.
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -40,9 +50,6 @@ pub struct Args {
     /// List of this member's peer URLs to advertise to the rest of the cluster.
     #[arg(long, default_value = "http://localhost:2380")]
     pub initial_advertise_peer_urls: String,
-    /// Ignore snapshot integrity hash value (required if copied from data directory).
-    #[arg(long)]
-    pub skip_hash_check: bool,
 }
 
 /// Buckets of the old cluster's membership, not carried into a new cluster.
@@ -53,7 +60,7 @@ const DROPPED_META: &[&[u8]] = &[b"consistent_index", b"term"];
 const BATCH: usize = 10_000;
 
 /// Checks `--name` against `--initial-cluster` and `--initial-advertise-peer-urls`, as etcd.
-fn check_cluster(args: &Args) -> anyhow::Result<()> {
+fn check_cluster(args: &Cluster) -> anyhow::Result<()> {
     let mut mine: Vec<&str> = Vec::new();
     for member in args.initial_cluster.split(',').filter(|m| !m.is_empty()) {
         let (name, url) = member
@@ -120,6 +127,11 @@ fn convert(file: &SnapshotFile, db: &Path) -> anyhow::Result<u64> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    restore(&args.file, &args.cluster, args.skip_hash_check)
+}
+
+/// Restores the snapshot `path` as the member `args` describes.
+pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Result<()> {
     check_cluster(args)?;
     let data_dir = args
         .data_dir
@@ -128,8 +140,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if data_dir.exists() {
         bail!("data-dir {:?} exists", data_dir.display().to_string());
     }
-    let file = SnapshotFile::open(&args.file)?;
-    file.verify(args.skip_hash_check)?;
+    let file = SnapshotFile::open(path)?;
+    file.verify(skip_hash_check)?;
     let parent = data_dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -160,7 +172,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Ok((copied, revision)) => {
             println!(
                 "Restored {} into {} ({copied} entries, revision {revision}).",
-                args.file.display(),
+                path.display(),
                 data_dir.display()
             );
             println!(

@@ -67,6 +67,11 @@ impl Drop for Member {
 }
 
 fn start_keel(data_dir: &Path, name: &str, peer: u16) -> Member {
+    let cluster = format!("{name}=http://127.0.0.1:{peer}");
+    start_member(data_dir, name, peer, &cluster)
+}
+
+fn start_member(data_dir: &Path, name: &str, peer: u16, cluster: &str) -> Member {
     let port = ports::free_port().unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     let peer_url = format!("http://127.0.0.1:{peer}");
@@ -77,7 +82,7 @@ fn start_keel(data_dir: &Path, name: &str, peer: u16) -> Member {
         .arg(format!("--advertise-client-urls={endpoint}"))
         .arg(format!("--listen-peer-urls={peer_url}"))
         .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster={name}={peer_url}"))
+        .arg(format!("--initial-cluster={cluster}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -281,4 +286,141 @@ fn damaged_snapshots_are_refused_and_nothing_is_written() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Disaster recovery: a 3-member keel cluster restored from one snapshot, each member with its
+/// own name and the new cluster's `--initial-cluster`, serves the snapshot's data everywhere.
+#[test]
+fn a_three_member_cluster_restores_from_one_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: Vec<u16> = (0..3).map(|_| ports::free_port().unwrap()).collect();
+    let cluster = (0..3)
+        .map(|i| format!("m{i}=http://127.0.0.1:{}", peers[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let data = dir.path().join(format!("m{i}"));
+        let out = keelctl(&[
+            "snapshot",
+            "restore",
+            GOLDEN,
+            &format!("--data-dir={}", data.display()),
+            &format!("--name=m{i}"),
+            &format!("--initial-cluster={cluster}"),
+            &format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                peers[i]
+            ),
+            "--initial-cluster-token=restored",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for i in 0..3 {
+        members.push(start_member(
+            &dir.path().join(format!("m{i}")),
+            &format!("m{i}"),
+            peers[i],
+            &cluster,
+        ));
+    }
+    // A write through one member reaches all; each has the snapshot's data.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", members[0].endpoint))
+            .args(["put", "after", "dr"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader in the restored cluster"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for m in &members {
+        assert_eq!(
+            etcdctl(&m.endpoint, &["get", "key/5", "--print-value-only"]),
+            "updated\n"
+        );
+        assert_eq!(
+            etcdctl(&m.endpoint, &["get", "after", "--print-value-only"]),
+            "dr\n"
+        );
+        let list = etcdctl(&m.endpoint, &["member", "list"]);
+        assert_eq!(list.lines().count(), 3, "{list}");
+    }
+    assert_eq!(hashkv(&members[0].endpoint), hashkv(&members[2].endpoint));
+}
+
+/// `keelctl migrate`: a stopped etcd member's data dir becomes a keel member with the same data.
+#[test]
+fn a_stopped_etcd_member_migrates_to_keel() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd_dir = dir.path().join("etcd");
+    let (port, peer) = (ports::free_port().unwrap(), ports::free_port().unwrap());
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut etcd = Command::new("etcd")
+        .args(["--name", "e"])
+        .arg(format!("--data-dir={}", etcd_dir.display()))
+        .arg(format!("--listen-client-urls={endpoint}"))
+        .arg(format!("--advertise-client-urls={endpoint}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=e={peer_url}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd (apt-get install etcd-server)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..100 {
+        etcdctl(&endpoint, &["put", &format!("m/{i}"), &format!("v{i}")]);
+    }
+    etcdctl(&endpoint, &["del", "m/3"]);
+    let hash = hashkv(&endpoint);
+    // A clean stop commits etcd's backend.
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(etcd.id() as i32, libc::SIGTERM) };
+    etcd.wait().unwrap();
+    let data = dir.path().join("keel");
+    let kpeer = ports::free_port().unwrap();
+    let out = keelctl(&[
+        "migrate",
+        &format!("--etcd-data-dir={}", etcd_dir.display()),
+        &format!("--data-dir={}", data.display()),
+        "--name=k",
+        &format!("--initial-cluster=k=http://127.0.0.1:{kpeer}"),
+        &format!("--initial-advertise-peer-urls=http://127.0.0.1:{kpeer}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let k = start_keel(&data, "k", kpeer);
+    assert_eq!(hashkv(&k.endpoint), hash);
+    assert_eq!(
+        etcdctl(&k.endpoint, &["get", "m/99", "--print-value-only"]),
+        "v99\n"
+    );
+    assert_eq!(etcdctl(&k.endpoint, &["get", "m/3"]), "");
+    let out = keelctl(&[
+        "migrate",
+        "--etcd-data-dir=/nonexistent",
+        "--data-dir=/tmp/x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an etcd data dir"));
 }
