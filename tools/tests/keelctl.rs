@@ -299,7 +299,7 @@ fn a_three_member_cluster_restores_from_one_snapshot() {
         .collect::<Vec<_>>()
         .join(",");
     let mut members = Vec::new();
-    for i in 0..3 {
+    for (i, peer) in peers.iter().enumerate() {
         let data = dir.path().join(format!("m{i}"));
         let out = keelctl(&[
             "snapshot",
@@ -308,10 +308,7 @@ fn a_three_member_cluster_restores_from_one_snapshot() {
             &format!("--data-dir={}", data.display()),
             &format!("--name=m{i}"),
             &format!("--initial-cluster={cluster}"),
-            &format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
-                peers[i]
-            ),
+            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
             "--initial-cluster-token=restored",
         ]);
         assert!(
@@ -320,11 +317,11 @@ fn a_three_member_cluster_restores_from_one_snapshot() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for i in 0..3 {
+    for (i, peer) in peers.iter().enumerate() {
         members.push(start_member(
             &dir.path().join(format!("m{i}")),
             &format!("m{i}"),
-            peers[i],
+            *peer,
             &cluster,
         ));
     }
