@@ -2,10 +2,15 @@
 //! - `snapshot save` ([`snapshot_save`]), `snapshot status` ([`snapshot_status`]),
 //!   `snapshot restore` ([`snapshot_restore`]): snapshots in etcd's format, made by keel or by
 //!   etcd 3.4, and the one-command migration from etcd;
-//! - `migrate --etcd-data-dir DIR` ([`migrate`]): the same from a stopped etcd member's data dir.
+//! - `migrate --etcd-data-dir DIR` ([`migrate`]): the same from a stopped etcd member's data dir;
+//! - `db check`, `db defrag`, `db dump` ([`db_check`], [`db_defrag`], [`db_dump`]): a stopped
+//!   member's backend.
 //!
 //! Errors name the file (and, for damaged snapshots, the offset); the exit status is 1.
 
+mod db_check;
+mod db_defrag;
+mod db_dump;
 mod migrate;
 mod snapshot_file;
 mod snapshot_restore;
@@ -28,6 +33,19 @@ enum Command {
     Snapshot(Snapshot),
     /// Makes a keel data dir from a stopped etcd 3.4 member's data dir.
     Migrate(migrate::Args),
+    /// A stopped member's backend.
+    #[command(subcommand)]
+    Db(Db),
+}
+
+#[derive(Debug, Subcommand)]
+enum Db {
+    /// Checks every page of the backend.
+    Check(db_check::Args),
+    /// Rewrites the backend compactly.
+    Defrag(db_check::Args),
+    /// Prints every stored revision (keys and revisions, for debugging).
+    Dump(db_check::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +63,9 @@ fn main() {
     let result = match &cli.command {
         Command::Snapshot(Snapshot::Status(a)) => snapshot_status::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Db(Db::Check(a)) => db_check::run(a),
+        Command::Db(Db::Defrag(a)) => db_defrag::run(a),
+        Command::Db(Db::Dump(a)) => db_dump::run(a),
         Command::Snapshot(Snapshot::Restore(a)) => snapshot_restore::run(a),
         Command::Snapshot(Snapshot::Save(a)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

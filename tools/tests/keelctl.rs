@@ -421,3 +421,55 @@ fn a_stopped_etcd_member_migrates_to_keel() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not an etcd data dir"));
 }
+
+/// `db check`, `db dump` and `db defrag` on a stopped member's data dir; a running member's
+/// backend is locked, and refused with the reason.
+#[test]
+fn db_commands_on_a_stopped_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("m");
+    let peer = ports::free_port().unwrap();
+    let out = restore(GOLDEN, &data, "m", peer, &[]);
+    assert!(out.status.success());
+    let dd = format!("--data-dir={}", data.display());
+    let check = keelctl(&["db", "check", &dd]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains(": OK ("));
+    let dump = keelctl(&["db", "dump", &dd]);
+    assert!(dump.status.success());
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    // The golden history from the compaction on: key/5's update, key/7's deletion, `last`.
+    assert!(dump.contains(" key/5 create="), "{dump}");
+    assert!(
+        dump.lines().any(|l| l.contains("t key/7 ")),
+        "a tombstone: {dump}"
+    );
+    assert!(
+        dump.lines()
+            .last()
+            .unwrap()
+            .starts_with("45_0 last create=45 mod=45"),
+        "{dump}"
+    );
+    let defrag = keelctl(&["db", "defrag", &dd]);
+    assert!(
+        defrag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&defrag.stderr)
+    );
+    assert!(keelctl(&["db", "check", &dd]).status.success());
+    // While the member runs, its backend is its own.
+    let m = start_keel(&data, "m", peer);
+    let locked = keelctl(&["db", "check", &dd]);
+    assert!(!locked.status.success());
+    assert!(
+        String::from_utf8_lossy(&locked.stderr).contains("locked by another process"),
+        "{}",
+        String::from_utf8_lossy(&locked.stderr)
+    );
+    drop(m);
+}
