@@ -243,6 +243,42 @@ impl Tls {
     }
 }
 
+/// etcd's largest recommended backend quota (`MaxQuotaBytes`).
+pub const MAX_QUOTA_BYTES: u64 = 8 << 30;
+
+/// The warnings a backend quota deserves: over etcd's recommended 8 GiB (etcd's "quota exceeds
+/// the maximum value"), and over the machine's memory (the backend is mapped: reads of a larger
+/// one wait on the disk).
+pub fn quota_warnings(quota: u64, ram: Option<u64>) -> Vec<String> {
+    let mut w = Vec::new();
+    if quota > MAX_QUOTA_BYTES {
+        w.push(format!(
+            "quota exceeds the maximum value: --quota-backend-bytes={quota} is over the \
+             recommended maximum of {MAX_QUOTA_BYTES} bytes (8 GiB)"
+        ));
+    }
+    if let Some(ram) = ram.filter(|r| quota > *r) {
+        w.push(format!(
+            "quota exceeds the machine's memory: --quota-backend-bytes={quota} is over the \
+             {ram} bytes of RAM; the backend is memory-mapped, and a larger one makes reads wait \
+             on the disk"
+        ));
+    }
+    w
+}
+
+/// The machine's physical memory in bytes.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration values.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}
+
 /// Counts SIGINT/SIGTERM: the first starts an orderly stop, a second exits at once.
 async fn signals(trigger: Arc<ShutdownTrigger>) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -286,6 +322,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
     prepare_data_dir(&config.data_dir)?;
+    for warning in quota_warnings(config.quota_backend_bytes, physical_memory()) {
+        tracing::warn!("{warning}");
+    }
     let tls = Tls::load(&config)?;
     let jwt = match &config.auth_token {
         crate::auth::jwt::TokenType::Jwt(o) => Some(Arc::new(
@@ -565,6 +604,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_quotas_are_warned_about() {
+        assert!(quota_warnings(2 << 30, Some(24 << 30)).is_empty());
+        let w = quota_warnings(9 << 30, Some(24 << 30));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("quota exceeds the maximum value"));
+        let w = quota_warnings(4 << 30, Some(2 << 30));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("quota exceeds the machine's memory"));
+        assert_eq!(quota_warnings(16 << 30, Some(8 << 30)).len(), 2);
+    }
 
     #[test]
     fn modes_print_as_go_prints_them() {
