@@ -4,10 +4,12 @@
 //!   etcd 3.4, and the one-command migration from etcd;
 //! - `migrate --etcd-data-dir DIR` ([`migrate`]): the same from a stopped etcd member's data dir;
 //! - `db check`, `db defrag`, `db dump` ([`db_check`], [`db_defrag`], [`db_dump`]): a stopped
-//!   member's backend.
+//!   member's backend;
+//! - `check disk` ([`check_disk`]): the data dir's disk against a WAL's needs.
 //!
 //! Errors name the file (and, for damaged snapshots, the offset); the exit status is 1.
 
+mod check_disk;
 mod db_check;
 mod db_defrag;
 mod db_dump;
@@ -36,6 +38,15 @@ enum Command {
     /// A stopped member's backend.
     #[command(subcommand)]
     Db(Db),
+    /// Fitness checks.
+    #[command(subcommand)]
+    Check(Check),
+}
+
+#[derive(Debug, Subcommand)]
+enum Check {
+    /// Measures the data dir's disk as a WAL uses it (sequential writes with fdatasync).
+    Disk(check_disk::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +77,11 @@ fn main() {
         Command::Db(Db::Check(a)) => db_check::run(a),
         Command::Db(Db::Defrag(a)) => db_defrag::run(a),
         Command::Db(Db::Dump(a)) => db_dump::run(a),
+        Command::Check(Check::Disk(a)) => match check_disk::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
         Command::Snapshot(Snapshot::Restore(a)) => snapshot_restore::run(a),
         Command::Snapshot(Snapshot::Save(a)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

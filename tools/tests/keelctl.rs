@@ -473,3 +473,31 @@ fn db_commands_on_a_stopped_member() {
     );
     drop(m);
 }
+
+/// `keelctl check disk` measures and gives a verdict in its documented format (no timing is
+/// asserted: whether this machine passes is not the test's business).
+#[test]
+fn check_disk_reports_iops_and_fdatasync_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keelctl(&[
+        "check",
+        "disk",
+        &format!("--data-dir={}", dir.path().display()),
+        "--count=50",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{text}");
+    assert!(text.contains("sequential write IOPS: "), "{text}");
+    assert!(text.contains("fdatasync p50: "), "{text}");
+    let verdicts = text
+        .lines()
+        .filter(|l| l.ends_with("PASS") || l.contains(": PASS") || l.contains(": FAIL"))
+        .count();
+    assert_eq!(verdicts, 2, "{text}");
+    assert_eq!(out.status.success(), !text.contains("FAIL"), "{text}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the test file is removed"
+    );
+}
