@@ -131,6 +131,16 @@ pub struct Flags {
         default_value = "5m"
     )]
     pub experimental_lease_checkpoint_interval: String,
+    /// Force to create a new one member cluster.
+    #[arg(
+        long,
+        env = "ETCD_FORCE_NEW_CLUSTER",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub force_new_cluster: bool,
     /// Enable to check data corruption before serving any client/peer traffic.
     #[arg(
         long,
@@ -317,6 +327,8 @@ pub struct Config {
     pub lease_checkpoint_interval: Duration,
     pub watch_progress_notify_interval: Duration,
     pub initial_corrupt_check: bool,
+    /// `--force-new-cluster`: a restarting member makes itself a one-member cluster.
+    pub force_new_cluster: bool,
     /// Zero: no periodic check.
     pub corrupt_check_time: Duration,
     pub storage_core: Option<usize>,
@@ -657,6 +669,7 @@ impl Flags {
             lease_checkpoint_interval,
             watch_progress_notify_interval,
             initial_corrupt_check: self.experimental_initial_corrupt_check,
+            force_new_cluster: self.force_new_cluster,
             corrupt_check_time,
             name: self.name,
         })
@@ -814,7 +827,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 47);
+        assert_eq!(checked, 48);
     }
 
     #[test]

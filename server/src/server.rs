@@ -415,6 +415,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             wal_segment_size: 64 << 20,
             dialer: tls.dialer.clone(),
             auth_token_ttl: config.auth_token_ttl,
+            force_new_cluster: config.force_new_cluster,
         },
         runtime.handle().clone(),
     )

@@ -655,3 +655,46 @@ fn an_operator_session_reads_the_same_on_keel_and_etcd() {
     );
     assert!(their_hashes.iter().all(|h| h == &their_hashes[0]));
 }
+
+/// etcd's `--force-new-cluster`: two of three members are gone for good; the survivor restarts
+/// with the flag as a one-member cluster with all its data and history, and takes writes; a
+/// later restart without the flag stays that one-member cluster.
+#[test]
+fn force_new_cluster_makes_a_one_member_cluster_of_a_survivor() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_leader();
+    for i in 0..50 {
+        ok(&c.endpoint(0), &["put", &format!("k{i}"), &format!("v{i}")]);
+    }
+    wait_for("the survivor to have every write", || {
+        let (ok, out) = etcdctl(
+            &c.endpoint(2),
+            &["get", "k49", "--consistency=s", "--print-value-only"],
+        );
+        (ok && out == "v49\n").then_some(())
+    });
+    for i in 0..3 {
+        c.kill(i);
+    }
+    c.flags.push("--force-new-cluster".into());
+    c.start_member(2);
+    let e = c.endpoint(2);
+    wait_for("a write on the forced member", || {
+        etcdctl(&e, &["put", "after", "force"]).0.then_some(())
+    });
+    let list = ok(&e, &["member", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains("m3"), "{list}");
+    let keys = ok(&e, &["get", "k", "--prefix", "--keys-only"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 50);
+    assert!(c.log_text(2).contains("forcing a new one-member cluster"));
+    // Without the flag, it stays so.
+    c.kill(2);
+    c.flags.pop();
+    c.start_member(2);
+    wait_for("a write after a plain restart", || {
+        etcdctl(&e, &["put", "again", "x"]).0.then_some(())
+    });
+    assert_eq!(ok(&e, &["member", "list"]).lines().count(), 1);
+    assert_eq!(ok(&e, &["get", "after", "--print-value-only"]), "force\n");
+}

@@ -114,6 +114,9 @@ pub struct CoreConfig {
     pub dialer: crate::tls::dial::Dialer,
     /// How long a simple token lives after its last use (`--auth-token-ttl`).
     pub auth_token_ttl: Duration,
+    /// `--force-new-cluster`: a restarting member commits its whole WAL and removes every other
+    /// member, becoming a one-member cluster with its data, IDs and history.
+    pub force_new_cluster: bool,
     /// Tests only: a fixed election timeout in ticks instead of raft's randomized one, so that
     /// a seeded run replays exactly.
     pub fixed_election_tick: Option<usize>,
@@ -237,6 +240,76 @@ pub fn private_dir(path: &std::path::Path) -> Result<()> {
         .mode(0o700)
         .create(path)
         .map_err(|e| Error::io("creating", path, e))
+}
+
+/// etcd's `--force-new-cluster`, on a restarting member: every entry of the WAL is committed
+/// (as etcd forces), and one `RemoveNode` per other member is appended after them and committed
+/// too. Applying them on start leaves this member the only voter, with its data, cluster and
+/// member IDs and history; it then elects itself. The members to remove are those of the
+/// backend (as of the applied index) and of raft's configuration, and any added by committed
+/// entries not applied yet.
+async fn force_new_cluster(
+    wal: &Wal,
+    store: &Store,
+    conf_state: &ConfState,
+    applied: u64,
+    member_id: u64,
+) -> Result<()> {
+    let mut others: std::collections::BTreeSet<u64> =
+        load_members(store)?.members.keys().copied().collect();
+    others.extend(conf_state.voters.iter().chain(&conf_state.learners));
+    let last = wal.last_index();
+    let storage = wal.storage();
+    if last > applied {
+        let entries = raft::Storage::entries(
+            &storage,
+            applied + 1,
+            last + 1,
+            None,
+            raft::GetEntriesContext::empty(false),
+        )
+        .map_err(raft_err)?;
+        for e in entries {
+            if e.get_entry_type() == EntryType::EntryConfChange
+                && let Ok(cc) = ConfChange::parse_from_bytes(&e.data)
+                && matches!(
+                    cc.get_change_type(),
+                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
+                )
+            {
+                others.insert(cc.node_id);
+            }
+        }
+    }
+    others.remove(&member_id);
+    let mut hs = wal.hard_state();
+    let term = hs
+        .term
+        .max(raft::Storage::term(&storage, last).unwrap_or(0));
+    let mut entries = Vec::new();
+    for (i, id) in others.iter().enumerate() {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = *id;
+        let mut e = raft::eraftpb::Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.term = term;
+        e.index = last + 1 + i as u64;
+        e.data = cc
+            .write_to_bytes()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .into();
+        entries.push(e);
+    }
+    hs.term = term;
+    hs.commit = last + entries.len() as u64;
+    tracing::warn!(
+        committed = hs.commit,
+        removed = ?others.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+        "forcing a new one-member cluster (--force-new-cluster): every WAL entry committed, the \
+         other members removed"
+    );
+    wal.save(&entries, Some(&hs)).await
 }
 
 impl Node {
@@ -388,6 +461,9 @@ impl Node {
         } else {
             (recovery.metadata.cluster_id, recovery.metadata.member_id)
         };
+        if cfg.force_new_cluster && !fresh {
+            force_new_cluster(&wal, &store, &conf_state, applied, member_id).await?;
+        }
         // Applied entries were committed; make the WAL's commit index say so, so that raft
         // accepts the backend's applied index.
         let mut hs = wal.hard_state();

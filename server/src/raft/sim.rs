@@ -131,6 +131,7 @@ impl Sim {
             wal_segment_size: 1 << 20,
             dialer: crate::tls::dial::Dialer::default(),
             auth_token_ttl: std::time::Duration::from_secs(300),
+            force_new_cluster: false,
         }
     }
 
