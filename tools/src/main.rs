@@ -5,7 +5,8 @@
 //! - `migrate --etcd-data-dir DIR` ([`migrate`]): the same from a stopped etcd member's data dir;
 //! - `db check`, `db defrag`, `db dump` ([`db_check`], [`db_defrag`], [`db_dump`]): a stopped
 //!   member's backend;
-//! - `check disk` ([`check_disk`]): the data dir's disk against a WAL's needs.
+//! - `check disk` ([`check_disk`]): the data dir's disk against a WAL's needs;
+//! - `wal dump` ([`wal_dump`]): a member's WAL records, read-only.
 //!
 //! Errors name the file (and, for damaged snapshots, the offset); the exit status is 1.
 
@@ -18,6 +19,7 @@ mod snapshot_file;
 mod snapshot_restore;
 mod snapshot_save;
 mod snapshot_status;
+mod wal_dump;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +43,15 @@ enum Command {
     /// Fitness checks.
     #[command(subcommand)]
     Check(Check),
+    /// A stopped member's WAL.
+    #[command(subcommand)]
+    Wal(Wal),
+}
+
+#[derive(Debug, Subcommand)]
+enum Wal {
+    /// Prints every record, read-only.
+    Dump(db_check::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +88,7 @@ fn main() {
         Command::Db(Db::Check(a)) => db_check::run(a),
         Command::Db(Db::Defrag(a)) => db_defrag::run(a),
         Command::Db(Db::Dump(a)) => db_dump::run(a),
+        Command::Wal(Wal::Dump(a)) => wal_dump::run(a),
         Command::Check(Check::Disk(a)) => match check_disk::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
