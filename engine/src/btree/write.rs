@@ -91,9 +91,14 @@ impl<'b> WriteTxn<'b> {
         self.max_entry() - LEAF_SLOT - OVERFLOW_REF
     }
 
-    /// An entry takes at most a quarter of a page, so every split leaves two halves that fit.
+    /// An entry takes at most a third of a page, so every split of a full page plus one entry
+    /// leaves two halves that fit (each at most half the sizes plus one entry). Values larger
+    /// go to overflow runs, which take whole pages: at a quarter of a page, etcd's common 1 KiB
+    /// values (about 1.05 KiB with their `KeyValue` encoding) each took a 4 KiB overflow page,
+    /// and the backend file grew to 3.1× etcd's (bench/RESULTS.md, 2026-11-27, "A snapshot of
+    /// a 1.3 GB store"). The reader takes either: the page format marks each value.
     fn max_entry(&self) -> usize {
-        (self.page_size() - HEADER) / 4
+        (self.page_size() - HEADER) / 3
     }
 
     fn inline(&self, key_len: usize, value_len: usize) -> bool {
