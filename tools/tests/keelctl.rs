@@ -53,6 +53,9 @@ fn keel_bin() -> PathBuf {
 #[path = "../../bench/src/ports.rs"]
 mod ports;
 
+#[path = "../../server/tests/common/certs.rs"]
+mod certs;
+
 /// A keel member on loopback, killed when dropped.
 struct Member {
     child: std::process::Child,
@@ -554,4 +557,82 @@ fn wal_dump_prints_the_records() {
     let missing = keelctl(&["wal", "dump", "--data-dir=/nonexistent"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/member/wal"));
+}
+
+/// `keelctl snapshot save` from a member served over TLS with client-certificate auth and auth
+/// enabled (`--cacert`, `--cert`, `--key`, `--user`); without a user allowed to, it is refused.
+#[test]
+fn snapshot_save_over_tls_with_a_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certs::Ca::new(dir.path(), "ca");
+    let (cert, key) = ca.sign(dir.path(), "member", "member", &["127.0.0.1"]);
+    // The client's certificate names a user that does not exist: only `--user` gives rights.
+    let (ccert, ckey) = ca.sign(dir.path(), "client", "alice", &[]);
+    let (port, peer) = (ports::free_port().unwrap(), ports::free_port().unwrap());
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new(keel_bin())
+        .arg(format!("--data-dir={}", dir.path().join("d").display()))
+        .arg(format!("--listen-client-urls={endpoint}"))
+        .arg(format!("--advertise-client-urls={endpoint}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=default={peer_url}"))
+        .arg(format!("--cert-file={}", cert.display()))
+        .arg(format!("--key-file={}", key.display()))
+        .arg(format!("--trusted-ca-file={}", ca.path.display()))
+        .arg("--client-cert-auth")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _member = Member {
+        child,
+        endpoint: endpoint.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "keel did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tls = [
+        format!("--cacert={}", ca.path.display()),
+        format!("--cert={}", ccert.display()),
+        format!("--key={}", ckey.display()),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    for args in [
+        &["user", "add", "root:pw"][..],
+        &["auth", "enable"],
+        &["--user=root:pw", "put", "k", "v"],
+    ] {
+        let all: Vec<&str> = tls.iter().copied().chain(args.iter().copied()).collect();
+        etcdctl(&endpoint, &all);
+    }
+    let save = |file: &str, user: Option<&str>| {
+        let mut args = vec!["snapshot", "save", file, "--endpoints", &endpoint];
+        args.extend(tls.iter().copied());
+        args.extend(user);
+        keelctl(&args)
+    };
+    let file = dir.path().join("tls.db");
+    let out = save(file.to_str().unwrap(), Some("--user=root:pw"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        keelctl(&["snapshot", "status", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    // As alice (the certificate's CN, no such user): refused, and no file is left.
+    let denied = dir.path().join("denied.db");
+    let out = save(denied.to_str().unwrap(), None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth: user not found"), "{err}");
+    assert!(!denied.exists());
+    assert!(!dir.path().join("denied.db.part").exists());
 }
