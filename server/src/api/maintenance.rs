@@ -209,7 +209,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.gate.check(&request).await?.admin_raw()?;
-        Ok(Response::new(super::snapshot::stream(&self.core)))
+        Ok(Response::new(super::snapshot::stream(&self.core)?))
     }
 
     async fn move_leader(

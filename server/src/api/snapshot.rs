@@ -25,6 +25,34 @@ use crate::raft::Core;
 
 /// Bytes per message (etcd's `snapshotSendBufferSize`).
 pub const CHUNK: usize = 32 * 1024;
+/// Snapshots streamed at once (Keel's limit; etcd has none): each reads the whole backend and
+/// pins a version whose freed pages cannot be reused until it ends, so a client opening many
+/// must not take the disk and the file's space. One more is refused with `ResourceExhausted`.
+pub const MAX_SNAPSHOTS: usize = 4;
+
+/// Snapshots in progress.
+static IN_PROGRESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One snapshot's place among [`MAX_SNAPSHOTS`], given back when dropped.
+struct Slot;
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        IN_PROGRESS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SNAPSHOTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        IN_PROGRESS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 /// Messages buffered toward a slow client.
 const IN_FLIGHT: usize = 4;
 
@@ -72,11 +100,18 @@ impl Write for Chunks {
     }
 }
 
-/// The stream of a snapshot of `core`'s backend now.
-pub fn stream(core: &Core) -> SnapshotStream {
+/// The stream of a snapshot of `core`'s backend now, or `ResourceExhausted` when
+/// [`MAX_SNAPSHOTS`] are being sent already.
+pub fn stream(core: &Core) -> Result<SnapshotStream, Status> {
+    let slot = Slot::take().ok_or_else(|| {
+        Status::resource_exhausted(format!(
+            "etcdserver: too many snapshots in progress (the limit is {MAX_SNAPSHOTS})"
+        ))
+    })?;
     let store = core.store();
     let (tx, mut rx) = mpsc::channel(IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let started = std::time::Instant::now();
         let txn = store.backend().begin_read();
         let result = Plan::new(&txn).and_then(|plan| {
@@ -110,5 +145,20 @@ pub fn stream(core: &Core) -> SnapshotStream {
             }
         }
     });
-    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_are_bounded_and_given_back() {
+        let taken: Vec<_> = (0..super::MAX_SNAPSHOTS)
+            .map(|_| super::Slot::take().expect("a free slot"))
+            .collect();
+        assert!(super::Slot::take().is_none());
+        drop(taken);
+        assert!(super::Slot::take().is_some());
+    }
 }
