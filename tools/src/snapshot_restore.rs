@@ -164,6 +164,10 @@ pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Re
             .with_context(|| format!("checking the restored store {}", db.display()))?;
         let revision = store.current_revision();
         drop(store);
+        // The new directories themselves, durable before the rename makes them the data dir.
+        for dir in [&snap, &tmp.join("member"), &tmp] {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         std::fs::rename(&tmp, &data_dir)?;
         std::fs::File::open(parent)?.sync_all()?;
         anyhow::Ok((copied, revision))

@@ -485,7 +485,7 @@ impl Reader<'_> {
         let start = usize::try_from(id)
             .ok()
             .and_then(|i| i.checked_mul(PAGE))
-            .filter(|s| *s + PAGE <= self.file.len() && id >= 2)
+            .filter(|s| s.checked_add(PAGE).is_some_and(|e| e <= self.file.len()) && id >= 2)
             .ok_or_else(|| self.bad(0, format!("page {id} is out of range")))?;
         let h = &self.file[start..start + HEADER];
         let got = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
@@ -645,6 +645,20 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[3 * PAGE] ^= 0xff;
         assert!(read(&flipped, "f.db").is_err());
+        // A root page number whose offset overflows: an error, not a panic.
+        let mut far = bytes.clone();
+        for slot in [0, PAGE] {
+            let m = slot + HEADER;
+            far[m + 16..m + 24].copy_from_slice(&0x000F_FFFF_FFFF_FFFFu64.to_le_bytes());
+            let sum = fnv1a(&far[m..m + 56]);
+            far[m + 56..m + 64].copy_from_slice(&sum.to_le_bytes());
+        }
+        assert!(
+            read(&far, "far.db")
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
         let mut metas = bytes;
         metas[HEADER] ^= 1;
         metas[PAGE + HEADER] ^= 1;

@@ -103,6 +103,73 @@ impl AuthService {
     }
 }
 
+impl AuthService {
+    /// Authenticate, once its attempt was admitted by the rate limit.
+    async fn authenticate_once(
+        &self,
+        r: pb::AuthenticateRequest,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        for _ in 0..AUTHENTICATE_ROUNDS {
+            self.linearizable().await?;
+            let state = self.gate.core().auth();
+            if !state.enabled {
+                return Err(auth_status(AuthError::AuthNotEnabled));
+            }
+            let Some(user) = state.users.get(&r.name) else {
+                return Err(auth_status(AuthError::AuthFailed));
+            };
+            if user.options.as_ref().is_some_and(|o| o.no_password) {
+                return Err(auth_status(AuthError::NoPasswordUser));
+            }
+            let (password, hash) = (r.password.clone(), user.password.clone());
+            let ok = {
+                let _cpu = self
+                    .bcrypt
+                    .acquire()
+                    .await
+                    .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+                tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
+                    .await
+                    .unwrap_or(false)
+            };
+            if !ok {
+                return Err(auth_status(AuthError::AuthFailed));
+            }
+            if let Some(jwt) = &self.gate.jwt {
+                // Stateless: signed here with the revision the password was checked at.
+                let token = jwt.sign(&r.name, state.revision).map_err(Status::unknown)?;
+                return Ok(Response::new(pb::AuthenticateResponse {
+                    header: self.header(),
+                    token,
+                }));
+            }
+            let op = AuthOp::Authenticate(InternalAuthenticate {
+                name: r.name.clone(),
+                simple_token: crate::auth::token::prefix(),
+            });
+            // Not fenced: the password was checked against `state`, which is compared below.
+            let applied = self
+                .gate
+                .core()
+                .write(Write::Auth(AuthRequest { op: Some(op) }))
+                .await
+                .map_err(|e| status(&e))?;
+            let Applied::Auth(AuthApplied::Token(token)) = applied else {
+                return Err(Status::internal("Authenticate gave no token"));
+            };
+            if self.gate.core().auth().revision == state.revision {
+                return Ok(Response::new(pb::AuthenticateResponse {
+                    header: self.header(),
+                    token,
+                }));
+            }
+            // The password may have changed meanwhile: check it again.
+            self.gate.core().tokens().drop_token(&token);
+        }
+        Err(auth_status(AuthError::AuthOldRevision))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::auth_server::Auth for AuthService {
     async fn auth_enable(
@@ -145,70 +212,15 @@ impl pb::auth_server::Auth for AuthService {
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let client = client_ip(&request);
-        if !self.gate.limiter.allowed(client) {
+        if !self.gate.limiter.take(client) {
             return Err(auth_status(AuthError::TooManyAttempts));
         }
-        let r = request.into_inner();
-        for _ in 0..AUTHENTICATE_ROUNDS {
-            self.linearizable().await?;
-            let state = self.gate.core().auth();
-            if !state.enabled {
-                return Err(auth_status(AuthError::AuthNotEnabled));
-            }
-            let Some(user) = state.users.get(&r.name) else {
-                self.gate.limiter.failed(client);
-                return Err(auth_status(AuthError::AuthFailed));
-            };
-            if user.options.as_ref().is_some_and(|o| o.no_password) {
-                return Err(auth_status(AuthError::NoPasswordUser));
-            }
-            let (password, hash) = (r.password.clone(), user.password.clone());
-            let ok = {
-                let _cpu = self
-                    .bcrypt
-                    .acquire()
-                    .await
-                    .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-                tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
-                    .await
-                    .unwrap_or(false)
-            };
-            if !ok {
-                self.gate.limiter.failed(client);
-                return Err(auth_status(AuthError::AuthFailed));
-            }
-            if let Some(jwt) = &self.gate.jwt {
-                // Stateless: signed here with the revision the password was checked at.
-                let token = jwt.sign(&r.name, state.revision).map_err(Status::unknown)?;
-                return Ok(Response::new(pb::AuthenticateResponse {
-                    header: self.header(),
-                    token,
-                }));
-            }
-            let op = AuthOp::Authenticate(InternalAuthenticate {
-                name: r.name.clone(),
-                simple_token: crate::auth::token::prefix(),
-            });
-            // Not fenced: the password was checked against `state`, which is compared below.
-            let applied = self
-                .gate
-                .core()
-                .write(Write::Auth(AuthRequest { op: Some(op) }))
-                .await
-                .map_err(|e| status(&e))?;
-            let Applied::Auth(AuthApplied::Token(token)) = applied else {
-                return Err(Status::internal("Authenticate gave no token"));
-            };
-            if self.gate.core().auth().revision == state.revision {
-                return Ok(Response::new(pb::AuthenticateResponse {
-                    header: self.header(),
-                    token,
-                }));
-            }
-            // The password may have changed meanwhile: check it again.
-            self.gate.core().tokens().drop_token(&token);
+        // Only a wrong user or password keeps the attempt taken.
+        let result = self.authenticate_once(request.into_inner()).await;
+        if !matches!(&result, Err(s) if s.message() == AuthError::AuthFailed.to_string()) {
+            self.gate.limiter.succeeded(client);
         }
-        Err(auth_status(AuthError::AuthOldRevision))
+        result
     }
 
     async fn user_add(

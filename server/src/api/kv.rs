@@ -245,6 +245,7 @@ impl pb::kv_server::Kv for KvService {
             if !req.serializable {
                 self.core.linearizable().await.map_err(|e| status(&e))?;
             }
+            checked.still_current(&self.core)?;
             let mut pager = Pager {
                 core: self.core.clone(),
                 left: (req.limit > 0).then_some(req.limit),

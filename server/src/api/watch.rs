@@ -881,15 +881,12 @@ impl pb::watch_server::Watch for WatchService {
         if self.shutdown.fired() {
             return Err(Status::unavailable("etcdserver: server stopped"));
         }
-        // The stream's identity, checked against the auth state of each create (etcd's
-        // `isWatchPermitted`). A bad token does not fail the stream: each create is refused
-        // with the reason, which etcd's clients answer by authenticating again.
-        let identity = self
-            .gate
-            .check(&request)
-            .await
-            .map(|c| c.info)
-            .map_err(|s| format!("rpc error: code = {:?} desc = {}", s.code(), s.message()));
+        // The stream's credentials, looked up again for each create and checked against the
+        // auth state then (etcd's `isWatchPermitted`). A bad token does not fail the stream:
+        // the create is refused with the reason, which etcd's clients answer by authenticating
+        // again.
+        let credentials = crate::auth::gate::Gate::credentials(&request);
+        let gate = self.gate.clone();
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
@@ -935,9 +932,13 @@ impl pb::watch_server::Watch for WatchService {
                 }
                 let msg = match req.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
-                        let permitted = match &identity {
-                            Ok(info) => watch_permitted(&auth_core, info.as_ref(), &c),
-                            Err(reason) => Err(reason.clone()),
+                        let permitted = match gate.check_credentials(&credentials).await {
+                            Ok(checked) => watch_permitted(&auth_core, checked.info.as_ref(), &c),
+                            Err(s) => Err(format!(
+                                "rpc error: code = {:?} desc = {}",
+                                s.code(),
+                                s.message()
+                            )),
                         };
                         match permitted {
                             Ok(()) => HubMsg::Create(id, c),

@@ -30,6 +30,14 @@ pub struct Gate {
     pub limiter: Arc<super::limit::Limiter>,
 }
 
+/// A request's token and client certificate CN, kept by a stream to identify each of its
+/// requests anew.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub common_name: Option<String>,
+}
+
 /// One request's identity and the auth state it was checked against.
 #[derive(Debug, Clone)]
 pub struct Checked {
@@ -47,25 +55,47 @@ impl Gate {
         }
     }
 
-    /// The identity of `request` and the current auth state.
-    pub async fn check<T>(&self, request: &Request<T>) -> Result<Checked, Status> {
+    /// What identifies the caller of `request`: its token, and its certificate's CN.
+    pub fn credentials<T>(request: &Request<T>) -> Credentials {
         let md = request.metadata();
-        let token = md
-            .get("token")
-            .or_else(|| md.get("authorization"))
-            .map(|v| v.to_str().unwrap_or_default().to_string());
-        let info = match token {
-            Some(token) => Some(self.token_user(&token).await?),
-            None if self.client_cert_auth => request
+        Credentials {
+            token: md
+                .get("token")
+                .or_else(|| md.get("authorization"))
+                .map(|v| v.to_str().unwrap_or_default().to_string()),
+            common_name: request
                 .extensions()
                 .get::<crate::tls::incoming::Identity>()
-                .and_then(|i| i.common_name.clone())
-                .map(|username| AuthInfo {
-                    username,
-                    revision: self.core.auth().revision,
-                }),
+                .and_then(|i| i.common_name.clone()),
+        }
+    }
+
+    /// The identity of `request` and the current auth state.
+    pub async fn check<T>(&self, request: &Request<T>) -> Result<Checked, Status> {
+        self.check_credentials(&Self::credentials(request)).await
+    }
+
+    /// The identity `c` gives now (a token is looked up again each time) and the auth state.
+    pub async fn check_credentials(&self, c: &Credentials) -> Result<Checked, Status> {
+        let info = match &c.token {
+            Some(token) => Some(self.token_user(token).await?),
+            None if self.client_cert_auth => c.common_name.clone().map(|username| AuthInfo {
+                username,
+                revision: self.core.auth().revision,
+            }),
             None => None,
         };
+        // A token (a JWT) issued by a member that has applied more auth changes than this
+        // one: wait until this one has too, so that it is checked by the same rules.
+        if let Some(i) = &info {
+            let deadline = tokio::time::Instant::now() + TOKEN_WAIT;
+            while self.core.auth().revision < i.revision {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(auth_status(AuthError::AuthOldRevision));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         Ok(Checked {
             state: self.core.auth(),
             info,
@@ -140,25 +170,26 @@ impl Checked {
         self.info.as_ref().map_or("", |i| i.username.as_str())
     }
 
-    /// The stamp a proposal checked against this state carries.
+    /// The stamp a proposal checked against this state carries: the revision of the rules it
+    /// was checked by (not the token's, which may be another member's), and the caller, for the
+    /// checks that can only be made when it applies (keys attached to a lease).
     pub fn stamp(&self) -> AuthStamp {
         AuthStamp {
-            revision: self
-                .info
-                .as_ref()
-                .map_or(self.state.revision, |i| i.revision),
+            revision: self.state.revision,
             enabled: self.state.enabled,
+            username: self.username().to_string(),
         }
     }
 
-    /// After a serializable read: etcd refuses its result if the auth store changed meanwhile.
+    /// After a read (and its wait for a linearizable read point): its result is refused if the
+    /// rules it was checked by changed meanwhile (the same rule as the apply-time fence; etcd
+    /// checks after its wait).
     pub fn still_current(&self, core: &Core) -> Result<(), Status> {
-        match &self.info {
-            Some(i) if self.state.enabled && i.revision != core.auth().revision => {
-                Err(auth_status(AuthError::AuthOldRevision))
-            }
-            _ => Ok(()),
+        let now = core.auth();
+        if now.enabled && (!self.state.enabled || self.state.revision < now.revision) {
+            return Err(auth_status(AuthError::AuthOldRevision));
         }
+        Ok(())
     }
 
     /// Every key range a txn reads or writes, its compares and both branches, nested txns too

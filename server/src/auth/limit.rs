@@ -28,14 +28,24 @@ impl Limiter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether `client` may try now (it has a failure left).
-    pub fn allowed(&self, client: Option<IpAddr>) -> bool {
-        self.allowed_at(client, Instant::now())
+    /// Takes one attempt for `client` if it has one left (given back by [`Limiter::succeeded`]):
+    /// attempts in flight count, so concurrent guesses cannot outrun the limit.
+    pub fn take(&self, client: Option<IpAddr>) -> bool {
+        let now = Instant::now();
+        if !self.allowed_at(client, now) {
+            return false;
+        }
+        self.failed_at(client, now);
+        true
     }
 
-    /// Records a failed attempt of `client`.
-    pub fn failed(&self, client: Option<IpAddr>) {
-        self.failed_at(client, Instant::now());
+    /// Gives back the attempt of `client` that succeeded.
+    pub fn succeeded(&self, client: Option<IpAddr>) {
+        let now = Instant::now();
+        if let Some(entry) = self.buckets().get_mut(&client) {
+            Self::refill(entry, now);
+            entry.0 = (entry.0 + 1.0).min(BURST);
+        }
     }
 
     fn refill(entry: &mut (f64, Instant), now: Instant) {

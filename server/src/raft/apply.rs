@@ -113,7 +113,7 @@ impl Node {
                 }
                 request => {
                     let w = txn.as_mut().expect("open");
-                    let result = match self.auth_fence(proposal.auth) {
+                    let result = match self.auth_fence(proposal.auth.as_ref(), &request) {
                         Ok(()) => self.apply_request(w, request, e.index),
                         Err(refused) => Err(refused),
                     };
@@ -174,13 +174,53 @@ impl Node {
     /// the batch, so keep-alives never wait for an apply.
     /// A client request checked against an older auth state than the applied one (or while
     /// auth was off, and it is on now) is refused: etcd's "revision of auth store is old".
-    fn auth_fence(&self, stamp: Option<super::proposal::AuthStamp>) -> Result<()> {
+    /// What only the apply can check is checked here: write permission on the keys attached,
+    /// now, to a lease the request revokes or puts with (etcd's `checkLeasePuts`, made for puts
+    /// inside txns too).
+    fn auth_fence(
+        &self,
+        stamp: Option<&super::proposal::AuthStamp>,
+        request: &Option<Request>,
+    ) -> Result<()> {
         let Some(stamp) = stamp else {
             return Ok(());
         };
         let auth = self.shared.auth.load();
-        if auth.enabled && (!stamp.enabled || stamp.revision < auth.revision) {
+        if !auth.enabled {
+            return Ok(());
+        }
+        if !stamp.enabled || stamp.revision < auth.revision {
             return Err(keel_engine::error::AuthError::AuthOldRevision.into());
+        }
+        let mut leases = Vec::new();
+        fn txn_leases(t: &pb::TxnRequest, out: &mut Vec<i64>) {
+            for op in t.success.iter().chain(&t.failure) {
+                match &op.request {
+                    Some(pb::request_op::Request::RequestPut(p)) => out.push(p.lease),
+                    Some(pb::request_op::Request::RequestTxn(n)) => txn_leases(n, out),
+                    _ => {}
+                }
+            }
+        }
+        match request {
+            Some(Request::Put(p)) => leases.push(p.lease),
+            Some(Request::Txn(t)) => txn_leases(t, &mut leases),
+            Some(Request::LeaseRevoke(r)) => leases.push(r.id),
+            _ => {}
+        }
+        leases.retain(|l| *l != 0);
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let info = crate::auth::AuthInfo {
+            username: stamp.username.clone(),
+            revision: auth.revision,
+        };
+        for id in leases {
+            let keys = lock(&self.shared.lessor).keys_of(id).unwrap_or_default();
+            for key in keys {
+                auth.permitted(Some(&info), &key, b"", true)?;
+            }
         }
         Ok(())
     }

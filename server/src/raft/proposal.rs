@@ -73,12 +73,15 @@ pub enum Request {
 
 /// The auth state a client request was checked against: applying it with a newer auth
 /// revision (or with auth turned on meanwhile) refuses it ("revision of auth store is old").
-#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+#[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct AuthStamp {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
     #[prost(bool, tag = "2")]
     pub enabled: bool,
+    /// The caller ("" without one).
+    #[prost(string, tag = "3")]
+    pub username: String,
 }
 
 /// An auth change, as carried in a proposal.
@@ -273,6 +276,7 @@ mod tests {
                 auth: Some(AuthStamp {
                     revision: 3,
                     enabled: true,
+                    username: "u".into(),
                 }),
             };
             assert_eq!(decode(&p.encode_checked(0).unwrap()).unwrap(), p);
