@@ -180,16 +180,8 @@ fn session_against_both(tls: bool) {
             client.push(format!("--cacert={}", ca.path.display()));
         }
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut child = server_command(program, data.path(), port, &flags, &[])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, port, program);
-        let server = Server {
-            child,
-            port,
-            endpoint,
-        };
+        let server = start_server(program, data.path(), port, scheme, &flags);
+        assert_eq!(server.endpoint, endpoint);
         transcripts.push(run_session(&server.endpoint, &client));
     }
     let (keel, etcd) = (&transcripts[0], &transcripts[1]);
@@ -275,16 +267,7 @@ async fn etcd_client_auth_api_and_a_watch_whose_role_is_revoked() {
     for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
         let data = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut child = server_command(program, data.path(), port, &[], &[])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, port, program);
-        let _server = Server {
-            child,
-            port,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
+        let _server = start_server(program, data.path(), port, "http", &[]);
         let endpoint = format!("127.0.0.1:{port}");
         let mut rec = Vec::new();
         let admin = Client::connect([&endpoint], None).await.unwrap();
@@ -450,16 +433,7 @@ async fn jwt_tokens_and_bad_tokens_as_etcd_refuses_them() {
     for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
         let data = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut child = server_command(program, data.path(), port, &[&flag], &[])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, port, program);
-        let server = Server {
-            child,
-            port,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
+        let server = start_server(program, data.path(), port, "http", &[&flag]);
         let mut rec = Vec::new();
         for args in [
             &["user", "add", "root:rootpw"][..],

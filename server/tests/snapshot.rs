@@ -37,15 +37,7 @@ async fn keel_snapshots_restore_into_etcd_with_the_same_data() {
     .unwrap();
     c.compact(1500, None).await.unwrap();
     c.put("last", "y", None).await.unwrap();
-    let hash = ctl(&e, &["endpoint", "hashkv", "-w", "json"]);
-    let hash = hash
-        .split("\"hash\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string();
+    let hash = hashkv(&e, &[]);
     let revision = c
         .get("last", None)
         .await
@@ -103,16 +95,7 @@ async fn keel_snapshots_restore_into_etcd_with_the_same_data() {
         port,
         endpoint: endpoint.clone(),
     };
-    let etcd_hash = ctl(&endpoint, &["endpoint", "hashkv", "-w", "json"]);
-    let etcd_hash = etcd_hash
-        .split("\"hash\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(etcd_hash, hash, "HashKV");
+    assert_eq!(hashkv(&endpoint, &[]), hash, "HashKV");
     let mut r = etcd_client::Client::connect([&endpoint], None)
         .await
         .unwrap();

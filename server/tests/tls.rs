@@ -72,21 +72,7 @@ impl Certs {
 
 fn start(program: &str, data: &Path, flags: &[String], https: u16) -> Server {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut child = server_command(program, data, https, &flags, &[])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the server to listen", || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{program} exited: {status}");
-        }
-        std::net::TcpStream::connect(("127.0.0.1", https)).ok()
-    });
-    Server {
-        child,
-        port: https,
-        endpoint: format!("https://127.0.0.1:{https}"),
-    }
+    start_server(program, data, https, "https", &flags)
 }
 
 /// etcdctl against `endpoint` with `tls` flags, then `args`.

@@ -86,6 +86,33 @@ pub fn server_command(
     cmd
 }
 
+/// Starts `program` (keel, or `etcd`: the same flags) on client `port` of `scheme` (`http` or
+/// `https`) with the extra flags, stderr discarded; returns once it listens.
+pub fn start_server(program: &str, data: &Path, port: u16, scheme: &str, flags: &[&str]) -> Server {
+    let mut child = server_command(program, data, port, flags, &[])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(&mut child, port, program);
+    Server {
+        child,
+        port,
+        endpoint: format!("{scheme}://127.0.0.1:{port}"),
+    }
+}
+
+/// The HashKV `etcdctl endpoint hashkv` reports for `endpoint` (extra etcdctl flags first).
+pub fn hashkv(endpoint: &str, flags: &[&str]) -> String {
+    let mut args = flags.to_vec();
+    args.extend_from_slice(&["endpoint", "hashkv", "-w", "json"]);
+    let out = ok(endpoint, &args);
+    out.split("\"hash\":")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no hash in {out}"))
+        .to_string()
+}
+
 /// Starts `keel` with an environment, its stderr going to `log` (else discarded).
 pub fn keel_with(
     data: &Path,
