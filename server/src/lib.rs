@@ -11,6 +11,7 @@
 //!   errors to etcd's statuses.
 //! - [`http`]: `/health`, `/version`, `/metrics`.
 //! - [`net`]: the network threads' runtime and the client listeners (gRPC and HTTP/1).
+//! - [`notify`]: systemd's readiness protocol (`READY=1` once clients are served).
 //! - [`membership`]: member and cluster IDs, as etcd derives them.
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
@@ -27,6 +28,7 @@ pub mod http;
 pub mod membership;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod raft;
 pub mod server;
 pub mod tls;

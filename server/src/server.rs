@@ -317,6 +317,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Everything the member creates is private to its user (dirs 0700, files 0600), as etcd's.
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
@@ -554,6 +556,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!(%url, %addr, "serving client requests");
             servers.push(server);
         }
+        crate::notify::notify("READY=1");
         let fatal = tokio::select! {
             _ = shutdown.wait() => None,
             result = &mut done => Some(result),
@@ -572,6 +575,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 _ => bail!("the storage core stopped"),
             };
         }
+        crate::notify::notify("STOPPING=1");
         compactor.abort();
         if let Some(task) = corruption {
             task.abort();

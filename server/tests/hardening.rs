@@ -247,6 +247,36 @@ async fn a_stop_signal_ends_open_streams_and_the_member_exits() {
     assert!(c.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
 }
 
+/// systemd's readiness protocol, as a `Type=notify` unit (the Ansible role's) sees it: `READY=1`
+/// once clients are served, `STOPPING=1` when a stop begins.
+#[test]
+fn systemd_is_told_when_the_member_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let port = free_port();
+    let notify = socket_path.to_str().unwrap();
+    let mut keel = common::keel_with(
+        &dir.path().join("keel"),
+        port,
+        &[],
+        &[("NOTIFY_SOCKET", notify)],
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 from keel");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means serving: the client port answers.
+    assert_eq!(common::http_get(port, "/health").0, 200);
+    assert!(keel.terminate().success());
+    let n = socket.recv(&mut buf).expect("STOPPING=1 from keel");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
 /// What keeps a watch stream open.
 type OpenStream = (
     tokio::sync::mpsc::Sender<pb::WatchRequest>,
