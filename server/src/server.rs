@@ -17,12 +17,16 @@ use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
 use keel_proto::keelpeer::peer_server::PeerServer;
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::auth::AuthService;
 use crate::api::cluster::ClusterService;
+use crate::api::election::ElectionService;
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
+use crate::api::lock::LockService;
 use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
 use crate::config::{Config, Url};
@@ -448,22 +452,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         );
         let auth = AuthServer::new(AuthService::new(gate.clone(), config.bcrypt_cost))
             .max_decoding_message_size(limit);
-        let kv = KvServer::new(KvService::new(
+        let kv_service = KvService::new(
             core.clone(),
             gate.clone(),
             config.max_txn_ops as usize,
             config.quota_backend_bytes,
-        ))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(i32::MAX as usize);
-        let lease = LeaseServer::new(LeaseService::new(
+        );
+        let kv = KvServer::new(kv_service.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(i32::MAX as usize);
+        let lease_service = LeaseService::new(
             core.clone(),
             gate.clone(),
             shutdown.clone(),
             config.quota_backend_bytes,
-        ))
-        .max_decoding_message_size(limit);
-        let watch = WatchServer::new(WatchService::start(
+        );
+        let lease = LeaseServer::new(lease_service.clone()).max_decoding_message_size(limit);
+        let watch_service = WatchService::start(
             core.clone(),
             gate.clone(),
             feeds,
@@ -475,8 +480,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             },
             config.election_timeout,
             shutdown.clone(),
-        ))
-        .max_decoding_message_size(limit);
+        );
+        let watch = WatchServer::new(watch_service.clone()).max_decoding_message_size(limit);
+        // Lock and Election call the KV, Lease and Watch services as etcd's v3client does.
+        let local = crate::api::v3client::Local {
+            kv: kv_service,
+            lease: lease_service,
+            watch: watch_service,
+        };
+        let lock =
+            LockServer::new(LockService::new(local.clone())).max_decoding_message_size(limit);
+        let election =
+            ElectionServer::new(ElectionService::new(local)).max_decoding_message_size(limit);
         let cluster = ClusterServer::new(ClusterService::new(
             core.clone(),
             gate.clone(),
@@ -494,6 +509,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .add_service(cluster)
             .add_service(maintenance)
             .add_service(auth)
+            .add_service(lock)
+            .add_service(election)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(
                 core.clone(),

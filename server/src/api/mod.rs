@@ -4,6 +4,11 @@
 //! - [`kv`]: the KV service (Range, Put, DeleteRange, Txn, Compact, RangeStream).
 //! - [`watch`]: the Watch service, with its hubs of synced and unsynced watchers.
 //! - [`lease`]: the Lease service.
+//! - [`lock`], [`election`]: the Lock and Election services (etcd's concurrency API), built as
+//!   etcd builds them on its own client: [`v3client`] calls the KV, Lease and Watch services
+//!   in process, with the caller's credentials.
+//! - [`cluster`], [`maintenance`], [`snapshot`], [`auth`]: the Cluster, Maintenance (and its
+//!   snapshot stream) and Auth services.
 //!
 //! Requests are validated here, on the network threads, as etcd's `v3rpc` does; writes go to
 //! the storage core (`crate::raft::Core`) already encoded and checked, reads are served here from
@@ -12,10 +17,13 @@
 pub mod auth;
 pub mod cluster;
 pub mod convert;
+pub mod election;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod snapshot;
+pub mod v3client;
 pub mod watch;
 
 use axum::extract::{Request, State};

@@ -869,33 +869,52 @@ fn watch_permitted(
         })
 }
 
+/// The responses of one watch stream.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::watch_server::Watch for WatchService {
-    type WatchStream =
-        Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static>>;
+    type WatchStream = WatchStream;
 
     async fn watch(
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        if self.shutdown.fired() {
-            return Err(Status::unavailable("etcdserver: server stopped"));
-        }
         // The stream's credentials, looked up again for each create and checked against the
         // auth state then (etcd's `isWatchPermitted`). A bad token does not fail the stream:
         // the create is refused with the reason, which etcd's clients answer by authenticating
         // again.
         let credentials = crate::auth::gate::Gate::credentials(&request);
+        let require_leader = request
+            .metadata()
+            .get(crate::api::REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        self.open(credentials, require_leader, request.into_inner())
+            .map(Response::new)
+    }
+}
+
+impl WatchService {
+    /// Opens a watch stream that serves `requests` for a caller with `credentials`: the gRPC
+    /// Watch call, and the Lock and Election services' own watches (`api::v3client`).
+    pub fn open<S>(
+        &self,
+        credentials: crate::auth::gate::Credentials,
+        require_leader: bool,
+        mut requests: S,
+    ) -> Result<WatchStream, Status>
+    where
+        S: Stream<Item = Result<pb::WatchRequest, Status>> + Send + Unpin + 'static,
+    {
+        if self.shutdown.fired() {
+            return Err(Status::unavailable("etcdserver: server stopped"));
+        }
         let gate = self.gate.clone();
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::default());
         let hub = self.hubs[(id % self.hubs.len() as u64) as usize].clone();
         hub.send(HubMsg::Open(id, outbox.clone()))
             .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-        let require_leader = request
-            .metadata()
-            .get(crate::api::REQUIRE_LEADER_KEY)
-            .is_some_and(|v| v.as_bytes() == b"true");
         if require_leader {
             // etcd's `monitorLeader`: a stream that asked for a leader ends once the member has
             // had none for three election timeouts, so the client moves to another member.
@@ -918,7 +937,6 @@ impl pb::watch_server::Watch for WatchService {
                 }
             });
         }
-        let mut requests = request.into_inner();
         let reader_outbox = outbox.clone();
         let auth_core = self.core.clone();
         tokio::spawn(async move {
@@ -963,6 +981,6 @@ impl pb::watch_server::Watch for WatchService {
                 None => side.0.take_error().map(|status| (Err(status), None)),
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Box::pin(stream))
     }
 }
