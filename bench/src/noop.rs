@@ -95,7 +95,9 @@ pub fn serve(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
         let incoming = keel::net::bind(addr)?;
         let routes = tonic::service::Routes::new(KvServer::new(Noop));
         eprintln!("keel-bench: no-op KV server listening on {addr}");
-        keel::net::serve_clients(incoming, routes, std::future::pending()).await?;
+        // keel's own defaults (etcd's): the same stack as a member's client listeners.
+        let options = keel::net::ClientOptions::default();
+        keel::net::serve_clients(incoming, routes, options, std::future::pending()).await?;
         Ok(())
     })
 }

@@ -14,6 +14,9 @@ use clap::Parser;
 
 use crate::raft::node::MAX_REQUEST_BYTES_LIMIT;
 
+pub mod compat;
+pub mod file;
+
 /// etcd's default backend quota (2 GiB), used when `--quota-backend-bytes` is 0.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 /// etcd's longest election timeout (50 s).
@@ -31,7 +34,7 @@ pub struct Flags {
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
     pub name: String,
     /// Path to the data directory (default: `<name>.keel`).
-    #[arg(long, env = "ETCD_DATA_DIR")]
+    #[arg(long, env = "ETCD_DATA_DIR", value_parser = crate::config::path_flag)]
     pub data_dir: Option<PathBuf>,
     /// List of URLs to listen on for client traffic.
     #[arg(
@@ -166,10 +169,10 @@ pub struct Flags {
     )]
     pub experimental_watch_progress_notify_interval: String,
     /// Path to the client server TLS cert file.
-    #[arg(long, env = "ETCD_CERT_FILE")]
+    #[arg(long, env = "ETCD_CERT_FILE", value_parser = crate::config::path_flag)]
     pub cert_file: Option<PathBuf>,
     /// Path to the client server TLS key file.
-    #[arg(long, env = "ETCD_KEY_FILE")]
+    #[arg(long, env = "ETCD_KEY_FILE", value_parser = crate::config::path_flag)]
     pub key_file: Option<PathBuf>,
     /// Enable client cert authentication.
     #[arg(
@@ -182,10 +185,10 @@ pub struct Flags {
     )]
     pub client_cert_auth: bool,
     /// Path to the client certificate revocation list file.
-    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE", value_parser = crate::config::path_flag)]
     pub client_crl_file: Option<PathBuf>,
     /// Path to the client server TLS trusted CA cert file.
-    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", value_parser = crate::config::path_flag)]
     pub trusted_ca_file: Option<PathBuf>,
     /// Client TLS using generated certificates.
     #[arg(
@@ -198,10 +201,10 @@ pub struct Flags {
     )]
     pub auto_tls: bool,
     /// Path to the peer server TLS cert file.
-    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", value_parser = crate::config::path_flag)]
     pub peer_cert_file: Option<PathBuf>,
     /// Path to the peer server TLS key file.
-    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", value_parser = crate::config::path_flag)]
     pub peer_key_file: Option<PathBuf>,
     /// Enable peer client cert authentication.
     #[arg(
@@ -214,7 +217,7 @@ pub struct Flags {
     )]
     pub peer_client_cert_auth: bool,
     /// Path to the peer server TLS trusted CA file.
-    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", value_parser = crate::config::path_flag)]
     pub peer_trusted_ca_file: Option<PathBuf>,
     /// Allowed CN for inter peer authentication.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
@@ -233,7 +236,7 @@ pub struct Flags {
     )]
     pub peer_auto_tls: bool,
     /// Path to the peer certificate revocation list file.
-    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    #[arg(long, env = "ETCD_PEER_CRL_FILE", value_parser = crate::config::path_flag)]
     pub peer_crl_file: Option<PathBuf>,
     /// Comma-separated list of supported TLS cipher suites between client/server and peers
     /// (empty will be auto-populated by Go; here: rustls's defaults).
@@ -270,6 +273,9 @@ pub struct Flags {
     /// the disk, so it shares a CPU well).
     #[arg(long, env = "KEEL_NET_THREADS")]
     pub net_threads: Option<usize>,
+    /// The rest of etcd 3.4's flags (`compat`).
+    #[command(flatten)]
+    pub compat: compat::CompatFlags,
 }
 
 /// A `http://host:port` or `https://host:port` URL.
@@ -344,6 +350,8 @@ pub struct Config {
     pub auth_token: crate::auth::jwt::TokenType,
     pub auth_token_ttl: Duration,
     pub bcrypt_cost: u32,
+    /// What the rest of etcd's flags configure.
+    pub compat: compat::Compat,
 }
 
 /// A value clap accepted but Keel cannot use; printed as `invalid value for --flag: why`.
@@ -368,6 +376,17 @@ fn err(flag: &'static str, reason: impl Into<String>) -> ConfigError {
         flag,
         reason: reason.into(),
     }
+}
+
+/// A path flag's value. Unlike clap's own path parser it takes an empty value, which means
+/// "not set", as etcd reads `--cert-file=''` or `ETCD_WAL_DIR=` (see [`set`]).
+pub fn path_flag(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+/// A path flag given a value, or `None` when it is unset or empty.
+pub fn set(path: Option<PathBuf>) -> Option<PathBuf> {
+    path.filter(|p| !p.as_os_str().is_empty())
 }
 
 /// Parses one URL (`http(s)://host:port`, an IPv6 host in brackets).
@@ -450,9 +469,8 @@ impl Flags {
         if self.name.is_empty() {
             return Err(err("name", "must not be empty"));
         }
-        let data_dir = self
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)));
+        let data_dir =
+            set(self.data_dir).unwrap_or_else(|| PathBuf::from(format!("{}.keel", self.name)));
         // Relative to the working directory at start, as etcd's; logged and used absolute.
         let data_dir = std::path::absolute(&data_dir)
             .map_err(|e| err("data-dir", format!("{}: {e}", data_dir.display())))?;
@@ -564,9 +582,13 @@ impl Flags {
         }
         let suites =
             crate::tls::cipher::parse(&self.cipher_suites).map_err(|e| err("cipher-suites", e))?;
-        if let (Some(cn), Some(host)) =
-            (&self.peer_cert_allowed_cn, &self.peer_cert_allowed_hostname)
-        {
+        // Empty means unset, as etcd reads them.
+        let allowed_cn = self.peer_cert_allowed_cn.clone().filter(|s| !s.is_empty());
+        let allowed_hostname = self
+            .peer_cert_allowed_hostname
+            .clone()
+            .filter(|s| !s.is_empty());
+        if let (Some(cn), Some(host)) = (&allowed_cn, &allowed_hostname) {
             // etcd's message.
             return Err(err(
                 "peer-cert-allowed-cn",
@@ -576,24 +598,24 @@ impl Flags {
             ));
         }
         let client_tls = crate::tls::Settings {
-            cert_file: self.cert_file,
-            key_file: self.key_file,
-            trusted_ca_file: self.trusted_ca_file,
+            cert_file: set(self.cert_file),
+            key_file: set(self.key_file),
+            trusted_ca_file: set(self.trusted_ca_file),
             client_cert_auth: self.client_cert_auth,
-            crl_file: self.client_crl_file,
+            crl_file: set(self.client_crl_file),
             auto_tls: self.auto_tls,
             suites: suites.clone(),
             ..Default::default()
         };
         let peer_tls = crate::tls::Settings {
-            cert_file: self.peer_cert_file,
-            key_file: self.peer_key_file,
-            trusted_ca_file: self.peer_trusted_ca_file,
+            cert_file: set(self.peer_cert_file),
+            key_file: set(self.peer_key_file),
+            trusted_ca_file: set(self.peer_trusted_ca_file),
             client_cert_auth: self.peer_client_cert_auth,
-            crl_file: self.peer_crl_file,
+            crl_file: set(self.peer_crl_file),
             auto_tls: self.peer_auto_tls,
-            allowed_cn: self.peer_cert_allowed_cn,
-            allowed_hostname: self.peer_cert_allowed_hostname,
+            allowed_cn,
+            allowed_hostname,
             suites,
             self_signed: false,
         };
@@ -618,7 +640,9 @@ impl Flags {
         } else {
             10
         };
+        let compat = self.compat.resolve()?;
         Ok(Config {
+            compat,
             auth_token,
             auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
             bcrypt_cost,
@@ -827,7 +851,7 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 48);
+        assert_eq!(checked, 88);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`api`]: the gRPC services clients use (KV, Watch, Lease), one file each, and the mapping of
 //!   errors to etcd's statuses.
 //! - [`http`]: `/health`, `/version`, `/metrics`.
+//! - [`logging`]: etcd's `--logger` (plain or zap JSON lines) and `--log-outputs`.
 //! - [`net`]: the network threads' runtime and the client listeners (gRPC and HTTP/1).
 //! - [`notify`]: systemd's readiness protocol (`READY=1` once clients are served).
 //! - [`membership`]: member and cluster IDs, as etcd derives them.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod corrupt;
 pub mod faults;
 pub mod http;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod net;

@@ -11,7 +11,19 @@ use keel::config::Flags;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let mut flags = Flags::parse();
+    if let Some(path) = keel::config::set(flags.compat.config_file.clone()) {
+        flags = match keel::config::file::load(&path) {
+            Ok(mut f) => {
+                f.compat.config_file = Some(path);
+                f
+            }
+            Err(e) => {
+                eprintln!("keel: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    }
     let config = match flags.validate() {
         Ok(c) => c,
         Err(e) => {

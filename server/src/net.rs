@@ -36,9 +36,33 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
 /// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
 /// `incoming` is a plain [`TcpIncoming`] or the TLS connections of one
 /// ([`crate::tls::incoming::incoming`]).
+/// HTTP/2 settings of the client listeners, from etcd's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOptions {
+    /// `--max-concurrent-streams`: streams one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// `--grpc-keepalive-interval`: how often an idle connection is pinged (zero: never).
+    pub keepalive_interval: std::time::Duration,
+    /// `--grpc-keepalive-timeout`: how long a ping may go unanswered before the connection is
+    /// closed (zero: no limit).
+    pub keepalive_timeout: std::time::Duration,
+}
+
+impl Default for ClientOptions {
+    /// etcd's defaults.
+    fn default() -> Self {
+        ClientOptions {
+            max_concurrent_streams: u32::MAX,
+            keepalive_interval: std::time::Duration::from_secs(2 * 3600),
+            keepalive_timeout: std::time::Duration::from_secs(20),
+        }
+    }
+}
+
 pub async fn serve_clients<I, IO, IE>(
     incoming: I,
     routes: Routes,
+    options: ClientOptions,
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -52,8 +76,15 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tonic::transport::Server::builder()
+    let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);
+    let mut builder = tonic::transport::Server::builder()
         .accept_http1(true)
+        .max_concurrent_streams(Some(options.max_concurrent_streams))
+        .http2_keepalive_interval(nonzero(options.keepalive_interval));
+    if let Some(timeout) = nonzero(options.keepalive_timeout) {
+        builder = builder.http2_keepalive_timeout(Some(timeout));
+    }
+    builder
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop)
         .await

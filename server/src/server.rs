@@ -155,9 +155,11 @@ async fn fetch_members(
     bail!("no member answered: {}", errors.join("; "))
 }
 
-/// Whether the data dir holds a WAL (a member restarting, not a new one).
-fn has_wal(data_dir: &Path) -> bool {
-    std::fs::read_dir(data_dir.join("member").join("wal")).is_ok_and(|entries| {
+/// Whether the WAL dir (`--wal-dir`, or the data dir's) holds a WAL (a member restarting, not a
+/// new one).
+fn has_wal(data_dir: &Path, wal_dir: Option<&Path>) -> bool {
+    let dir = wal_dir.map_or_else(|| data_dir.join("member").join("wal"), Path::to_path_buf);
+    std::fs::read_dir(dir).is_ok_and(|entries| {
         entries
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with(".wal"))
@@ -312,18 +314,16 @@ async fn signals(trigger: Arc<ShutdownTrigger>) {
 
 /// Runs a member until it is stopped.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let level = match config.log_level.as_str() {
-        "debug" => tracing::Level::DEBUG,
-        "info" => tracing::Level::INFO,
-        "warn" => tracing::Level::WARN,
-        _ => tracing::Level::ERROR,
+    let level = if config.compat.debug {
+        "debug"
+    } else {
+        config.log_level.as_str()
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: a log file or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::logging::init(level, config.compat.json_logs, &config.compat.log_outputs)
+        .context("opening the log outputs (--log-outputs)")?;
+    for notice in &config.compat.notices {
+        tracing::warn!("{notice}");
+    }
     // Everything the member creates is private to its user (dirs 0700, files 0600), as etcd's.
     // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
@@ -340,7 +340,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut ids = crate::membership::Ids::new(&config);
     let mut known_members = Vec::new();
-    let restarting = has_wal(&config.data_dir);
+    let restarting = has_wal(&config.data_dir, config.compat.wal_dir.as_deref());
     if restarting {
         tracing::info!("restarting a member: the --initial-cluster* flags are ignored");
     }
@@ -422,6 +422,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             dialer: tls.dialer.clone(),
             auth_token_ttl: config.auth_token_ttl,
             force_new_cluster: config.force_new_cluster,
+            wal_dir: config.compat.wal_dir.clone(),
+            pre_vote: config.compat.pre_vote,
         },
         runtime.handle().clone(),
     )
@@ -436,6 +438,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cluster_id = format!("{cluster_id:x}"),
         "member ready"
     );
+    // Keel serves etcd 3.4's API: the capabilities of cluster version 3.4.
+    tracing::info!(cluster_version = "3.4", "enabled capabilities for version");
     if config.initial_corrupt_check {
         // Before serving peers or clients, as etcd.
         runtime.block_on(crate::corrupt::initial_check(&core))?;
@@ -556,6 +560,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             peer_servers.push(server);
         }
         let mut servers = Vec::new();
+        let client_options = crate::net::ClientOptions {
+            max_concurrent_streams: config.compat.max_concurrent_streams,
+            keepalive_interval: config.compat.keepalive_interval,
+            keepalive_timeout: config.compat.keepalive_timeout,
+        };
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
             let stop = shutdown.clone();
@@ -566,13 +575,53 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 (Some(t), true) => tokio::spawn(crate::net::serve_clients(
                     crate::tls::incoming::incoming(incoming, t.clone(), "client"),
                     routes.clone(),
+                    client_options,
                     stop,
                 )),
-                _ => tokio::spawn(crate::net::serve_clients(incoming, routes.clone(), stop)),
+                _ => tokio::spawn(crate::net::serve_clients(
+                    incoming,
+                    routes.clone(),
+                    client_options,
+                    stop,
+                )),
             };
-            tracing::info!(%url, %addr, "serving client requests");
+            if url.tls {
+                tracing::info!(address = %addr, "serving client traffic securely");
+            } else {
+                tracing::info!(
+                    address = %addr,
+                    "serving client traffic insecurely; this is strongly discouraged!"
+                );
+            }
             servers.push(server);
         }
+        // `--listen-metrics-urls`: /metrics and /health (and /version) alone, for monitoring
+        // that should not reach the client port.
+        for url in &config.compat.listen_metrics_urls {
+            let addr = resolve(url).await?;
+            let stop = shutdown.clone();
+            let incoming = crate::net::bind(addr)
+                .with_context(|| format!("cannot listen for metrics on {url} ({addr})"))?;
+            let stop = async move { stop.wait().await };
+            let metrics_routes = tonic::service::Routes::from(crate::http::router(core.clone()));
+            let server = match (&tls.client, url.tls) {
+                (Some(t), true) => tokio::spawn(crate::net::serve_clients(
+                    crate::tls::incoming::incoming(incoming, t.clone(), "metrics"),
+                    metrics_routes,
+                    client_options,
+                    stop,
+                )),
+                _ => tokio::spawn(crate::net::serve_clients(
+                    incoming,
+                    metrics_routes,
+                    client_options,
+                    stop,
+                )),
+            };
+            tracing::info!(%url, %addr, "serving metrics and health");
+            servers.push(server);
+        }
+        tracing::info!("ready to serve client requests");
         crate::notify::notify("READY=1");
         let fatal = tokio::select! {
             _ = shutdown.wait() => None,

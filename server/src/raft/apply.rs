@@ -338,8 +338,10 @@ impl Node {
                 if attrs.id == self.shared.member_id && !self.published {
                     self.published = true;
                     tracing::info!(
-                        name = %m.name,
-                        client_urls = ?m.client_urls,
+                        local_member_id = format!("{:x}", m.id),
+                        local_member_attributes =
+                            format!("{{Name:{} ClientURLs:{:?}}}", m.name, m.client_urls),
+                        cluster_id = format!("{:x}", self.shared.cluster_id),
                         "published local member to cluster through raft"
                     );
                 }

@@ -120,6 +120,10 @@ pub struct CoreConfig {
     /// Tests only: a fixed election timeout in ticks instead of raft's randomized one, so that
     /// a seeded run replays exactly.
     pub fixed_election_tick: Option<usize>,
+    /// `--wal-dir`: the WAL's own directory (`None`: `<data-dir>/member/wal`).
+    pub wal_dir: Option<PathBuf>,
+    /// `--pre-vote`: raft's PreVote phase (Keel's default: on).
+    pub pre_vote: bool,
 }
 
 impl CoreConfig {
@@ -324,7 +328,7 @@ impl Node {
         network: impl FnOnce(u64, u64) -> Arc<dyn Network>,
     ) -> Result<Node> {
         let member = cfg.data_dir.join("member");
-        let wal_dir = member.join("wal");
+        let wal_dir = cfg.wal_dir.clone().unwrap_or_else(|| member.join("wal"));
         let snap_dir = member.join("snap");
         private_dir(&wal_dir)?;
         private_dir(&snap_dir)?;
@@ -342,7 +346,7 @@ impl Node {
                 SyncObserver(Arc::new(move |d| {
                     Metrics::observe(&metrics.wal_fsync, d);
                     if d >= Duration::from_secs(1) {
-                        tracing::warn!(took = ?d, "slow fdatasync");
+                        tracing::warn!(took = ?d, expected_duration = "1s", "slow fdatasync");
                     }
                 }))
             }),
@@ -493,7 +497,7 @@ impl Node {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             check_quorum: true,
-            pre_vote: true,
+            pre_vote: cfg.pre_vote,
             min_election_tick: cfg.fixed_election_tick.unwrap_or(0),
             max_election_tick: cfg.fixed_election_tick.map_or(0, |t| t + 1),
             ..raft::Config::default()
@@ -1157,8 +1161,14 @@ impl Node {
             .is_leader
             .store(role == StateRole::Leader, Ordering::Release);
         if leader != self.leader {
+            // etcd's raft lines (its zap logger prints them as the message).
+            let (id, term) = (self.shared.member_id, self.raw.raft.term);
             if leader != raft::INVALID_ID {
                 m.leader_changes.inc();
+                tracing::info!("raft.node: {id:x} elected leader {leader:x} at term {term}");
+            } else {
+                let old = self.leader;
+                tracing::info!("raft.node: {id:x} lost leader {old:x} at term {term}");
             }
             self.leader_changed_at = Instant::now();
             // Reads waiting on the old leader's ReadIndex will not be answered (etcd fails them

@@ -132,6 +132,8 @@ impl Sim {
             dialer: crate::tls::dial::Dialer::default(),
             auth_token_ttl: std::time::Duration::from_secs(300),
             force_new_cluster: false,
+            wal_dir: None,
+            pre_vote: true,
         }
     }
 
