@@ -12,9 +12,13 @@
 #   3. a second run reports no changes;
 #   4. the members run as the keel user, with the unit's file limit and I/O class, in a 0700 data
 #      dir, and the supervisor restarts a member killed with SIGKILL;
-#   5. a configuration change restarts the members one at a time, and the data stays;
-#   6. rolling-restart.yml with a new binary upgrades every member, one at a time;
-#   7. the backup job writes snapshots that etcdctl reads, and keeps only the newest.
+#   5. rolling-restart.yml with a new binary upgrades every member, one at a time;
+#   6. supervised members start at boot (a cron @reboot entry);
+#   7. a configuration change: deploy.yml (site.yml's first play, as in a run that stopped
+#      there) marks the members, and the next site.yml run restarts them one at a time, with
+#      the data kept;
+#   8. rolling-restart.yml --limit restarts only the members named;
+#   9. the backup job writes snapshots that etcdctl reads, and keeps only the newest.
 #
 # Needs root (namespaces, sshd, a system user), ansible, ansible-lint, sshd, etcdctl, openssl.
 # Usage: ansible/tests/run.sh [KEEL_BIN_DIR]    (default: target/debug)
@@ -57,7 +61,7 @@ cleanup() {
     [[ -s $tmp/sshd-$i.pid ]] && kill "$(cat "$tmp/sshd-$i.pid")" 2>/dev/null
     ip netns del "$(ns "$i")" 2>/dev/null
     ip link del "${tag}v$i" 2>/dev/null
-    rm -f "/etc/cron.d/keel-backup-m$i"
+    rm -f "/etc/cron.d/keel-backup-m$i" "/etc/cron.d/keel-m$i"
   done
   ip link del "${tag}br" 2>/dev/null
   if [[ $user_existed -eq 0 ]]; then
@@ -232,7 +236,7 @@ for i in $(seq 0 $((n - 1))); do
   grep -qE "^Max open files +$nofile +$nofile " "/proc/$pid/limits" || fail "m$i: open files limit"
   [[ $(ionice -p "$pid") == "best-effort: prio 0" ]] || fail "m$i: ionice $(ionice -p "$pid")"
   [[ $(stat -c '%a %U' "$tmp/hosts/m$i/var/lib/keel") == "700 keel" ]] || fail "m$i: data dir mode"
-  [[ $(stat -c '%a %U' "$tmp/hosts/m$i/etc/keel/tls/peer-key.pem") == "600 keel" ]] || fail "m$i: key mode"
+  [[ $(stat -c '%a %U %G' "$tmp/hosts/m$i/etc/keel/tls/peer-key.pem") == "640 root keel" ]] || fail "m$i: key mode"
   grep -qx 'ETCD_HEARTBEAT_INTERVAL=50' "$tmp/hosts/m$i/etc/keel/keel.env" || fail "m$i: env file"
 done
 victim=$(keel_pid 1)
@@ -249,26 +253,11 @@ wait_healthy
 [[ $(ctl 1 get /ansible/greeting --print-value-only) == hello ]] || fail "m1 lost the key"
 echo "m1 restarted by its supervisor: pid $victim -> $new"
 
-say "5. a configuration change restarts the members one at a time"
 before=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
-play run3 site.yml -e keel_snapshot_count=20000
-after=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
-for i in $(seq 0 $((n - 1))); do
-  grep -qx 'ETCD_SNAPSHOT_COUNT=20000' "$tmp/hosts/m$i/etc/keel/keel.env" || fail "m$i: new env"
-  [[ $(sed -n "$((i + 1))p" <<<"$before") != $(sed -n "$((i + 1))p" <<<"$after") ]] \
-    || fail "m$i was not restarted"
-done
-# The second play restarted one host per batch, and waited for every member's health each time.
-[[ $(grep -c 'TASK \[keel : Restart the member (supervised)\]' "$tmp/run3.log") -eq $n ]] \
-  || fail "expected $n restart batches"
-wait_healthy
-[[ $(ctl 2 get /ansible/greeting --print-value-only) == hello ]] || fail "data lost in the restart"
-
-say "6. rolling-restart.yml with a new binary: an upgrade, one member at a time"
+say "5. rolling-restart.yml with a new binary: an upgrade, one member at a time"
 cp "$tmp/bin/keel" "$tmp/bin/keel-next"
 printf 'next' >>"$tmp/bin/keel-next" # a different file that still runs: ELF ignores a tail
-before=$after
-play run4 rolling-restart.yml -e keel_binary_src="$tmp/bin/keel-next" -e keel_snapshot_count=20000
+play run4 rolling-restart.yml -e keel_binary_src="$tmp/bin/keel-next"
 after=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
 for i in $(seq 0 $((n - 1))); do
   cmp -s "$tmp/bin/keel-next" "$tmp/hosts/m$i/usr/local/bin/keel" || fail "m$i was not upgraded"
@@ -279,7 +268,42 @@ wait_healthy
 ctl 0 put /ansible/after-upgrade yes >/dev/null
 [[ $(ctl 2 get /ansible/after-upgrade --print-value-only) == yes ]] || fail "no write after the upgrade"
 
-say "7. backups: scheduled, in etcd's format, the newest kept"
+say "6. boot: supervised members start from cron at boot"
+grep -q "^@reboot root $tmp/hosts/m0/usr/local/bin/keel-service start" /etc/cron.d/keel-m0 \
+  || { cat /etc/cron.d/keel-m0; fail "no @reboot entry"; }
+
+say "7. a configuration change: marked by deploy.yml, restarted one at a time by site.yml"
+# deploy.yml is site.yml's first play alone: a run that stopped there (a failure, an
+# interrupt) leaves the changed member marked, and the next site.yml run restarts it.
+before=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
+play run5 deploy.yml -e keel_snapshot_count=30000 -e keel_binary_src="$tmp/bin/keel-next"
+for i in $(seq 0 $((n - 1))); do
+  [[ -e $tmp/hosts/m$i/etc/keel/restart-pending ]] || fail "m$i: no restart-pending mark"
+  [[ $(keel_pid "$i") == $(sed -n "$((i + 1))p" <<<"$before") ]] || fail "m$i restarted by deploy.yml"
+done
+play run6 site.yml -e keel_snapshot_count=30000 -e keel_binary_src="$tmp/bin/keel-next"
+for i in $(seq 0 $((n - 1))); do
+  grep -qx 'ETCD_SNAPSHOT_COUNT=30000' "$tmp/hosts/m$i/etc/keel/keel.env" || fail "m$i: new env"
+  [[ ! -e $tmp/hosts/m$i/etc/keel/restart-pending ]] || fail "m$i: the mark stayed"
+  [[ $(keel_pid "$i") != $(sed -n "$((i + 1))p" <<<"$before") ]] || fail "m$i was not restarted by the next run"
+done
+# The second play restarted one host per batch, and waited for every member's health each time.
+[[ $(grep -c 'TASK \[keel : Restart the member (supervised)\]' "$tmp/run6.log") -eq $n ]] \
+  || fail "expected $n restart batches"
+wait_healthy
+[[ $(ctl 2 get /ansible/greeting --print-value-only) == hello ]] || fail "data lost in the restarts"
+
+say "8. rolling-restart.yml on one member (--limit): only it restarts"
+before=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
+play run7 rolling-restart.yml --limit m1 -e keel_binary_src="$tmp/bin/keel-next"
+after=$(for i in $(seq 0 $((n - 1))); do keel_pid "$i"; done)
+for i in $(seq 0 $((n - 1))); do
+  same=$([[ $(sed -n "$((i + 1))p" <<<"$before") == $(sed -n "$((i + 1))p" <<<"$after") ]] && echo 1 || echo 0)
+  if [[ $i -eq 1 ]]; then [[ $same -eq 0 ]] || fail "m1 was not restarted"; else [[ $same -eq 1 ]] || fail "m$i was restarted"; fi
+done
+wait_healthy
+
+say "9. backups: scheduled, in etcd's format, the newest kept"
 cron="/etc/cron.d/keel-backup-m0"
 grep -q "^17 \* \* \* \* keel $tmp/hosts/m0/usr/local/bin/keel-backup" "$cron" || { cat "$cron"; fail "cron entry"; }
 for _ in 1 2 3; do
