@@ -16,6 +16,7 @@
 //! - [`membership`]: member and cluster IDs, as etcd derives them.
 //! - [`compactor`]: auto compaction (`--auto-compaction-*`) as etcd's.
 //! - [`metrics`]: Prometheus metrics under etcd's names.
+//! - [`gateway`]: `keel gateway start`, etcd's L4 TCP gateway in front of a cluster.
 //! - [`faults`]: fault injection for tests (environment variables, inert unless set).
 
 pub mod alarm;
@@ -25,6 +26,7 @@ pub mod compactor;
 pub mod config;
 pub mod corrupt;
 pub mod faults;
+pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod membership;

@@ -11,6 +11,27 @@ use keel::config::Flags;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // `keel gateway start [flags]`: etcd's L4 gateway instead of a member.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "gateway") {
+        if args.get(2).is_none_or(|a| a != "start") {
+            eprintln!(
+                "usage: keel gateway start [--endpoints=...] [--listen-addr=...] [--retry-delay=...]"
+            );
+            return ExitCode::from(2);
+        }
+        let flags = keel::gateway::GatewayFlags::parse_from(
+            std::iter::once(std::ffi::OsString::from("keel gateway start"))
+                .chain(args[3..].iter().cloned()),
+        );
+        return match keel::gateway::run(flags) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel gateway: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut flags = Flags::parse();
     if let Some(path) = keel::config::set(flags.compat.config_file.clone()) {
         flags = match keel::config::file::load(&path) {

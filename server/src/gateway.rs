@@ -1,0 +1,272 @@
+//! `keel gateway start`: etcd's L4 gateway (`etcd gateway start`), a TCP proxy in front of a
+//! cluster's client URLs, so that clients that know one address reach whichever members are up.
+//!
+//! Each accepted connection goes to the next endpoint in turn (round robin) among those not
+//! marked down, and its bytes are copied both ways until either side closes. An endpoint that
+//! refuses a connection is marked down for `--retry-delay` and the next one is tried; a monitor
+//! dials the endpoints marked down every `--retry-delay` and brings back those that answer. With
+//! every endpoint down, the client's connection is closed. As etcd's gateway, it does not look
+//! into the bytes: TLS, gRPC and HTTP pass through unchanged.
+//!
+//! Flags are etcd's: `--endpoints` (schemes are stripped), `--listen-addr`, `--retry-delay`.
+//! `--discovery-srv` is refused, as discovery is not implemented.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// `keel gateway start` flags, etcd's.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "keel gateway start",
+    about = "Starts an L4 TCP gateway in front of a cluster"
+)]
+pub struct GatewayFlags {
+    /// Comma separated etcd cluster endpoints.
+    #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:23790")]
+    pub listen_addr: String,
+    /// Duration of delay before retrying failed endpoints.
+    #[arg(long, default_value = "1m0s")]
+    pub retry_delay: String,
+    /// DNS domain used to bootstrap initial cluster (not implemented: refused).
+    #[arg(long, default_value = "")]
+    pub discovery_srv: String,
+    /// Service name to query when using DNS discovery.
+    #[arg(long, default_value = "")]
+    pub discovery_srv_name: String,
+    /// Accept insecure SRV records.
+    #[arg(long, default_value_t = false)]
+    pub insecure_discovery: bool,
+    /// Path to the client server TLS CA file for verifying the discovered endpoints.
+    #[arg(long, default_value = "")]
+    pub trusted_ca_file: String,
+}
+
+/// One endpoint and until when it is marked down.
+#[derive(Debug)]
+struct Remote {
+    addr: String,
+    down_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Remote {
+    fn active(&self) -> bool {
+        self.down_until.lock().map(|d| d.is_none()).unwrap_or(true)
+    }
+
+    fn mark(&self, down: Option<Instant>) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = down;
+        }
+    }
+}
+
+/// The gateway's endpoints and its round-robin position.
+#[derive(Debug)]
+struct Remotes {
+    list: Vec<Remote>,
+    next: AtomicUsize,
+    retry_delay: Duration,
+}
+
+impl Remotes {
+    /// The next active endpoint after the last one picked (etcd's unweighted `pick`).
+    fn pick(&self) -> Option<&Remote> {
+        let n = self.list.len();
+        for _ in 0..n {
+            let r = &self.list[self.next.fetch_add(1, Ordering::Relaxed) % n];
+            if r.active() {
+                return Some(r);
+            }
+        }
+        None
+    }
+}
+
+/// An endpoint without its scheme (`http://a:2379` → `a:2379`), as etcd's `stripSchema`.
+pub fn strip_scheme(endpoint: &str) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
+    if !flags.discovery_srv.is_empty() {
+        bail!("--discovery-srv: DNS SRV discovery is not implemented yet; give --endpoints");
+    }
+    let retry_delay = crate::config::parse_go_duration(&flags.retry_delay)
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--retry-delay: {:?} is not a positive duration",
+                flags.retry_delay
+            )
+        })?;
+    let endpoints: Vec<String> = flags
+        .endpoints
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .map(strip_scheme)
+        .collect();
+    if endpoints.is_empty() {
+        bail!("--endpoints: no endpoint given");
+    }
+    for e in &endpoints {
+        if e == &flags.listen_addr {
+            bail!("endpoint {e} is the same as the listen address");
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(flags.listen_addr, endpoints, retry_delay))
+}
+
+async fn serve(
+    listen: String,
+    endpoints: Vec<String>,
+    retry_delay: Duration,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let remotes = Arc::new(Remotes {
+        list: endpoints
+            .iter()
+            .map(|addr| Remote {
+                addr: addr.clone(),
+                down_until: std::sync::Mutex::new(None),
+            })
+            .collect(),
+        next: AtomicUsize::new(0),
+        retry_delay,
+    });
+    tokio::spawn(monitor(remotes.clone()));
+    tracing::info!(address = %listen, ?endpoints, "ready to proxy client requests");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    let _ = client.set_nodelay(true);
+                    tokio::spawn(proxy(client, remotes.clone()));
+                }
+                // Out of file descriptors and the like: wait a little rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How long a dial to an endpoint may take before the next one is tried.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects `client` to the first endpoint that answers and copies bytes both ways.
+async fn proxy(mut client: tokio::net::TcpStream, remotes: Arc<Remotes>) {
+    let mut upstream = None;
+    while let Some(remote) = remotes.pick() {
+        match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(&remote.addr)).await
+        {
+            Ok(Ok(stream)) => {
+                upstream = Some(stream);
+                break;
+            }
+            Ok(Err(e)) => {
+                remote.mark(Some(Instant::now() + remotes.retry_delay));
+                tracing::warn!(address = %remote.addr, interval = ?remotes.retry_delay, error = %e, "deactivated endpoint");
+            }
+            Err(_) => {
+                remote.mark(Some(Instant::now() + remotes.retry_delay));
+                tracing::warn!(address = %remote.addr, interval = ?remotes.retry_delay, "deactivated endpoint: the dial timed out");
+            }
+        }
+    }
+    let Some(mut upstream) = upstream else {
+        tracing::warn!("no endpoint is up: closing the client's connection");
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Every `retry_delay`, dials the endpoints marked down and brings back those that answer.
+async fn monitor(remotes: Arc<Remotes>) {
+    loop {
+        tokio::time::sleep(remotes.retry_delay).await;
+        for remote in remotes.list.iter().filter(|r| !r.active()) {
+            match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(&remote.addr))
+                .await
+            {
+                Ok(Ok(_)) => {
+                    remote.mark(None);
+                    tracing::info!(address = %remote.addr, "activated");
+                }
+                _ => {
+                    remote.mark(Some(Instant::now() + remotes.retry_delay));
+                    tracing::warn!(address = %remote.addr, interval = ?remotes.retry_delay,
+                        "failed to activate endpoint (stay inactive for another interval)");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_are_stripped_as_etcd_does() {
+        assert_eq!(strip_scheme("http://127.0.0.1:2379"), "127.0.0.1:2379");
+        assert_eq!(strip_scheme("https://a.example:2379/"), "a.example:2379");
+        assert_eq!(strip_scheme("10.0.0.1:2379"), "10.0.0.1:2379");
+    }
+
+    #[test]
+    fn picks_go_round_robin_over_active_endpoints() {
+        let remotes = Remotes {
+            list: ["a", "b", "c"]
+                .iter()
+                .map(|a| Remote {
+                    addr: a.to_string(),
+                    down_until: std::sync::Mutex::new(None),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            retry_delay: Duration::from_secs(60),
+        };
+        let picks: Vec<&str> = (0..4)
+            .map(|_| remotes.pick().unwrap().addr.as_str())
+            .collect();
+        assert_eq!(picks, ["a", "b", "c", "a"]);
+        remotes.list[1].mark(Some(Instant::now()));
+        let picks: Vec<&str> = (0..3)
+            .map(|_| remotes.pick().unwrap().addr.as_str())
+            .collect();
+        assert_eq!(picks, ["c", "a", "c"]);
+        for r in &remotes.list {
+            r.mark(Some(Instant::now()));
+        }
+        assert!(remotes.pick().is_none());
+    }
+}
