@@ -87,7 +87,7 @@ pub struct Flags {
         env = "ETCD_STRICT_RECONFIG_CHECK",
         default_value_t = true,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub strict_reconfig_check: bool,
@@ -140,7 +140,7 @@ pub struct Flags {
         env = "ETCD_FORCE_NEW_CLUSTER",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub force_new_cluster: bool,
@@ -150,7 +150,7 @@ pub struct Flags {
         env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub experimental_initial_corrupt_check: bool,
@@ -180,7 +180,7 @@ pub struct Flags {
         env = "ETCD_CLIENT_CERT_AUTH",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub client_cert_auth: bool,
@@ -196,7 +196,7 @@ pub struct Flags {
         env = "ETCD_AUTO_TLS",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub auto_tls: bool,
@@ -212,7 +212,7 @@ pub struct Flags {
         env = "ETCD_PEER_CLIENT_CERT_AUTH",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub peer_client_cert_auth: bool,
@@ -231,7 +231,7 @@ pub struct Flags {
         env = "ETCD_PEER_AUTO_TLS",
         default_value_t = false,
         num_args = 0..=1,
-        default_missing_value = "true",
+        default_missing_value = "true", value_parser = crate::config::go_bool,
         action = clap::ArgAction::Set
     )]
     pub peer_auto_tls: bool,
@@ -375,6 +375,16 @@ fn err(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         flag,
         reason: reason.into(),
+    }
+}
+
+/// A boolean flag's value as Go's `strconv.ParseBool` reads it (etcd's flags and `ETCD_*`
+/// variables): `1`, `t`, `T`, `TRUE`, `true`, `True`, and their opposites.
+pub fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
     }
 }
 
@@ -851,7 +861,20 @@ mod tests {
             assert_eq!(env.to_str().unwrap(), expected, "--{long}");
             checked += 1;
         }
-        assert_eq!(checked, 88);
+        assert_eq!(checked, 92);
+    }
+
+    #[test]
+    fn booleans_as_go_reads_them() {
+        for t in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(go_bool(t), Ok(true));
+        }
+        for f in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(go_bool(f), Ok(false));
+        }
+        assert!(go_bool("yes").is_err());
+        let flags = Flags::try_parse_from(["keel", "--debug=1", "--force-new-cluster=F"]).unwrap();
+        assert!(flags.compat.debug && !flags.force_new_cluster);
     }
 
     #[test]

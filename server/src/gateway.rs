@@ -40,7 +40,7 @@ pub struct GatewayFlags {
     #[arg(long, default_value = "")]
     pub discovery_srv_name: String,
     /// Accept insecure SRV records.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub insecure_discovery: bool,
     /// Path to the client server TLS CA file for verifying the discovered endpoints.
     #[arg(long, default_value = "")]
@@ -156,7 +156,9 @@ async fn serve(
     });
     tokio::spawn(monitor(remotes.clone()));
     tracing::info!(address = %listen, ?endpoints, "ready to proxy client requests");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -170,7 +172,7 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
         }
     }
@@ -206,7 +208,13 @@ async fn proxy(mut client: tokio::net::TcpStream, remotes: Arc<Remotes>) {
         return;
     };
     let _ = upstream.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    // As etcd's gateway: when either side ends, both connections are closed.
+    let (mut client_read, mut client_write) = client.split();
+    let (mut up_read, mut up_write) = upstream.split();
+    tokio::select! {
+        _ = tokio::io::copy(&mut client_read, &mut up_write) => {}
+        _ = tokio::io::copy(&mut up_read, &mut client_write) => {}
+    }
 }
 
 /// Every `retry_delay`, dials the endpoints marked down and brings back those that answer.

@@ -177,11 +177,18 @@ impl Tls {
     /// Reads the certificates (or makes the `--auto-tls` ones), as etcd checks them at start:
     /// an `https` URL without a certificate, or a file that does not load, stops the start.
     fn load(config: &Config) -> anyhow::Result<Tls> {
+        // The metrics URLs serve with the client certificate, as etcd's.
+        let client_urls: Vec<Url> = config
+            .listen_client_urls
+            .iter()
+            .chain(&config.compat.listen_metrics_urls)
+            .cloned()
+            .collect();
         let client = Self::side(
             config,
             "client",
             &config.client_tls,
-            &config.listen_client_urls,
+            &client_urls,
             ("cert-file", "key-file"),
         )?;
         let (peer, peer_settings) = Self::side(
@@ -605,6 +612,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let stop = async move { stop.wait().await };
             let metrics_routes = tonic::service::Routes::from(crate::http::router(core.clone()));
             let server = match (&tls.client, url.tls) {
+                (None, true) => bail!("no client TLS for the metrics URL {url}"),
                 (Some(t), true) => tokio::spawn(crate::net::serve_clients(
                     crate::tls::incoming::incoming(incoming, t.clone(), "metrics"),
                     metrics_routes,

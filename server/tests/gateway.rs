@@ -9,7 +9,17 @@ use std::process::{Child, Command, Stdio};
 
 use common::{Cluster, free_port, wait_listening};
 
-fn gateway(endpoints: &[String], port: u16) -> Child {
+/// The gateway process, killed by PID when dropped (also when a test fails).
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn gateway(endpoints: &[String], port: u16) -> Gateway {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["gateway", "start"])
         .arg(format!("--endpoints={}", endpoints.join(",")))
@@ -20,7 +30,7 @@ fn gateway(endpoints: &[String], port: u16) -> Child {
         .spawn()
         .unwrap();
     wait_listening(&mut child, port, "keel gateway");
-    child
+    Gateway(child)
 }
 
 #[test]
@@ -28,7 +38,7 @@ fn clients_continue_through_the_gateway_when_a_member_dies() {
     let mut cluster = Cluster::start(3, &[]);
     let port = free_port();
     let endpoints: Vec<String> = (0..3).map(|i| cluster.endpoint(i)).collect();
-    let mut gw = gateway(&endpoints, port);
+    let _gateway = gateway(&endpoints, port);
     let through = format!("127.0.0.1:{port}");
     common::wait_for("a write through the gateway", || {
         common::etcdctl(&through, &["put", "k0", "v"])
@@ -50,8 +60,6 @@ fn clients_continue_through_the_gateway_when_a_member_dies() {
         let (ok, out) = common::etcdctl(&through, &["get", &key, "--print-value-only"]);
         assert!(ok && out == "v\n", "get {key}: {out}");
     }
-    let _ = gw.kill();
-    let _ = gw.wait();
 }
 
 #[test]

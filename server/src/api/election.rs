@@ -109,7 +109,7 @@ impl epb::election_server::Election for ElectionService {
         let req = request.into_inner();
         let lease = session_lease(&client, req.lease).await?;
         let prefix = prefix(&req.name);
-        let key = [prefix.as_slice(), format!("{lease:x}").as_bytes()].concat();
+        let key = [prefix.as_slice(), super::lock::go_hex(lease).as_bytes()].concat();
         let resp = client
             .txn(pb::TxnRequest {
                 compare: vec![created_at(&key, 0)],
@@ -189,9 +189,13 @@ impl epb::election_server::Election for ElectionService {
         let prefix = prefix(&request.into_inner().name);
         let (tx, rx) = tokio::sync::mpsc::channel(OBSERVE_QUEUE);
         tokio::spawn(async move {
-            // Ends when the caller goes away (a send fails) or a read or watch fails, which
-            // ends the stream without an error, as etcd's.
-            let _ = observe(&client, &prefix, &tx).await;
+            // Ends when the caller goes away (even while nothing changes: its receiver is
+            // dropped), or a read or watch fails, which ends the stream without an error, as
+            // etcd's.
+            tokio::select! {
+                _ = observe(&client, &prefix, &tx) => {}
+                _ = tx.closed() => {}
+            }
         });
         let stream =
             futures::stream::unfold(

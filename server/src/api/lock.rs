@@ -68,6 +68,16 @@ impl Drop for Release {
     }
 }
 
+/// A lease ID as Go's `%x` prints it (a negative one with a minus sign), the suffix of the lock
+/// and candidate keys etcd makes.
+pub(crate) fn go_hex(id: i64) -> String {
+    if id < 0 {
+        format!("-{:x}", id.unsigned_abs())
+    } else {
+        format!("{id:x}")
+    }
+}
+
 /// A compare of `key`'s create revision with `rev`.
 pub(crate) fn created_at(key: &[u8], rev: i64) -> pb::Compare {
     pb::Compare {
@@ -134,7 +144,7 @@ impl lpb::lock_server::Lock for LockService {
         let lease = session_lease(&client, req.lease).await?;
         let mut prefix = req.name;
         prefix.push(b'/');
-        let key = [prefix.as_slice(), format!("{lease:x}").as_bytes()].concat();
+        let key = [prefix.as_slice(), go_hex(lease).as_bytes()].concat();
         // Queue up, unless this lease is already queued (or holds the lock), and read the
         // holder in the same round trip.
         let resp = client
@@ -178,5 +188,15 @@ impl lpb::lock_server::Lock for LockService {
         Ok(Response::new(lpb::UnlockResponse {
             header: resp.header,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lease_ids_print_as_gos_hex() {
+        assert_eq!(super::go_hex(0x694d), "694d");
+        assert_eq!(super::go_hex(-0x1f), "-1f");
+        assert_eq!(super::go_hex(i64::MIN), "-8000000000000000");
     }
 }

@@ -224,12 +224,16 @@ impl Watcher {
     /// client reports them (the waiters then fail instead of waiting forever).
     pub async fn next_response(&mut self) -> Result<pb::WatchResponse, Status> {
         loop {
+            // Errors as etcd's client library reports them (code Unknown, see
+            // `as_client_error`); Unavailable would make clients retry a Lock.
             let resp = match self.responses.next().await {
-                Some(r) => r?,
-                None => return Err(Status::unavailable("lost watcher waiting for delete")),
+                Some(r) => r.map_err(as_client_error)?,
+                None => return Err(Status::unknown("lost watcher waiting for delete")),
             };
             if resp.compact_revision != 0 {
-                return Err(crate::api::convert::status(&keel_engine::Error::Compacted));
+                return Err(as_client_error(crate::api::convert::status(
+                    &keel_engine::Error::Compacted,
+                )));
             }
             if resp.canceled {
                 let reason = if resp.cancel_reason.is_empty() {

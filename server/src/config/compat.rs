@@ -62,7 +62,7 @@ pub struct CompatFlags {
     #[arg(long, env = "ETCD_CLIENT_CERT_ALLOWED_HOSTNAME", default_value = "")]
     pub client_cert_allowed_hostname: String,
     /// Skip verification of SAN field in client certificate for peer connections.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub experimental_peer_skip_client_san_verification: bool,
     /// Comma-separated whitelist of origins for CORS (empty or * means allow all).
     #[arg(long, env = "ETCD_CORS", default_value = "*")]
@@ -105,23 +105,23 @@ pub struct CompatFlags {
     #[arg(long, env = "ETCD_PROXY_READ_TIMEOUT", default_value_t = 0)]
     pub proxy_read_timeout: u64,
     /// Accept etcd V2 client requests (Keel serves only v3).
-    #[arg(long, env = "ETCD_ENABLE_V2", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_ENABLE_V2", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub enable_v2: bool,
     /// Serve v2 requests through the v3 backend under a given prefix (Keel serves only v3).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_V2V3", default_value = "")]
     pub experimental_enable_v2v3: String,
     /// Enable runtime profiling data via HTTP server (Go's pprof; Keel has none).
-    #[arg(long, env = "ETCD_ENABLE_PPROF", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_ENABLE_PPROF", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub enable_pprof: bool,
     /// Enable to run an additional Raft election phase (Keel's default: true; etcd 3.4's:
     /// false).
-    #[arg(long, env = "ETCD_PRE_VOTE", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_PRE_VOTE", default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub pre_vote: bool,
     /// Whether to fast-forward initial election ticks on boot for faster election.
-    #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub initial_election_tick_advance: bool,
     /// Enables the leader to persist leases' remaining TTLs (Keel always does).
-    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub experimental_enable_lease_checkpoint: bool,
     /// Maximum revisions deleted in each compaction batch.
     #[arg(
@@ -153,8 +153,23 @@ pub struct CompatFlags {
     /// A log level for each etcd package (capnslog's; Keel has one level, --log-level).
     #[arg(long, env = "ETCD_LOG_PACKAGE_LEVELS", default_value = "")]
     pub log_package_levels: String,
+    /// Enable gRPC gateway (Keel has no JSON gateway yet; accepted, as the default).
+    #[arg(long, env = "ETCD_ENABLE_GRPC_GATEWAY", default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
+    pub enable_grpc_gateway: bool,
+    /// Disables fsync, unsafe, will cause data loss (refused: Keel always syncs its WAL).
+    #[arg(long, env = "ETCD_UNSAFE_NO_FSYNC", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
+    pub unsafe_no_fsync: bool,
+    /// Persist lease checkpoints (Keel always does).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
+    pub experimental_enable_lease_checkpoint_persist: bool,
+    /// Deprecated: use --log-outputs (etcd 3.4 still reads it).
+    #[arg(long, env = "ETCD_LOG_OUTPUT", default_value = "")]
+    pub log_output: String,
+    /// Keys of a configuration file that Keel does not know, ignored as etcd ignores them.
+    #[arg(skip)]
+    pub ignored_config_keys: Vec<String>,
     /// Enable debug-level logging (as --log-level=debug).
-    #[arg(long, env = "ETCD_DEBUG", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "ETCD_DEBUG", default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub debug: bool,
 }
 
@@ -213,6 +228,13 @@ impl CompatFlags {
                 "Keel has no v2 proxy mode; run a member, or an L4 proxy in front of members",
             ));
         }
+        if self.unsafe_no_fsync {
+            return Err(err(
+                "unsafe-no-fsync",
+                "Keel acknowledges a write only once its WAL record is synced; it has no mode \
+                 that loses acknowledged writes",
+            ));
+        }
         if self.enable_pprof {
             return Err(err(
                 "enable-pprof",
@@ -265,12 +287,13 @@ impl CompatFlags {
             parse_urls("listen-metrics-urls", &self.listen_metrics_urls)?
         };
         let mut log_outputs = Vec::new();
-        for target in self
-            .log_outputs
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
+        // etcd 3.4's deprecated --log-output counts when --log-outputs is left at its default.
+        let targets = if self.log_outputs == "default" && !self.log_output.is_empty() {
+            &self.log_output
+        } else {
+            &self.log_outputs
+        };
+        for target in targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             log_outputs.push(match target {
                 // etcd's "default" is stderr, or journald under systemd; the journal takes a
                 // service's stderr anyway.
@@ -296,6 +319,13 @@ impl CompatFlags {
                 "loaded server configuration, other configuration command line flags and \
                  environment variables will be ignored if provided (path {})",
                 path.display()
+            ));
+        }
+        if !self.ignored_config_keys.is_empty() {
+            notices.push(format!(
+                "the configuration file's keys {} are not etcd 3.4's or not Keel's: ignored, as \
+                 etcd ignores unknown keys",
+                self.ignored_config_keys.join(", ")
             ));
         }
         let mut notice = |flag: &str, text: &str| {
@@ -327,6 +357,21 @@ impl CompatFlags {
             notice(
                 "experimental-compaction-batch-limit",
                 "Keel compacts in its own bounded steps",
+            );
+        }
+        if !self.log_output.is_empty() {
+            notice("log-output", "deprecated in etcd 3.4: use --log-outputs");
+        }
+        if !self.enable_grpc_gateway {
+            notice(
+                "enable-grpc-gateway",
+                "Keel serves no JSON gateway yet, so there is nothing to turn off",
+            );
+        }
+        if self.experimental_enable_lease_checkpoint_persist {
+            notice(
+                "experimental-enable-lease-checkpoint-persist",
+                "Keel always persists lease checkpoints",
             );
         }
         if self.experimental_enable_lease_checkpoint {

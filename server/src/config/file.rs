@@ -4,9 +4,10 @@
 //! sections for TLS: `client-transport-security` (`cert-file`, `key-file`, `client-cert-auth`,
 //! `trusted-ca-file`, `auto-tls`, `crl-file`) and `peer-transport-security` (the same, for the
 //! `--peer-*` flags, and `allowed-cn`, `allowed-hostname`). Lists are joined with commas; empty
-//! values leave the flag at its default. As in etcd 3.4, a configuration file replaces the
-//! command line and the `ETCD_*` variables: they are ignored when one is given. A key Keel does
-//! not know is refused, naming it and the file.
+//! values leave the flag at its default; durations are integers of nanoseconds, as etcd's YAML
+//! holds them. As in etcd 3.4, a configuration file replaces the command line and the `ETCD_*`
+//! variables: they are ignored when one is given. A key Keel does not know is ignored, as etcd
+//! ignores it, and named in a notice at start.
 
 use std::path::Path;
 
@@ -28,6 +29,18 @@ pub enum FileError {
     #[error("the configuration file {path}: {reason}")]
     Invalid { path: String, reason: String },
 }
+
+/// Keys whose values are Go durations (`time.Duration` in etcd's configuration struct).
+const DURATION_KEYS: &[&str] = &[
+    "grpc-keepalive-min-time",
+    "grpc-keepalive-interval",
+    "grpc-keepalive-timeout",
+    "backend-batch-interval",
+    "experimental-corrupt-check-time",
+    "experimental-watch-progress-notify-interval",
+    "experimental-warning-apply-duration",
+    "experimental-lease-checkpoint-interval",
+];
 
 /// A scalar or a list as a flag's value; `None` for an empty value.
 fn value(v: &Yaml) -> Result<Option<String>, String> {
@@ -105,7 +118,12 @@ pub fn args(text: &str) -> Result<Vec<String>, String> {
         if key == "config-file" {
             return Err("config-file cannot name another configuration file".into());
         }
-        if let Some(v) = value(&v).map_err(|e| format!("{key}: {e}"))? {
+        // etcd's YAML holds durations as integers of nanoseconds (Go's time.Duration).
+        let v = match (&v, DURATION_KEYS.contains(&key.as_str())) {
+            (Yaml::Integer(n), true) => Some(format!("{n}ns")),
+            _ => value(&v).map_err(|e| format!("{key}: {e}"))?,
+        };
+        if let Some(v) = v {
             args.push(format!("--{key}={v}"));
         }
     }
@@ -130,29 +148,35 @@ pub fn load(path: &Path) -> Result<Flags, FileError> {
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_string))
         .collect();
-    for arg in &args {
-        let name = arg
-            .trim_start_matches("--")
-            .split('=')
-            .next()
-            .unwrap_or_default();
-        if !known.iter().any(|k| k == name) {
-            return Err(FileError::Invalid {
-                path: shown,
-                reason: format!("unknown key {name}"),
-            });
-        }
-    }
+    // Keys Keel does not know are ignored, as etcd's YAML decoding ignores them, and noted.
+    let mut ignored = Vec::new();
+    let args: Vec<String> = args
+        .into_iter()
+        .filter(|arg| {
+            let name = arg
+                .trim_start_matches("--")
+                .split('=')
+                .next()
+                .unwrap_or_default();
+            let keep = known.iter().any(|k| k == name);
+            if !keep {
+                ignored.push(name.to_string());
+            }
+            keep
+        })
+        .collect();
     let matches = command
         .try_get_matches_from(std::iter::once("keel".to_string()).chain(args))
         .map_err(|e| FileError::Invalid {
             path: shown.clone(),
             reason: e.to_string().lines().next().unwrap_or_default().to_string(),
         })?;
-    Flags::from_arg_matches(&matches).map_err(|e| FileError::Invalid {
+    let mut flags = Flags::from_arg_matches(&matches).map_err(|e| FileError::Invalid {
         path: shown,
         reason: e.to_string(),
-    })
+    })?;
+    flags.compat.ignored_config_keys = ignored;
+    Ok(flags)
 }
 
 #[cfg(test)]
@@ -167,6 +191,7 @@ mod tests {
              heartbeat-interval: 100\n\
              enable-v2: false\n\
              log-outputs: [stderr, /var/log/keel.log]\n\
+             grpc-keepalive-interval: 7200000000000\n\
              client-transport-security:\n  cert-file: /c.pem\n  client-cert-auth: true\n  crl-file: /crl\n\
              peer-transport-security:\n  key-file: /k.pem\n  allowed-cn: m\n  crl-file: /pcrl\n",
         )
@@ -178,6 +203,7 @@ mod tests {
                 "--heartbeat-interval=100",
                 "--enable-v2=false",
                 "--log-outputs=stderr,/var/log/keel.log",
+                "--grpc-keepalive-interval=7200000000000ns",
                 "--cert-file=/c.pem",
                 "--client-cert-auth=true",
                 "--client-crl-file=/crl",
