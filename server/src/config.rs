@@ -607,6 +607,17 @@ impl Flags {
                 ),
             ));
         }
+        // --client-cert-allowed-hostname: a client certificate must be valid for that name.
+        // Without client certificate authentication it could not take effect (etcd would start
+        // and ignore it): refused instead, with the reason.
+        let client_allowed_hostname =
+            Some(self.compat.client_cert_allowed_hostname.clone()).filter(|h| !h.is_empty());
+        if client_allowed_hostname.is_some() && !self.client_cert_auth {
+            return Err(err(
+                "client-cert-allowed-hostname",
+                "needs --client-cert-auth (and --trusted-ca-file) to take effect",
+            ));
+        }
         let client_tls = crate::tls::Settings {
             cert_file: set(self.cert_file),
             key_file: set(self.key_file),
@@ -615,6 +626,7 @@ impl Flags {
             crl_file: set(self.client_crl_file),
             auto_tls: self.auto_tls,
             suites: suites.clone(),
+            allowed_hostname: client_allowed_hostname,
             ..Default::default()
         };
         let peer_tls = crate::tls::Settings {

@@ -128,7 +128,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("--host-whitelist=example.com", "not implemented"),
     (
         "--client-cert-allowed-hostname=example.com",
-        "not implemented",
+        "needs --client-cert-auth",
     ),
     ("--logger=log4j", "invalid value"),
     ("--max-concurrent-streams=0", "must be positive"),

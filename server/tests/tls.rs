@@ -453,6 +453,38 @@ fn the_client_certificate_common_name_is_the_user() {
     );
 }
 
+/// `--client-cert-allowed-hostname`: only client certificates valid for that name get in, on
+/// keel as on etcd.
+#[test]
+fn only_client_certificates_for_the_allowed_hostname_get_in() {
+    let certs = Certs::new();
+    let named = certs
+        .signer
+        .sign(certs.dir.path(), "named", "root", &["allowed.example"]);
+    let mut outcomes = Vec::new();
+    for program in [env!("CARGO_BIN_EXE_keel"), "etcd"] {
+        let data = tempfile::tempdir().unwrap();
+        let (https, http) = (free_port(), free_port());
+        let mut flags = certs.server_flags(https, http);
+        flags.push("--client-cert-allowed-hostname=allowed.example".into());
+        let server = start(program, data.path(), &flags, https);
+        let e = server.endpoint.clone();
+        let with_name = certs.client_flags(Some(&named));
+        wait_for("the server to answer", || {
+            ctl(&e, &with_name, &["get", "x"]).0.then_some(())
+        });
+        let (ok_named, _) = ctl(&e, &with_name, &["put", "k", "v"]);
+        let (ok_other, _) = ctl(
+            &e,
+            &certs.client_flags(Some(&certs.client)),
+            &["put", "k", "w"],
+        );
+        outcomes.push((ok_named, ok_other));
+    }
+    assert_eq!(outcomes[0], (true, false), "keel");
+    assert_eq!(outcomes[0], outcomes[1], "keel beside etcd");
+}
+
 /// A client certificate for `cn`, from the test's CA.
 fn certs_sign(certs: &Certs, cn: &str) -> (PathBuf, PathBuf) {
     certs.signer.sign(certs.dir.path(), cn, cn, &[])

@@ -2,12 +2,13 @@
 //! environment of `ETCD_*` variables or a configuration file written for etcd starts Keel.
 //! Each flag is one of:
 //!
-//! - **implemented**: `--wal-dir`, `--pre-vote`, `--max-concurrent-streams`, the
+//! - **implemented**: `--wal-dir`, `--pre-vote`, `--client-cert-allowed-hostname` (in
+//!   `config.rs`, with the TLS settings), `--max-concurrent-streams`, the
 //!   `--grpc-keepalive-*` flags, `--listen-metrics-urls`, `--logger`, `--log-outputs`, `--debug`;
 //! - **refused** at start with the reason, when it asks for something Keel does not serve: the
 //!   v2 API (`--enable-v2`, `--experimental-enable-v2v3`), the v2 proxy (`--proxy`), Go's
 //!   profiler (`--enable-pprof`), discovery (`--discovery`, `--discovery-srv`), CORS and host
-//!   whitelists for an HTTP API Keel does not serve, client certificate hostnames;
+//!   whitelists for an HTTP API Keel does not serve, `--unsafe-no-fsync`;
 //! - **accepted with a notice** when it tunes a part of etcd that Keel does differently (bbolt's
 //!   batching and freelist, file retention, compaction batches, lease checkpoints, metrics
 //!   detail, capnslog package levels): the member starts and logs what the flag would have done
@@ -266,12 +267,6 @@ impl CompatFlags {
                 "host-whitelist",
                 "host whitelists are not implemented; serve clients over https, or filter \
                  Host headers in front of Keel",
-            ));
-        }
-        if !self.client_cert_allowed_hostname.is_empty() {
-            return Err(err(
-                "client-cert-allowed-hostname",
-                "not implemented for clients; --peer-cert-allowed-hostname is, for peers",
             ));
         }
         let keepalive_min = duration("grpc-keepalive-min-time", &self.grpc_keepalive_min_time)?;
