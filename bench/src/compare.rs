@@ -960,20 +960,12 @@ pub fn append(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("appending to {}", path.display()))
 }
 
-/// Today's UTC date as `YYYY-MM-DD` (civil-from-days).
+/// Today's UTC date as `YYYY-MM-DD`.
 pub fn today() -> String {
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = keel::logging::civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}")
 }
 

@@ -124,10 +124,8 @@ pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
             bail!("endpoint {e} is the same as the listen address");
         }
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::logging::init("info", false, &[crate::config::compat::LogOutput::Stderr])
+        .context("starting the log")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -37,6 +37,8 @@ pub struct V3Client {
     local: Local,
     metadata: MetadataMap,
     identity: Option<Identity>,
+    /// The same token and CN, as a watch stream keeps them.
+    credentials: Credentials,
 }
 
 /// An error of the member's services as the Lock and Election services return it. etcd's go
@@ -68,6 +70,7 @@ impl V3Client {
             local: local.clone(),
             metadata: request.metadata().clone(),
             identity: request.extensions().get::<Identity>().cloned(),
+            credentials: Gate::credentials(request),
         }
     }
 
@@ -118,14 +121,10 @@ impl V3Client {
         // The channel holds one request; the stream stays open while `tx` lives.
         tx.unbounded_send(Ok(create))
             .expect("the receiver is alive");
-        let credentials = Credentials {
-            token: Gate::credentials(&self.request(())).token,
-            common_name: self.identity.as_ref().and_then(|i| i.common_name.clone()),
-        };
         let responses = self
             .local
             .watch
-            .open(credentials, false, requests)
+            .open(self.credentials.clone(), false, requests)
             .map_err(as_client_error)?;
         Ok(Watcher {
             _requests: tx,
