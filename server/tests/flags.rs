@@ -214,6 +214,10 @@ fn metrics_and_health_on_their_own_url() {
     let metrics = free_port();
     let flag = format!("--listen-metrics-urls=http://127.0.0.1:{metrics}");
     let _keel = common::keel(&dir.path().join("k"), free_port(), &[&flag]);
+    // Healthy (a leader) first: the port opens before the member has elected itself.
+    common::wait_for("a healthy member", || {
+        (common::http_get(metrics, "/health").0 == 200).then_some(())
+    });
     let (code, body) = common::http_get(metrics, "/metrics");
     assert_eq!(code, 200);
     assert!(body.contains("etcd_server_has_leader 1"), "{body}");
@@ -234,6 +238,13 @@ fn zap_logs_are_json_lines_with_etcds_keys_and_messages() {
         free_port(),
         &["--logger=zap", &outputs],
     );
+    // The member publishes itself once it has elected itself, after its port opened.
+    common::wait_for("the member to publish itself", || {
+        std::fs::read_to_string(&file)
+            .ok()?
+            .contains("published local member to cluster through raft")
+            .then_some(())
+    });
     assert!(keel.terminate().success());
     let text = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<serde_json::Value> = text
