@@ -48,10 +48,9 @@ impl ClusterService {
         ClusterService { core, gate, strict }
     }
 
+    /// etcd's Cluster responses carry no revision: cluster and member IDs and the term only.
     fn header(&self) -> Option<pb::ResponseHeader> {
-        self.core
-            .header()
-            .with(self.core.store().current_revision())
+        self.core.header().with(0)
     }
 
     fn members(&self) -> Vec<pb::Member> {

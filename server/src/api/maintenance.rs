@@ -109,8 +109,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             Ok(other) => return Err(Status::internal(format!("unexpected result {other:?}"))),
             Err(e) => return Err(status(&e)),
         };
+        // etcd's apply builds the response without a header, and nothing fills one in.
         Ok(Response::new(pb::AlarmResponse {
-            header: self.header(self.core.store().current_revision()),
+            header: None,
             alarms,
         }))
     }
@@ -164,9 +165,8 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             took = ?started.elapsed(),
             "finished defragment"
         );
-        Ok(Response::new(pb::DefragmentResponse {
-            header: self.header(self.core.store().current_revision()),
-        }))
+        // etcd answers an empty DefragmentResponse, without a header.
+        Ok(Response::new(pb::DefragmentResponse { header: None }))
     }
 
     async fn hash(
@@ -241,9 +241,8 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             }
             tokio::time::sleep(self.heartbeat).await;
         }
-        Ok(Response::new(pb::MoveLeaderResponse {
-            header: self.header(self.core.store().current_revision()),
-        }))
+        // etcd answers an empty MoveLeaderResponse, without a header.
+        Ok(Response::new(pb::MoveLeaderResponse { header: None }))
     }
 
     async fn downgrade(

@@ -71,6 +71,9 @@ struct Outbox {
     bytes: AtomicUsize,
     notify: Notify,
     closed: AtomicBool,
+    /// Wakes whoever waits for the stream to close (the request reader, once the client has
+    /// no more requests).
+    gone: Notify,
     /// The status the stream ends with, if it ends in error.
     error: Mutex<Option<Status>>,
 }
@@ -113,6 +116,19 @@ impl Outbox {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.notify.notify_one();
+        self.gone.notify_waiters();
+    }
+
+    /// Waits until the stream is closed.
+    async fn closed(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches it even before it is polled.
+            let gone = self.gone.notified();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            gone.await;
+        }
     }
 
     /// The next response, or `None` once closed and drained.
@@ -940,7 +956,18 @@ impl WatchService {
         let reader_outbox = outbox.clone();
         let auth_core = self.core.clone();
         tokio::spawn(async move {
-            while let Some(Ok(req)) = requests.next().await {
+            loop {
+                let req = match requests.next().await {
+                    Some(Ok(req)) => req,
+                    // The client sends no more requests, but its watchers go on until it goes
+                    // away, as etcd's (its recvLoop ends without ending the stream): a JSON
+                    // gateway client's whole body is its requests.
+                    None => {
+                        reader_outbox.closed().await;
+                        break;
+                    }
+                    Some(Err(_)) => break,
+                };
                 // A client that sends but does not read waits here once its outbox is well over
                 // the limit: its requests cannot grow the server's memory without bound.
                 while reader_outbox.bytes.load(Ordering::Acquire) >= 2 * OUTBOX_BYTES
