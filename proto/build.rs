@@ -9,7 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
         "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
     ];
-    let descriptors = protox::compile(files, ["proto"])?;
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_imports(true);
+    compiler.open_files(files)?;
+    let descriptors = compiler.file_descriptor_set();
+    // The descriptors with their options (the `google.api.http` annotations among them), for
+    // the server's JSON gateway: the paths it serves and the JSON mapping of every message.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("descriptors.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
     tonic_prost_build::configure()
         // Keys and values of `mvccpb.KeyValue` as `bytes::Bytes`: a watch event delivered to
         // many watchers shares one copy of them instead of one per watcher.

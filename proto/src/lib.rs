@@ -10,6 +10,10 @@
 
 pub mod codec;
 
+/// The encoded `FileDescriptorSet` of every message and service above, with their imports and
+/// options (the `google.api.http` annotations that give the JSON gateway's paths).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
 /// `mvccpb`: KeyValue and Event.
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");

@@ -514,7 +514,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(5) + 2 * config.election_timeout,
             config.heartbeat_interval,
         ));
-        let router = tonic::service::Routes::new(kv)
+        let grpc = tonic::service::Routes::new(kv)
             .add_service(lease)
             .add_service(watch)
             .add_service(cluster)
@@ -526,8 +526,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .layer(axum::middleware::from_fn_with_state(
                 core.clone(),
                 crate::api::require_leader,
-            ))
-            .merge(crate::http::router(core.clone()));
+            ));
+        // The HTTP endpoints, and the JSON gateway calling the gRPC services in process.
+        let mut http = crate::http::router(core.clone());
+        if config.compat.enable_grpc_gateway {
+            let gateway = crate::http::grpc_gateway::Gateway::new(
+                grpc.clone(),
+                core.clone(),
+                config.client_tls.client_cert_auth,
+                config.max_request_bytes as usize,
+            )
+            .context("cannot set up the JSON gateway")?;
+            http = http.merge(gateway.router());
+        }
+        let access =
+            crate::http::access::Access::new(&config.compat.cors, &config.compat.host_whitelist);
+        let http = http.layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(access),
+            crate::http::access::check,
+        ));
+        let router = grpc.merge(http);
         let routes = tonic::service::Routes::from(router);
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
         let corruption = (!config.corrupt_check_time.is_zero()).then(|| {

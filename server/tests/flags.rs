@@ -124,8 +124,10 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     ("--discovery=http://127.0.0.1:1/d", "not implemented yet"),
     ("--discovery-srv=example.com", "not implemented yet"),
-    ("--cors=http://example.com", "no CORS policy"),
-    ("--host-whitelist=example.com", "not implemented"),
+    (
+        "--cors=http://example.com",
+        "does not have the form \"host:port\"",
+    ),
     (
         "--client-cert-allowed-hostname=example.com",
         "needs --client-cert-auth",

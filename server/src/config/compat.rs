@@ -154,7 +154,7 @@ pub struct CompatFlags {
     /// A log level for each etcd package (capnslog's; Keel has one level, --log-level).
     #[arg(long, env = "ETCD_LOG_PACKAGE_LEVELS", default_value = "")]
     pub log_package_levels: String,
-    /// Enable gRPC gateway (Keel has no JSON gateway yet; accepted, as the default).
+    /// Enable gRPC gateway.
     #[arg(long, env = "ETCD_ENABLE_GRPC_GATEWAY", default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::go_bool, action = clap::ArgAction::Set)]
     pub enable_grpc_gateway: bool,
     /// Disables fsync, unsafe, will cause data loss (refused: Keel always syncs its WAL).
@@ -199,6 +199,11 @@ pub struct Compat {
     pub log_outputs: Vec<LogOutput>,
     /// `--debug`.
     pub debug: bool,
+    /// `--cors`, `--host-whitelist`: comma-separated lists, `*` or empty for all.
+    pub cors: String,
+    pub host_whitelist: String,
+    /// `--enable-grpc-gateway`: the JSON gateway under `/v3/` on the client URLs.
+    pub enable_grpc_gateway: bool,
     /// What accepted flags that Keel handles differently would have done; logged at start.
     pub notices: Vec<String>,
 }
@@ -255,19 +260,21 @@ impl CompatFlags {
                 "DNS SRV discovery is not implemented yet; bootstrap with --initial-cluster",
             ));
         }
-        if !matches!(self.cors.as_str(), "" | "*") {
-            return Err(err(
-                "cors",
-                "Keel serves no browser-facing HTTP API (no JSON gateway yet), so it has no CORS \
-                 policy to set",
-            ));
-        }
-        if !matches!(self.host_whitelist.as_str(), "" | "*") {
-            return Err(err(
-                "host-whitelist",
-                "host whitelists are not implemented; serve clients over https, or filter \
-                 Host headers in front of Keel",
-            ));
+        // etcd 3.4 parses each origin as a URL with a port (`flags.UniqueURLs`), and a request's
+        // `Origin` must then equal it.
+        for origin in self.cors.split(',').map(str::trim) {
+            let has_port = origin
+                .split_once("://")
+                .and_then(|(_, host)| host.trim_end_matches('/').rsplit_once(':'))
+                .is_some_and(|(_, port)| {
+                    !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+                });
+            if !matches!(origin, "" | "*") && !has_port {
+                return Err(err(
+                    "cors",
+                    format!("URL address does not have the form \"host:port\": {origin}"),
+                ));
+            }
         }
         let keepalive_min = duration("grpc-keepalive-min-time", &self.grpc_keepalive_min_time)?;
         let keepalive_interval =
@@ -357,12 +364,6 @@ impl CompatFlags {
         if !self.log_output.is_empty() {
             notice("log-output", "deprecated in etcd 3.4: use --log-outputs");
         }
-        if !self.enable_grpc_gateway {
-            notice(
-                "enable-grpc-gateway",
-                "Keel serves no JSON gateway yet, so there is nothing to turn off",
-            );
-        }
         if self.experimental_enable_lease_checkpoint_persist {
             notice(
                 "experimental-enable-lease-checkpoint-persist",
@@ -423,6 +424,9 @@ impl CompatFlags {
             json_logs: self.logger == "zap",
             log_outputs,
             debug: self.debug,
+            enable_grpc_gateway: self.enable_grpc_gateway,
+            cors: self.cors.clone(),
+            host_whitelist: self.host_whitelist.clone(),
             notices,
         })
     }

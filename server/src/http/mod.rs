@@ -1,7 +1,9 @@
-//! The HTTP endpoints etcd serves on its client URLs, beside gRPC: `/health`, `/version` and
-//! `/metrics`. None of them waits for the storage core's apply or an fdatasync, except the one
+//! The HTTP endpoints etcd serves on its client URLs, beside gRPC: `/health`, `/version`,
+//! `/metrics`, and the JSON gateway of the v3 API under `/v3/` ([`grpc_gateway`]). None of them waits for the storage core's apply or an fdatasync, except the one
 //! linearizable read `/health` makes on purpose (as etcd's QGET), bounded to one second.
 
+pub mod access;
+pub mod grpc_gateway;
 pub mod health;
 
 use axum::routing::get;
