@@ -15,6 +15,9 @@ use clap::Parser;
 use crate::raft::node::MAX_REQUEST_BYTES_LIMIT;
 
 pub mod compat;
+
+/// etcd's default `--initial-cluster`.
+const DEFAULT_INITIAL_CLUSTER: &str = "default=http://localhost:2380";
 pub mod file;
 
 /// etcd's default backend quota (2 GiB), used when `--quota-backend-bytes` is 0.
@@ -68,7 +71,7 @@ pub struct Flags {
     #[arg(
         long,
         env = "ETCD_INITIAL_CLUSTER",
-        default_value = "default=http://localhost:2380"
+        default_value = DEFAULT_INITIAL_CLUSTER
     )]
     pub initial_cluster: String,
     /// Initial cluster state ('new' or 'existing').
@@ -484,13 +487,24 @@ impl Flags {
         // Relative to the working directory at start, as etcd's; logged and used absolute.
         let data_dir = std::path::absolute(&data_dir)
             .map_err(|e| err("data-dir", format!("{}: {e}", data_dir.display())))?;
+        // etcd: a discovery flag replaces the default initial cluster; an initial cluster
+        // given as well is a conflict.
+        let discovering = !self.compat.discovery_srv.trim().is_empty();
+        let default_cluster = self.initial_cluster == DEFAULT_INITIAL_CLUSTER
+            || self.initial_cluster.trim().is_empty();
+        if discovering && !default_cluster {
+            return Err(err(
+                "initial-cluster",
+                "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\", \"discovery\" or \"discovery-srv\"",
+            ));
+        }
+        let listed = if discovering {
+            ""
+        } else {
+            self.initial_cluster.as_str()
+        };
         let mut initial_cluster: Vec<(String, Vec<Url>)> = Vec::new();
-        for member in self
-            .initial_cluster
-            .split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-        {
+        for member in listed.split(',').map(str::trim).filter(|m| !m.is_empty()) {
             let (name, url) = member
                 .split_once('=')
                 .ok_or_else(|| err("initial-cluster", format!("{member:?} is not name=URL")))?;

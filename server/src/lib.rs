@@ -25,6 +25,7 @@ pub mod auth;
 pub mod compactor;
 pub mod config;
 pub mod corrupt;
+pub mod discovery;
 pub mod faults;
 pub mod gateway;
 pub mod http;

@@ -320,7 +320,7 @@ async fn signals(trigger: Arc<ShutdownTrigger>) {
 }
 
 /// Runs a member until it is stopped.
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(mut config: Config) -> anyhow::Result<()> {
     let level = if config.compat.debug {
         "debug"
     } else {
@@ -345,9 +345,36 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         )),
         crate::auth::jwt::TokenType::Simple => None,
     };
+    let restarting = has_wal(&config.data_dir, config.compat.wal_dir.as_deref());
+    if !restarting && !config.compat.discovery_srv.is_empty() {
+        // `--discovery-srv`: the initial cluster from DNS SRV records.
+        let found = crate::discovery::srv::cluster(
+            &config.compat.discovery_srv,
+            &config.compat.discovery_srv_name,
+            &config.name,
+            &config.initial_advertise_peer_urls,
+        )
+        .context("error setting up initial cluster")?;
+        let mut cluster: Vec<(String, Vec<crate::config::Url>)> = Vec::new();
+        for (name, url) in found {
+            match cluster.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, urls)) => urls.push(url),
+                None => cluster.push((name, vec![url])),
+            }
+        }
+        let listed: Vec<String> = cluster
+            .iter()
+            .flat_map(|(n, urls)| urls.iter().map(move |u| format!("{n}={u}")))
+            .collect();
+        tracing::info!(
+            discovery_srv = %config.compat.discovery_srv,
+            found_cluster = %listed.join(","),
+            "got the initial cluster from DNS SRV records"
+        );
+        config.initial_cluster = cluster;
+    }
     let mut ids = crate::membership::Ids::new(&config);
     let mut known_members = Vec::new();
-    let restarting = has_wal(&config.data_dir, config.compat.wal_dir.as_deref());
     if restarting {
         tracing::info!("restarting a member: the --initial-cluster* flags are ignored");
     }

@@ -123,7 +123,6 @@ const REFUSED: &[(&str, &str)] = &[
         "--cert-file, --key-file) must be provided for client url https://127.0.0.1:1",
     ),
     ("--discovery=http://127.0.0.1:1/d", "not implemented yet"),
-    ("--discovery-srv=example.com", "not implemented yet"),
     (
         "--cors=http://example.com",
         "does not have the form \"host:port\"",

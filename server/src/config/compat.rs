@@ -4,11 +4,11 @@
 //!
 //! - **implemented**: `--wal-dir`, `--pre-vote`, `--client-cert-allowed-hostname` (in
 //!   `config.rs`, with the TLS settings), `--max-concurrent-streams`, the
-//!   `--grpc-keepalive-*` flags, `--listen-metrics-urls`, `--logger`, `--log-outputs`, `--debug`;
+//!   `--grpc-keepalive-*` flags, `--listen-metrics-urls`, `--logger`, `--log-outputs`, `--debug`,
+//!   `--enable-grpc-gateway`, `--cors`, `--host-whitelist`, `--discovery-srv(-name)`;
 //! - **refused** at start with the reason, when it asks for something Keel does not serve: the
 //!   v2 API (`--enable-v2`, `--experimental-enable-v2v3`), the v2 proxy (`--proxy`), Go's
-//!   profiler (`--enable-pprof`), discovery (`--discovery`, `--discovery-srv`), CORS and host
-//!   whitelists for an HTTP API Keel does not serve, `--unsafe-no-fsync`;
+//!   profiler (`--enable-pprof`), a discovery service (`--discovery`), `--unsafe-no-fsync`;
 //! - **accepted with a notice** when it tunes a part of etcd that Keel does differently (bbolt's
 //!   batching and freelist, file retention, compaction batches, lease checkpoints, metrics
 //!   detail, capnslog package levels): the member starts and logs what the flag would have done
@@ -199,6 +199,9 @@ pub struct Compat {
     pub log_outputs: Vec<LogOutput>,
     /// `--debug`.
     pub debug: bool,
+    /// `--discovery-srv` and `--discovery-srv-name` (empty: none).
+    pub discovery_srv: String,
+    pub discovery_srv_name: String,
     /// `--cors`, `--host-whitelist`: comma-separated lists, `*` or empty for all.
     pub cors: String,
     pub host_whitelist: String,
@@ -252,12 +255,6 @@ impl CompatFlags {
                 "discovery",
                 "discovery through a discovery service is not implemented yet; bootstrap with \
                  --initial-cluster",
-            ));
-        }
-        if !self.discovery_srv.is_empty() {
-            return Err(err(
-                "discovery-srv",
-                "DNS SRV discovery is not implemented yet; bootstrap with --initial-cluster",
             ));
         }
         // etcd 3.4 parses each origin as a URL with a port (`flags.UniqueURLs`), and a request's
@@ -335,6 +332,12 @@ impl CompatFlags {
                 "--{flag} is accepted for etcd compatibility: {text}"
             ));
         };
+        if !self.discovery_srv_name.is_empty() && self.discovery_srv.is_empty() {
+            notice(
+                "discovery-srv-name",
+                "it only names the SRV service of --discovery-srv, which is not set",
+            );
+        }
         if keepalive_min != Duration::from_secs(5) {
             notice(
                 "grpc-keepalive-min-time",
@@ -425,6 +428,8 @@ impl CompatFlags {
             log_outputs,
             debug: self.debug,
             enable_grpc_gateway: self.enable_grpc_gateway,
+            discovery_srv: self.discovery_srv.trim().to_string(),
+            discovery_srv_name: self.discovery_srv_name.trim().to_string(),
             cors: self.cors.clone(),
             host_whitelist: self.host_whitelist.clone(),
             notices,

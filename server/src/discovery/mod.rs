@@ -1,0 +1,6 @@
+//! How a new member finds the others when `--initial-cluster` does not list them: DNS SRV
+//! records (`--discovery-srv`, [`srv`]). Used only when a member starts without a data dir,
+//! as etcd does; a restarting member knows its cluster.
+
+pub mod dns;
+pub mod srv;

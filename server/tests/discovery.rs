@@ -1,0 +1,292 @@
+//! `--discovery-srv`: a 3-member cluster bootstraps from DNS SRV records. The members run in a
+//! network namespace of their own, whose `/etc/resolv.conf` (`/etc/netns/NAME/resolv.conf`, as
+//! `ip netns exec` mounts it) names a DNS server the test serves on that namespace's loopback:
+//! `_etcd-server._tcp.keel.test` lists the three members, `mN.keel.test` resolve to 127.0.0.1.
+//!
+//! Needs root and `ip` (iproute2), as CI has; elsewhere the test says why it did not run.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{free_port, wait_for};
+
+const DOMAIN: &str = "keel.test";
+
+fn can_run() -> Result<(), &'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root to make network namespaces");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Err("needs ip (iproute2)");
+    }
+    Ok(())
+}
+
+/// A network namespace with its own resolv.conf, its DNS server and the processes started in
+/// it; all removed when dropped (processes killed by PID first).
+struct Ns {
+    name: String,
+    stop: Arc<AtomicBool>,
+    children: Vec<Child>,
+    logs: Vec<std::path::PathBuf>,
+}
+
+#[allow(clippy::big_endian_bytes, reason = "DNS messages are big-endian")]
+/// A DNS answer to `query`: SRV records for the SRV name, 127.0.0.1 for the members' names,
+/// no address of another family, NXDOMAIN for anything else.
+fn answer(query: &[u8], srv: &[(u16, String)]) -> Option<Vec<u8>> {
+    // The question's name, its type.
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).to_ascii_lowercase());
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let question_end = at + 4;
+    let name = labels.join(".");
+    let mut m = query.get(..question_end)?.to_vec();
+    m[2] = 0x85; // an authoritative answer to a recursive query
+    m[3] = 0x80;
+    m[6..12].fill(0);
+    let mut records: Vec<(u16, Vec<u8>)> = Vec::new();
+    let srv_name = format!("_etcd-server._tcp.{DOMAIN}");
+    if name == srv_name && qtype == 33 {
+        for (port, target) in srv {
+            let mut data = vec![0, 10, 0, 10];
+            data.extend_from_slice(&port.to_be_bytes());
+            for label in target.split('.') {
+                data.push(label.len() as u8);
+                data.extend_from_slice(label.as_bytes());
+            }
+            data.push(0);
+            records.push((33, data));
+        }
+    } else if name.ends_with(&format!(".{DOMAIN}")) && name.starts_with('m') {
+        if qtype == 1 {
+            records.push((1, vec![127, 0, 0, 1]));
+        }
+    } else {
+        m[3] |= 3; // NXDOMAIN
+    }
+    m[7] = records.len() as u8;
+    for (rtype, data) in records {
+        m.extend_from_slice(&[0xc0, 12]);
+        m.extend_from_slice(&rtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        m.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        m.extend_from_slice(&data);
+    }
+    Some(m)
+}
+
+impl Ns {
+    fn new(srv: Vec<(u16, String)>) -> Ns {
+        let name = format!("keeldisc{}", std::process::id() % 10_000);
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add");
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "lo up");
+        let etc = format!("/etc/netns/{name}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        // The DNS server: a thread that enters the namespace, then binds its port 53.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            // SAFETY: setns on a namespace file we hold open; it changes this thread only.
+            let r = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            let socket = UdpSocket::bind("127.0.0.1:53").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(a) = answer(&buf[..n], &srv) {
+                    let _ = socket.send_to(&a, from);
+                }
+            }
+        });
+        ready.recv().unwrap();
+        Ns {
+            name,
+            stop,
+            children: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
+
+    /// `program` with `args`, inside the namespace.
+    fn command(&self, program: &str, args: &[String]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]).args(args);
+        c
+    }
+
+    fn etcdctl(&self, port: u16, args: &[&str]) -> (bool, String) {
+        let mut all = vec![format!("--endpoints=http://127.0.0.1:{port}")];
+        all.extend(args.iter().map(ToString::to_string));
+        let out = self
+            .command("etcdctl", &all)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for log in &self.logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                eprintln!("--- {}", log.display());
+                for l in text.lines().rev().take(20).collect::<Vec<_>>().iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// The flags of member `name` bootstrapping from the SRV records.
+fn member_args(dir: &std::path::Path, name: &str, peer: u16, client: u16) -> Vec<String> {
+    vec![
+        format!("--name={name}"),
+        format!("--data-dir={}", dir.join(name).display()),
+        format!("--discovery-srv={DOMAIN}"),
+        format!("--initial-advertise-peer-urls=http://{name}.{DOMAIN}:{peer}"),
+        format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+        format!("--listen-client-urls=http://127.0.0.1:{client}"),
+        format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+        "--initial-cluster-token=srv-test".into(),
+    ]
+}
+
+#[test]
+fn a_cluster_bootstraps_from_dns_srv_records() {
+    if let Err(why) = can_run() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let srv: Vec<(u16, String)> = (0..3)
+        .map(|i| (peers[i], format!("m{}.{DOMAIN}", i + 1)))
+        .collect();
+    let mut ns = Ns::new(srv);
+    for i in 0..3 {
+        let name = format!("m{}", i + 1);
+        let log = dir.path().join(format!("{name}.log"));
+        let child = ns
+            .command(
+                env!("CARGO_BIN_EXE_keel"),
+                &member_args(dir.path(), &name, peers[i], clients[i]),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ns.children.push(child);
+        ns.logs.push(log);
+    }
+    // Every member is listed under the URL of its SRV record; named `0`, `1` until each
+    // publishes its own name and client URLs, as etcd's.
+    let expected: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                ", started, m{n}, http://m{n}.{DOMAIN}:{}, http://127.0.0.1:{}, false",
+                peers[i],
+                clients[i],
+                n = i + 1
+            )
+        })
+        .collect();
+    let list = wait_for("three published members", || {
+        let (ok, out) = ns.etcdctl(clients[0], &["member", "list"]);
+        (ok && expected.iter().all(|e| out.contains(e))).then_some(out)
+    });
+    assert_eq!(list.lines().count(), 3, "{list}");
+    let (ok, out) = ns.etcdctl(clients[0], &["put", "found", "by-srv"]);
+    assert!(ok, "{out}");
+    let got = wait_for("the write on m3", || {
+        let (ok, out) = ns.etcdctl(clients[2], &["get", "found", "--print-value-only"]);
+        (ok && out.trim() == "by-srv").then_some(out)
+    });
+    assert_eq!(got.trim(), "by-srv");
+    let log = std::fs::read_to_string(&ns.logs[1]).unwrap();
+    assert!(
+        log.contains("got the initial cluster from DNS SRV records"),
+        "{log}"
+    );
+
+    // A member whose address no record lists does not start, and says why.
+    let out = ns
+        .command(
+            env!("CARGO_BIN_EXE_keel"),
+            &member_args(dir.path(), "m4", free_port(), free_port()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot find local etcd member \"m4\" in SRV records"),
+        "{stderr}"
+    );
+}
+
+/// `--discovery-srv` with an explicit `--initial-cluster` is refused as etcd refuses it.
+#[test]
+fn discovery_and_an_initial_cluster_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) =
+        common::keel_refused(&dir.path().join("d"), &["--discovery-srv=example.com"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("multiple discovery or bootstrap flags are set"),
+        "{stderr}"
+    );
+}
