@@ -489,7 +489,15 @@ impl Flags {
             .map_err(|e| err("data-dir", format!("{}: {e}", data_dir.display())))?;
         // etcd: a discovery flag replaces the default initial cluster; an initial cluster
         // given as well is a conflict.
-        let discovering = !self.compat.discovery_srv.trim().is_empty();
+        let durl = self.compat.discovery.trim();
+        let srv = self.compat.discovery_srv.trim();
+        if !durl.is_empty() && !srv.is_empty() {
+            return Err(err(
+                "discovery",
+                "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\", \"discovery\" or \"discovery-srv\"",
+            ));
+        }
+        let discovering = !durl.is_empty() || !srv.is_empty();
         let default_cluster = self.initial_cluster == DEFAULT_INITIAL_CLUSTER
             || self.initial_cluster.trim().is_empty();
         if discovering && !default_cluster {
@@ -518,6 +526,12 @@ impl Flags {
             "initial-advertise-peer-urls",
             &self.initial_advertise_peer_urls,
         )?;
+        // etcd: with a discovery service, the member starts from a cluster of itself, and the
+        // discovery URL is the cluster token (every member's IDs derive from it).
+        let discovery_token = self.compat.discovery.trim().to_string();
+        if !discovery_token.is_empty() {
+            initial_cluster = vec![(self.name.clone(), advertise.clone())];
+        }
         if self.heartbeat_interval == 0 {
             return Err(err("heartbeat-interval", "must be positive"));
         }
@@ -694,7 +708,11 @@ impl Flags {
             initial_advertise_peer_urls: advertise,
             initial_cluster,
             initial_cluster_state_new: self.initial_cluster_state == "new",
-            initial_cluster_token: self.initial_cluster_token,
+            initial_cluster_token: if discovery_token.is_empty() {
+                self.initial_cluster_token
+            } else {
+                discovery_token
+            },
             strict_reconfig_check: self.strict_reconfig_check,
             // 0 means the default, as in etcd.
             snapshot_count: if self.snapshot_count == 0 {

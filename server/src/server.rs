@@ -373,6 +373,45 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         );
         config.initial_cluster = cluster;
     }
+    if !restarting && !config.compat.discovery.is_empty() && config.initial_cluster_state_new {
+        // `--discovery`: register with the discovery service, wait for the others.
+        let me = crate::membership::member_id(
+            &config.initial_advertise_peer_urls,
+            &config.initial_cluster_token,
+        );
+        let mine: Vec<String> = config
+            .initial_advertise_peer_urls
+            .iter()
+            .map(|u| format!("{}={u}", config.name))
+            .collect();
+        tracing::info!(discovery = %config.compat.discovery, member_id = %format!("{me:x}"), "bootstrapping through the discovery service");
+        let found = crate::discovery::service::join_cluster(
+            &config.compat.discovery,
+            Some(&config.compat.discovery_proxy),
+            me,
+            &mine.join(","),
+        )
+        .map_err(|e| match e {
+            crate::discovery::service::DiscoveryError::FullCluster => anyhow::anyhow!(
+                "{e} (Keel has no v2 proxy to fall back to, whatever --discovery-fallback says)"
+            ),
+            e => anyhow::Error::new(e),
+        })
+        .context("cannot join the cluster through the discovery service")?;
+        let mut cluster: Vec<(String, Vec<crate::config::Url>)> = Vec::new();
+        for member in found.split(',') {
+            let (name, url) = member
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("discovery: bad registration {member:?}"))?;
+            let url = crate::config::parse_url(url).map_err(anyhow::Error::msg)?;
+            match cluster.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url),
+                None => cluster.push((name.to_string(), vec![url])),
+            }
+        }
+        tracing::info!(found_cluster = %found, "got the initial cluster from the discovery service");
+        config.initial_cluster = cluster;
+    }
     let mut ids = crate::membership::Ids::new(&config);
     let mut known_members = Vec::new();
     if restarting {

@@ -290,3 +290,110 @@ fn discovery_and_an_initial_cluster_conflict() {
         "{stderr}"
     );
 }
+
+/// `--discovery`: three members register with a discovery service (a real etcd 3.4 serving
+/// its v2 keys API, as etcd's docs suggest for a self-hosted one), wait for each other and form
+/// one cluster; a fourth finds it full and does not start.
+#[test]
+fn a_cluster_bootstraps_through_a_discovery_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = common::etcd(&dir.path().join("service"), &["--enable-v2"]);
+    let durl = format!(
+        "{}/v2/keys/discovery/6c007a14875d53d9bf0ef5a6fc0257c8",
+        service.endpoint
+    );
+    let size = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "PUT",
+            &format!("{durl}/_config/size"),
+            "-d",
+            "value=3",
+        ])
+        .output()
+        .unwrap();
+    let size = String::from_utf8_lossy(&size.stdout);
+    assert!(size.contains(r#""value":"3""#), "{size}");
+    let member = |name: &str, peer: u16, client: u16| -> Vec<String> {
+        vec![
+            format!("--name={name}"),
+            format!("--data-dir={}", dir.path().join(name).display()),
+            format!("--discovery={durl}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--listen-client-urls=http://127.0.0.1:{client}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+        ]
+    };
+    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = Vec::new();
+    let mut logs = Vec::new();
+    for i in 0..3 {
+        let name = format!("d{}", i + 1);
+        let log = dir.path().join(format!("{name}.log"));
+        // One at a time, a moment apart: the first ones wait for the others.
+        children.push(KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_keel"))
+                .args(member(&name, peers[i], clients[i]))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ));
+        logs.push(log);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let endpoint = format!("http://127.0.0.1:{}", clients[0]);
+    let expected: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                ", started, d{n}, http://127.0.0.1:{}, http://127.0.0.1:{}, false",
+                peers[i],
+                clients[i],
+                n = i + 1
+            )
+        })
+        .collect();
+    let list = wait_for("three published members", || {
+        let (ok, out) = common::etcdctl(&endpoint, &["member", "list"]);
+        (ok && expected.iter().all(|e| out.contains(e))).then_some(out)
+    });
+    assert_eq!(list.lines().count(), 3, "{list}");
+    common::ok(&endpoint, &["put", "found", "by-discovery"]);
+    let on_d3 = format!("http://127.0.0.1:{}", clients[2]);
+    wait_for("the write on d3", || {
+        let (ok, out) = common::etcdctl(&on_d3, &["get", "found", "--print-value-only"]);
+        (ok && out.trim() == "by-discovery").then_some(())
+    });
+    let log = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(log.contains("waiting for more"), "{log}");
+    // The service lists the three registrations.
+    let listed = Command::new("curl").args(["-s", &durl]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout)
+            .matches("\"createdIndex\"")
+            .count(),
+        4, // the size key's directory and three members
+    );
+
+    // A fourth member finds the cluster full.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(member("d4", free_port(), free_port()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("discovery: cluster is full"), "{stderr}");
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -122,7 +122,7 @@ const REFUSED: &[(&str, &str)] = &[
         "--listen-metrics-urls=https://127.0.0.1:1",
         "--cert-file, --key-file) must be provided for client url https://127.0.0.1:1",
     ),
-    ("--discovery=http://127.0.0.1:1/d", "not implemented yet"),
+    ("--discovery=ftp://127.0.0.1:1/d", "discovery: invalid URL"),
     (
         "--cors=http://example.com",
         "does not have the form \"host:port\"",

@@ -5,10 +5,12 @@
 //! - **implemented**: `--wal-dir`, `--pre-vote`, `--client-cert-allowed-hostname` (in
 //!   `config.rs`, with the TLS settings), `--max-concurrent-streams`, the
 //!   `--grpc-keepalive-*` flags, `--listen-metrics-urls`, `--logger`, `--log-outputs`, `--debug`,
-//!   `--enable-grpc-gateway`, `--cors`, `--host-whitelist`, `--discovery-srv(-name)`;
+//!   `--enable-grpc-gateway`, `--cors`, `--host-whitelist`, `--discovery-srv(-name)`,
+//!   `--discovery`, `--discovery-proxy`, `--discovery-fallback` (`exit`; with `proxy`, the
+//!   default, a full cluster also stops the start: Keel has no v2 proxy to become);
 //! - **refused** at start with the reason, when it asks for something Keel does not serve: the
 //!   v2 API (`--enable-v2`, `--experimental-enable-v2v3`), the v2 proxy (`--proxy`), Go's
-//!   profiler (`--enable-pprof`), a discovery service (`--discovery`), `--unsafe-no-fsync`;
+//!   profiler (`--enable-pprof`), `--unsafe-no-fsync`;
 //! - **accepted with a notice** when it tunes a part of etcd that Keel does differently (bbolt's
 //!   batching and freelist, file retention, compaction batches, lease checkpoints, metrics
 //!   detail, capnslog package levels): the member starts and logs what the flag would have done
@@ -199,6 +201,9 @@ pub struct Compat {
     pub log_outputs: Vec<LogOutput>,
     /// `--debug`.
     pub debug: bool,
+    /// `--discovery`, `--discovery-proxy` (empty: none).
+    pub discovery: String,
+    pub discovery_proxy: String,
     /// `--discovery-srv` and `--discovery-srv-name` (empty: none).
     pub discovery_srv: String,
     pub discovery_srv_name: String,
@@ -250,12 +255,10 @@ impl CompatFlags {
                 "pprof is Go's profiler and Keel is not a Go program; profile it with perf",
             ));
         }
-        if !self.discovery.is_empty() {
-            return Err(err(
-                "discovery",
-                "discovery through a discovery service is not implemented yet; bootstrap with \
-                 --initial-cluster",
-            ));
+        if !self.discovery.is_empty()
+            && crate::discovery::http::Target::parse(self.discovery.trim()).is_err()
+        {
+            return Err(err("discovery", "discovery: invalid URL"));
         }
         // etcd 3.4 parses each origin as a URL with a port (`flags.UniqueURLs`), and a request's
         // `Origin` must then equal it.
@@ -428,6 +431,8 @@ impl CompatFlags {
             log_outputs,
             debug: self.debug,
             enable_grpc_gateway: self.enable_grpc_gateway,
+            discovery: self.discovery.trim().to_string(),
+            discovery_proxy: self.discovery_proxy.trim().to_string(),
             discovery_srv: self.discovery_srv.trim().to_string(),
             discovery_srv_name: self.discovery_srv_name.trim().to_string(),
             cors: self.cors.clone(),

@@ -258,7 +258,7 @@ pub fn client_config(s: &Settings) -> Result<rustls::ClientConfig, TlsError> {
 }
 
 /// The system's CA bundle (Debian's `ca-certificates`), as Go uses without a CA file.
-fn system_roots() -> RootCertStore {
+pub(crate) fn system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
     if let Ok(iter) = CertificateDer::pem_file_iter(bundle) {

@@ -1,0 +1,358 @@
+//! A small blocking HTTP/1.1 client for the discovery service: one request per connection
+//! (`Connection: close`), http or https (the system's CA bundle, as Go's default transport),
+//! optionally through an HTTP proxy (`--discovery-proxy`: absolute-form requests for http,
+//! `CONNECT` for https). Bodies are read by `Content-Length`, chunked, or to the end, up to a
+//! bound.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The most a response body may hold (a discovery directory lists a few members).
+const MAX_BODY: usize = 4 << 20;
+/// Connecting, and reading an answer that is not a long poll.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("invalid URL {0:?}")]
+    Url(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("a bad HTTP response: {0}")]
+    Response(String),
+}
+
+/// A parsed `http(s)://host[:port]/path?query` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, HttpError> {
+        let bad = || HttpError::Url(url.to_string());
+        let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(bad());
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad())?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad()),
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad())?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || authority.contains('@') {
+            return Err(bad());
+        }
+        Ok(Target {
+            tls,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// `host:port` as a `Host` header and a `CONNECT` target.
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+fn connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
+    let mut last = None;
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::other(format!("{host}: no address")))
+        .into())
+}
+
+fn tls(host: &str, tcp: TcpStream) -> Result<Box<dyn Stream>, HttpError> {
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(crate::tls::system_roots())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
+}
+
+/// Sends `method url` with a form `body` (if any), through `proxy` (if any); `long_poll`
+/// lifts the read timeout (a watch waits as long as it takes).
+pub fn request(
+    method: &str,
+    url: &str,
+    form: Option<&str>,
+    proxy: Option<&Target>,
+    long_poll: bool,
+) -> Result<Response, HttpError> {
+    let target = Target::parse(url)?;
+    let (tcp, absolute) = match proxy {
+        Some(p) => (connect(&p.host, p.port)?, !target.tls),
+        None => (connect(&target.host, target.port)?, false),
+    };
+    tcp.set_read_timeout((!long_poll).then_some(TIMEOUT))?;
+    tcp.set_write_timeout(Some(TIMEOUT))?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Box<dyn Stream> = match (proxy, target.tls) {
+        (Some(_), true) => {
+            let mut tcp = tcp;
+            write!(
+                tcp,
+                "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n",
+                a = target.authority()
+            )?;
+            let answer = read_response(&mut tcp, "CONNECT")?;
+            if answer.status != 200 {
+                return Err(HttpError::Response(format!(
+                    "the proxy refused CONNECT {}: {}",
+                    target.authority(),
+                    answer.status
+                )));
+            }
+            tls(&target.host, tcp)?
+        }
+        (None, true) => tls(&target.host, tcp)?,
+        (_, false) => Box::new(tcp),
+    };
+    let line_target = if absolute {
+        format!("http://{}{}", target.authority(), target.path)
+    } else {
+        target.path.clone()
+    };
+    let mut head = format!(
+        "{method} {line_target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keel\r\nConnection: close\r\n",
+        target.authority()
+    );
+    if let Some(body) = form {
+        head.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    if let Some(body) = form {
+        stream.write_all(body.as_bytes())?;
+    }
+    stream.flush()?;
+    read_response(stream, method)
+}
+
+/// Reads one response from `stream`. A `CONNECT` answer has no body.
+fn read_response(stream: impl Read, method: &str) -> Result<Response, HttpError> {
+    let bad = |what: &str| HttpError::Response(what.to_string());
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let read_line = |reader: &mut BufReader<_>, line: &mut String| -> Result<(), HttpError> {
+        line.clear();
+        let n = reader.by_ref().take(16 << 10).read_line(line)?;
+        if n == 0 {
+            return Err(bad("the connection closed in the head"));
+        }
+        Ok(())
+    };
+    read_line(&mut reader, &mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let mut headers = Vec::new();
+    loop {
+        read_line(&mut reader, &mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if headers.len() > 100 {
+            return Err(bad("too many headers"));
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let mut response = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if method == "CONNECT" {
+        return Ok(response);
+    }
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let length = response
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok());
+    if chunked {
+        loop {
+            read_line(&mut reader, &mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad("a bad chunk size"))?;
+            if size == 0 {
+                break;
+            }
+            if response.body.len() + size > MAX_BODY {
+                return Err(bad("the body is too large"));
+            }
+            let start = response.body.len();
+            response.body.resize(start + size, 0);
+            reader.read_exact(&mut response.body[start..])?;
+            read_line(&mut reader, &mut line)?;
+        }
+    } else if let Some(n) = length {
+        if n > MAX_BODY {
+            return Err(bad("the body is too large"));
+        }
+        response.body.resize(n, 0);
+        reader.read_exact(&mut response.body)?;
+    } else {
+        reader
+            .take(MAX_BODY as u64 + 1)
+            .read_to_end(&mut response.body)?;
+        if response.body.len() > MAX_BODY {
+            return Err(bad("the body is too large"));
+        }
+    }
+    Ok(response)
+}
+
+/// `s` encoded for a form or a query (`application/x-www-form-urlencoded`).
+pub fn form_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char);
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = Target::parse("https://discovery.etcd.io/3e86b59982e49066c5d813af1c2e2579cbf573de")
+            .unwrap();
+        assert_eq!(
+            (t.tls, t.host.as_str(), t.port),
+            (true, "discovery.etcd.io", 443)
+        );
+        assert_eq!(t.path, "/3e86b59982e49066c5d813af1c2e2579cbf573de");
+        let t = Target::parse("http://[::1]:2379/v2/keys/d?x=1").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("::1", 2379, "/v2/keys/d?x=1")
+        );
+        assert_eq!(t.authority(), "[::1]:2379");
+        assert_eq!(Target::parse("http://h").unwrap().path, "/");
+        for bad in ["ftp://h/x", "http://", "http://h:port/", "http://u@h/"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_by_length_chunks_or_close() {
+        let r = read_response(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Etcd-Index: 7\r\n\r\nabcdef"[..],
+            "GET",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"abc"[..]));
+        assert_eq!(r.header("x-etcd-index"), Some("7"));
+        let r = read_response(
+            &b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"[..],
+            "PUT",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (201, &b"abcde"[..]));
+        let r = read_response(&b"HTTP/1.0 404 Not Found\r\n\r\ngone"[..], "GET").unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"gone"[..]));
+        assert!(
+            read_response(
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"[..],
+                "GET"
+            )
+            .is_err()
+        );
+        assert!(read_response(&b"garbage"[..], "GET").is_err());
+        assert!(
+            read_response(
+                &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
+                "GET"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(
+            form_encode("m1=http://127.0.0.1:2380,m1=http://[::1]:2380"),
+            "m1%3Dhttp%3A%2F%2F127.0.0.1%3A2380%2Cm1%3Dhttp%3A%2F%2F%5B%3A%3A1%5D%3A2380"
+        );
+    }
+}
