@@ -491,6 +491,9 @@ impl Flags {
         // given as well is a conflict.
         let durl = self.compat.discovery.trim();
         let srv = self.compat.discovery_srv.trim();
+        if !durl.is_empty() && crate::discovery::http::Target::parse(durl).is_err() {
+            return Err(err("discovery", "discovery: invalid URL"));
+        }
         if !durl.is_empty() && !srv.is_empty() {
             return Err(err(
                 "discovery",

@@ -255,11 +255,6 @@ impl CompatFlags {
                 "pprof is Go's profiler and Keel is not a Go program; profile it with perf",
             ));
         }
-        if !self.discovery.is_empty()
-            && crate::discovery::http::Target::parse(self.discovery.trim()).is_err()
-        {
-            return Err(err("discovery", "discovery: invalid URL"));
-        }
         // etcd 3.4 parses each origin as a URL with a port (`flags.UniqueURLs`), and a request's
         // `Origin` must then equal it.
         for origin in self.cors.split(',').map(str::trim) {
