@@ -9,7 +9,8 @@
 //! into the bytes: TLS, gRPC and HTTP pass through unchanged.
 //!
 //! Flags are etcd's: `--endpoints` (schemes are stripped), `--listen-addr`, `--retry-delay`.
-//! `--discovery-srv` is refused, as discovery is not implemented.
+//! `--discovery-srv` (with `--discovery-srv-name`) takes the endpoints from the
+//! `_etcd-client-ssl._tcp` and `_etcd-client._tcp` SRV records of a domain, as etcd's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +34,7 @@ pub struct GatewayFlags {
     /// Duration of delay before retrying failed endpoints.
     #[arg(long, default_value = "1m0s")]
     pub retry_delay: String,
-    /// DNS domain used to bootstrap initial cluster (not implemented: refused).
+    /// DNS domain used to bootstrap initial cluster.
     #[arg(long, default_value = "")]
     pub discovery_srv: String,
     /// Service name to query when using DNS discovery.
@@ -98,9 +99,6 @@ pub fn strip_scheme(endpoint: &str) -> String {
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
-    if !flags.discovery_srv.is_empty() {
-        bail!("--discovery-srv: DNS SRV discovery is not implemented yet; give --endpoints");
-    }
     let retry_delay = crate::config::parse_go_duration(&flags.retry_delay)
         .filter(|d| !d.is_zero())
         .with_context(|| {
@@ -109,8 +107,14 @@ pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
                 flags.retry_delay
             )
         })?;
-    let endpoints: Vec<String> = flags
-        .endpoints
+    let listed = if flags.discovery_srv.is_empty() {
+        flags.endpoints.clone()
+    } else {
+        // etcd's gateway: the client endpoints from `_etcd-client(-ssl)._tcp` SRV records.
+        crate::discovery::srv::client_endpoints(&flags.discovery_srv, &flags.discovery_srv_name)
+            .context("cannot discover the cluster's endpoints")?
+    };
+    let endpoints: Vec<String> = listed
         .iter()
         .map(|e| e.trim())
         .filter(|e| !e.is_empty())

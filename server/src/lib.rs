@@ -28,6 +28,7 @@ pub mod corrupt;
 pub mod discovery;
 pub mod faults;
 pub mod gateway;
+pub mod grpc_proxy;
 pub mod http;
 pub mod logging;
 pub mod membership;

@@ -32,6 +32,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    // `keel grpc-proxy start [flags]`: etcd's gRPC proxy instead of a member.
+    if args.get(1).is_some_and(|a| a == "grpc-proxy") {
+        if args.get(2).is_none_or(|a| a != "start") {
+            eprintln!("usage: keel grpc-proxy start [--endpoints=...] [--listen-addr=...] ...");
+            return ExitCode::from(2);
+        }
+        let flags = keel::grpc_proxy::ProxyFlags::parse_from(
+            std::iter::once(std::ffi::OsString::from("keel grpc-proxy start"))
+                .chain(args[3..].iter().cloned()),
+        );
+        return match keel::grpc_proxy::run(flags) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel grpc-proxy: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut flags = Flags::parse();
     if let Some(path) = keel::config::set(flags.compat.config_file.clone()) {
         flags = match keel::config::file::load(&path) {

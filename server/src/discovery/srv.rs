@@ -153,6 +153,47 @@ pub fn cluster_with(
     Ok(cluster)
 }
 
+/// The client endpoints the SRV records of `domain` list (etcd's `srv.GetClient`, for the
+/// gateway and the gRPC proxy): `https://target:port` from `_etcd-client-ssl[-NAME]._tcp`,
+/// `http://target:port` from `_etcd-client[-NAME]._tcp`; an error only if both lookups fail.
+pub fn client_endpoints_with(
+    domain: &str,
+    service_name: &str,
+    lookup: impl Fn(&str) -> Result<Vec<Srv>, DnsError>,
+) -> Result<Vec<String>, SrvError> {
+    let suffix = if service_name.is_empty() {
+        String::new()
+    } else {
+        format!("-{service_name}")
+    };
+    let mut out = Vec::new();
+    let mut first_error = None;
+    for (service, scheme) in [
+        (format!("etcd-client-ssl{suffix}"), "https"),
+        (format!("etcd-client{suffix}"), "http"),
+    ] {
+        match lookup(&format!("_{service}._tcp.{domain}")) {
+            Ok(records) => out.extend(
+                records
+                    .iter()
+                    .map(|r| format!("{scheme}://{}:{}", r.target, r.port)),
+            ),
+            Err(source) => {
+                first_error.get_or_insert(SrvError::Lookup { service, source });
+            }
+        }
+    }
+    match (out.is_empty(), first_error) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
+    }
+}
+
+/// [`client_endpoints_with`] through DNS.
+pub fn client_endpoints(domain: &str, service_name: &str) -> Result<Vec<String>, SrvError> {
+    client_endpoints_with(domain, service_name, dns::lookup_srv)
+}
+
 /// [`cluster_with`] through DNS.
 pub fn cluster(
     domain: &str,
@@ -227,6 +268,21 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].0, "me");
         assert_eq!(c[1].1.to_string(), "http://127.0.0.1:2390");
+    }
+
+    #[test]
+    fn client_endpoints_from_both_services() {
+        let lookup = |q: &str| match q {
+            "_etcd-client-ssl._tcp.example.com" => Ok(vec![srv("a.example.com", 2379)]),
+            "_etcd-client._tcp.example.com" => Ok(vec![srv("b.example.com", 2379)]),
+            _ => Err(DnsError::NoSuchHost { name: q.into() }),
+        };
+        assert_eq!(
+            client_endpoints_with("example.com", "", lookup).unwrap(),
+            ["https://a.example.com:2379", "http://b.example.com:2379"]
+        );
+        let none = |q: &str| Err(DnsError::NoSuchHost { name: q.into() });
+        assert!(client_endpoints_with("example.com", "", none).is_err());
     }
 
     #[test]
