@@ -334,4 +334,18 @@ async fn cached_ranges_follow_writes_from_anywhere() {
     assert!(gone);
     let hits = metric(pport, "etcd_grpc_proxy_cache_hits_total").unwrap();
     assert!(hits >= 1.0, "{hits}");
+
+    // Auth turned on: a read without credentials is refused, never answered from the cache.
+    direct.put("secret", "s", None).await.unwrap();
+    for _ in 0..3 {
+        assert!(via.get("secret", ser()).await.is_ok());
+    }
+    via.user_add("root", "pw", None).await.unwrap();
+    via.user_grant_role("root", "root").await.unwrap();
+    via.auth_enable().await.unwrap();
+    for _ in 0..20 {
+        let refused = via.get("secret", ser()).await;
+        assert!(refused.is_err(), "{refused:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -82,12 +82,20 @@ pub fn lookup_srv_at(servers: &[SocketAddr], name: &str) -> Result<Vec<Srv>, Dns
     for server in servers {
         for _ in 0..ATTEMPTS {
             match exchange(*server, &query) {
-                Ok(answer) => {
-                    let mut records = decode_srv(name, &query, &answer)?;
-                    records
-                        .sort_by(|a, b| a.priority.cmp(&b.priority).then(b.weight.cmp(&a.weight)));
-                    return Ok(records);
-                }
+                Ok(answer) => match decode_srv(name, &query, &answer) {
+                    Ok(mut records) => {
+                        records.sort_by(|a, b| {
+                            a.priority.cmp(&b.priority).then(b.weight.cmp(&a.weight))
+                        });
+                        return Ok(records);
+                    }
+                    // SERVFAIL, REFUSED: the next server may know, as Go's resolver asks it.
+                    Err(DnsError::Server { rcode, .. }) if rcode == 2 || rcode == 5 => {
+                        last = format!("{server}: server answered with code {rcode}");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                },
                 Err(e) => last = format!("{server}: {e}"),
             }
         }
@@ -110,7 +118,14 @@ fn exchange(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     socket.connect(server)?;
     socket.send(query)?;
     let mut buf = vec![0u8; 65535];
+    let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
+        // Answers to other queries do not extend the wait.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        socket.set_read_timeout(Some(left))?;
         let n = socket.recv(&mut buf)?;
         // Answers to another query (another ID) are not ours.
         if n >= 12 && buf[..2] == query[..2] {

@@ -13,6 +13,11 @@ use std::time::Duration;
 const MAX_BODY: usize = 4 << 20;
 /// Connecting, and reading an answer that is not a long poll.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// A long poll with no answer for this long is given up and asked again: a connection that
+/// died silently does not hang the caller forever.
+const LONG_POLL: Duration = Duration::from_secs(300);
+/// Header lines a response may have.
+const MAX_HEADER_LINES: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -149,7 +154,7 @@ pub fn request(
         Some(p) => (connect(&p.host, p.port)?, !target.tls),
         None => (connect(&target.host, target.port)?, false),
     };
-    tcp.set_read_timeout((!long_poll).then_some(TIMEOUT))?;
+    tcp.set_read_timeout(Some(if long_poll { LONG_POLL } else { TIMEOUT }))?;
     tcp.set_write_timeout(Some(TIMEOUT))?;
     tcp.set_nodelay(true)?;
     let mut stream: Box<dyn Stream> = match (proxy, target.tls) {
@@ -215,13 +220,13 @@ fn read_response(stream: impl Read, method: &str) -> Result<Response, HttpError>
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("no status line"))?;
     let mut headers = Vec::new();
-    loop {
+    for n in 0.. {
         read_line(&mut reader, &mut line)?;
         let l = line.trim_end();
         if l.is_empty() {
             break;
         }
-        if headers.len() > 100 {
+        if n >= MAX_HEADER_LINES {
             return Err(bad("too many headers"));
         }
         if let Some((n, v)) = l.split_once(':') {
@@ -250,7 +255,7 @@ fn read_response(stream: impl Read, method: &str) -> Result<Response, HttpError>
             if size == 0 {
                 break;
             }
-            if response.body.len() + size > MAX_BODY {
+            if size > MAX_BODY - response.body.len() {
                 return Err(bad("the body is too large"));
             }
             let start = response.body.len();
@@ -346,6 +351,12 @@ mod tests {
             )
             .is_err()
         );
+        // A chunk size that would overflow the body's length.
+        let huge =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\n";
+        assert!(read_response(&huge[..], "GET").is_err());
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "junk\r\n".repeat(200));
+        assert!(read_response(many.as_bytes(), "GET").is_err());
     }
 
     #[test]

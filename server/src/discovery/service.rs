@@ -133,12 +133,13 @@ impl Discovery {
             "quorum=false&recursive=false&sorted=false",
             false,
         )?;
+        // A load balancer's error page is not the service's answer: retried.
+        if r.status >= 500 {
+            return Err(Failure::Unreachable(format!("status {}", r.status)));
+        }
         let v = Self::json(&r)?;
         if r.status == 404 && Self::error_code(&v) == Some(100) {
             return Err(Failure::Final(DiscoveryError::SizeNotFound));
-        }
-        if r.status >= 500 {
-            return Err(Failure::Unreachable(format!("status {}", r.status)));
         }
         if r.status != 200 {
             return Err(Failure::Final(DiscoveryError::Service(format!(

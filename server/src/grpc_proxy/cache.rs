@@ -8,6 +8,10 @@
 //!   the proxy's watch on the whole keyspace (writes made anywhere else). A response older than
 //!   what that watch has already applied is not cached, since an event it missed may concern
 //!   it; while the watch is down, nothing at revision 0 is cached at all.
+//! - Only requests without credentials are cached (a cached answer was read with someone
+//!   else's permissions), and nothing at all while the cluster refuses reads without
+//!   credentials (auth is on: a probe read each second says so) or right after an auth call
+//!   through the proxy.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,6 +39,9 @@ struct Inner {
     watched: Option<i64>,
     hits: u64,
     misses: u64,
+    /// Cleared while reads without credentials are refused (auth is on), or an auth call just
+    /// went through: a cached answer could then reach a client the cluster would refuse.
+    disabled: bool,
 }
 
 /// Whether `[a, a_end)` and `[b, b_end)` intersect (etcd's range convention: an empty end is
@@ -86,6 +93,10 @@ impl Cache {
     pub fn get(&self, r: &pb::RangeRequest) -> Cached {
         let key = Self::key(r);
         let mut inner = self.lock();
+        if inner.disabled {
+            inner.misses += 1;
+            return Cached::Miss;
+        }
         if r.revision > 0 && r.revision < inner.compacted {
             inner.entries.remove(&key);
             inner.hits += 1;
@@ -112,7 +123,7 @@ impl Cache {
         let key = Self::key(r);
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
         let mut inner = self.lock();
-        if r.revision != 0 && r.revision <= inner.compacted {
+        if inner.disabled || (r.revision != 0 && r.revision <= inner.compacted) {
             return;
         }
         let range = if r.revision == 0 {
@@ -167,6 +178,19 @@ impl Cache {
         let mut inner = self.lock();
         inner.watched = None;
         inner.entries.retain(|_, e| e.range.is_none());
+    }
+
+    /// Empties the cache and keeps it empty until [`Cache::enable`]: the cluster refuses reads
+    /// without credentials, or its auth changed.
+    pub fn disable(&self) {
+        let mut inner = self.lock();
+        inner.disabled = true;
+        inner.entries.clear();
+    }
+
+    /// Reads without credentials are answered again: the cache may serve them.
+    pub fn enable(&self) {
+        self.lock().disabled = false;
     }
 
     /// A compaction through the proxy.
@@ -241,6 +265,22 @@ mod tests {
         assert!(matches!(c.get(&req("a", "", 0)), Cached::Hit(_)));
         c.unwatched();
         assert!(matches!(c.get(&req("a", "", 0)), Cached::Miss));
+    }
+
+    #[test]
+    fn a_disabled_cache_keeps_nothing() {
+        let c = Cache::default();
+        c.watched(1);
+        c.add(&req("a", "", 0), &resp(5));
+        c.add(&req("a", "", 3), &resp(5));
+        c.disable();
+        assert!(matches!(c.get(&req("a", "", 0)), Cached::Miss));
+        assert!(matches!(c.get(&req("a", "", 3)), Cached::Miss));
+        c.add(&req("a", "", 3), &resp(5));
+        assert_eq!(c.stats().0, 0);
+        c.enable();
+        c.add(&req("a", "", 3), &resp(5));
+        assert!(matches!(c.get(&req("a", "", 3)), Cached::Hit(_)));
     }
 
     #[test]

@@ -60,8 +60,16 @@ impl KvProxy {
         }
     }
 
-    /// A KV client on the next endpoint; one call is tried on each endpoint in turn while the
-    /// cluster cannot be reached.
+    /// A KV client on the next endpoint, for a write: one attempt (a write whose answer was
+    /// lost may have been applied, so it is not sent again).
+    fn client(&self) -> KvClient<tonic::transport::Channel> {
+        KvClient::new(self.upstream.channel())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// A read on the next endpoint; tried on each endpoint in turn while the cluster cannot be
+    /// reached.
     async fn call<T, R, F, Fut>(&self, request: &Request<T>, f: F) -> Result<Response<R>, Status>
     where
         T: Clone,
@@ -138,9 +146,7 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let r = self
-            .call(&request, |mut c, r| async move { c.put(r).await })
-            .await;
+        let r = self.client().put(onward(&request)).await;
         self.cache.invalidate(&request.get_ref().key, &[]);
         r
     }
@@ -149,9 +155,7 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let r = self
-            .call(&request, |mut c, r| async move { c.delete_range(r).await })
-            .await;
+        let r = self.client().delete_range(onward(&request)).await;
         let d = request.get_ref();
         self.cache.invalidate(&d.key, &d.range_end);
         r
@@ -161,9 +165,7 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let r = self
-            .call(&request, |mut c, r| async move { c.txn(r).await })
-            .await;
+        let r = self.client().txn(onward(&request)).await;
         let mut ranges = Vec::new();
         txn_ranges(request.get_ref(), &mut ranges);
         for (key, end) in ranges {
@@ -176,9 +178,7 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let r = self
-            .call(&request, |mut c, r| async move { c.compact(r).await })
-            .await?;
+        let r = self.client().compact(onward(&request)).await?;
         self.cache.compact(request.get_ref().revision);
         Ok(r)
     }

@@ -199,11 +199,44 @@ async fn health(upstream: Upstream) -> (axum::http::StatusCode, &'static str) {
     }
 }
 
+/// Each second, a read without credentials: refused (auth is on), the cache is emptied and
+/// kept empty; answered, it may serve again.
+async fn probe_auth(upstream: Upstream, cache: Arc<Cache>) {
+    loop {
+        let mut c = pb::kv_client::KvClient::new(upstream.channel());
+        let read = c.range(pb::RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            serializable: true,
+            count_only: true,
+            limit: 1,
+            ..Default::default()
+        });
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(_)) => cache.enable(),
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                cache.disable();
+            }
+            // Unreachable: the keyspace watch's state decides.
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// The keyspace watch that keeps the cache current: every event drops the cached answers it
 /// could change. Opened again when it breaks (the cache holds no current answer meanwhile).
 /// Started by the first read the cache could answer, so a proxy that only coalesces watches
 /// adds no watcher of its own to the cluster.
 pub async fn keep_cache_current(upstream: Upstream, cache: Arc<Cache>) {
+    tokio::spawn(probe_auth(upstream.clone(), cache.clone()));
     let mut backoff = Duration::from_millis(100);
     loop {
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::WatchRequest>(1);
@@ -353,6 +386,7 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
             )
         };
         let forwarder = upstream.clone();
+        let fallback_cache = cache.clone();
         let health_upstream = upstream.clone();
         let router = tonic::service::Routes::new(
             pb::kv_server::KvServer::new(kv)
@@ -371,7 +405,15 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
         .merge(metrics_router.clone())
         .fallback(move |request: axum::extract::Request| {
             let forwarder = forwarder.clone();
-            async move { forwarder.forward(request).await }
+            let cache = fallback_cache.clone();
+            async move {
+                // Auth may change: nothing cached is served until the probe says reads
+                // without credentials are still answered.
+                if request.uri().path().starts_with("/etcdserverpb.Auth/") {
+                    cache.disable();
+                }
+                forwarder.forward(request).await
+            }
         });
         let routes = tonic::service::Routes::from(router);
         let addr = listen_addr(&flags.listen_addr)?;

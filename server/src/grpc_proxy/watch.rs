@@ -51,9 +51,11 @@ pub struct WatchStats {
 
 /// One client stream's side: where its responses go.
 struct Client {
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
-    /// Set once the client fell too far behind; its stream is ending.
+    tx: mpsc::Sender<pb::WatchResponse>,
+    /// Set once the client fell too far behind: its stream ends at once (etcd's proxy cancels
+    /// it), without waiting for the client to read what is queued.
     failed: AtomicBool,
+    dead: tokio::sync::Notify,
 }
 
 impl Client {
@@ -61,13 +63,9 @@ impl Client {
         if self.failed.load(Ordering::Acquire) {
             return;
         }
-        if self.tx.try_send(Ok(r)).is_err() {
+        if self.tx.try_send(r).is_err() {
             self.failed.store(true, Ordering::Release);
-            // The queue is full or gone: end the stream (the error takes the last place).
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(Err(Status::cancelled("context canceled"))).await;
-            });
+            self.dead.notify_one();
         }
     }
 }
@@ -81,6 +79,8 @@ struct Watcher {
     no_delete: bool,
     progress: bool,
     prev_kv: bool,
+    /// Canceled, or its client went away: it sends nothing more.
+    removed: AtomicBool,
     state: Mutex<WatcherState>,
 }
 
@@ -101,6 +101,9 @@ impl Watcher {
     /// Passes on what of upstream response `r` concerns this watcher (etcd's `watcher.send`).
     fn send(&self, r: &pb::WatchResponse) {
         let mut st = self.lock();
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
         let progress = r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
         if progress && !self.progress {
             return;
@@ -151,6 +154,8 @@ impl Watcher {
 /// One upstream watch and the watchers it serves.
 struct Broadcast {
     range: Range,
+    /// The credentials its upstream watch carries (its first watcher's).
+    md: MetadataMap,
     state: Mutex<BroadcastState>,
     stop: tokio::sync::Notify,
     stopped: AtomicBool,
@@ -192,9 +197,15 @@ impl std::fmt::Debug for WatchProxy {
     }
 }
 
-/// The metadata an upstream call carries for a client: its credentials only.
+/// The metadata an upstream call carries for a client: its credentials, and `hasleader` (etcd's
+/// proxy watches `WithRequireLeader`): a member cut off from its leader ends the watch, and the
+/// proxy watches again through another.
 fn credentials(md: &MetadataMap) -> MetadataMap {
     let mut out = MetadataMap::new();
+    out.insert(
+        crate::api::REQUIRE_LEADER_KEY,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     for key in ["token", "authorization"] {
         if let Some(v) = md.get(key) {
             out.insert(key, v.clone());
@@ -293,6 +304,7 @@ impl WatchProxy {
         }
         let b = Arc::new(Broadcast {
             range: w.range.clone(),
+            md: credentials(md),
             state: Mutex::new(BroadcastState {
                 next,
                 responses: 0,
@@ -304,12 +316,13 @@ impl WatchProxy {
         });
         list.push(b.clone());
         drop(ranges);
-        tokio::spawn(self.clone().run(b, credentials(md)));
+        tokio::spawn(self.clone().run(b));
     }
 
     /// Removes `w` (its client canceled it or went away); a broadcast left without watchers
     /// stops.
     fn remove(&self, w: &Arc<Watcher>) {
+        w.removed.store(true, Ordering::Release);
         let mut ranges = self.ranges();
         let Some(list) = ranges.get_mut(&w.range) else {
             return;
@@ -320,6 +333,7 @@ impl WatchProxy {
             st.receivers.retain(|r| !Arc::ptr_eq(r, w));
             if st.receivers.len() < before {
                 if st.receivers.is_empty() {
+                    b.stopped.store(true, Ordering::Release);
                     b.halt();
                 }
                 break;
@@ -340,13 +354,20 @@ impl WatchProxy {
         };
         let next = b.lock().next;
         let target = list.iter().find(|o| {
-            !Arc::ptr_eq(o, b) && !o.stopped.load(Ordering::Acquire) && {
+            !Arc::ptr_eq(o, b) && {
                 let st = o.lock();
-                st.responses > 0 && st.next <= next
+                !o.stopped.load(Ordering::Acquire) && st.responses > 0 && st.next <= next
             }
         });
         if let Some(target) = target.cloned() {
-            let moved = std::mem::take(&mut b.lock().receivers);
+            let moved = {
+                let mut st = b.lock();
+                if b.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+                b.stopped.store(true, Ordering::Release);
+                std::mem::take(&mut st.receivers)
+            };
             target.lock().receivers.extend(moved);
             b.halt();
             list.retain(|o| !Arc::ptr_eq(o, b));
@@ -354,7 +375,7 @@ impl WatchProxy {
     }
 
     /// The upstream watch of broadcast `b`, opened again from where it is when it breaks.
-    async fn run(self, b: Arc<Broadcast>, md: MetadataMap) {
+    async fn run(self, b: Arc<Broadcast>) {
         self.stats.upstream.fetch_add(1, Ordering::Relaxed);
         let mut backoff = Duration::from_millis(50);
         while !b.stopped.load(Ordering::Acquire) {
@@ -372,7 +393,7 @@ impl WatchProxy {
             };
             let _ = tx.send(create).await;
             let mut request = Request::new(tokio_stream_of(rx));
-            *request.metadata_mut() = md.clone();
+            *request.metadata_mut() = b.md.clone();
             let mut client = pb::watch_client::WatchClient::new(self.upstream.channel())
                 .max_decoding_message_size(usize::MAX);
             let opened = tokio::select! {
@@ -398,10 +419,11 @@ impl WatchProxy {
                 };
                 let Some(Ok(r)) = item else { break };
                 backoff = Duration::from_millis(50);
-                if self.deliver(&b, &r) {
-                    // Canceled by the cluster: its watchers are told, and it ends.
-                    b.halt();
+                if r.canceled {
+                    self.canceled(&b, &r);
+                    break;
                 }
+                self.deliver(&b, &r);
                 if !b.stopped.load(Ordering::Acquire) {
                     self.coalesce(&b);
                 }
@@ -425,8 +447,38 @@ impl WatchProxy {
         self.stats.upstream.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Passes response `r` to `b`'s watchers; whether the cluster canceled the watch.
-    fn deliver(&self, b: &Broadcast, r: &pb::WatchResponse) -> bool {
+    /// The cluster canceled `b`'s watch (its start revision was compacted): its watchers whose
+    /// own start revision is still there move to another broadcast, the others are canceled
+    /// with the compact revision.
+    fn canceled(&self, b: &Arc<Broadcast>, r: &pb::WatchResponse) {
+        let receivers = {
+            let mut st = b.lock();
+            b.stopped.store(true, Ordering::Release);
+            std::mem::take(&mut st.receivers)
+        };
+        b.halt();
+        {
+            let mut ranges = self.ranges();
+            if let Some(list) = ranges.get_mut(&b.range) {
+                list.retain(|o| !Arc::ptr_eq(o, b));
+                if list.is_empty() {
+                    ranges.remove(&b.range);
+                }
+            }
+        }
+        let header = r.header.unwrap_or_default();
+        for w in receivers {
+            let next = w.lock().next;
+            if r.compact_revision > 0 && next > r.compact_revision {
+                self.add(w, header, &b.md);
+            } else {
+                w.send(r);
+            }
+        }
+    }
+
+    /// Passes response `r` to `b`'s watchers.
+    fn deliver(&self, b: &Broadcast, r: &pb::WatchResponse) {
         let receivers = {
             let mut st = b.lock();
             if st.responses > 0 && r.events.is_empty() && !r.created && !r.canceled {
@@ -448,7 +500,6 @@ impl WatchProxy {
         for w in &receivers {
             w.send(r);
         }
-        r.canceled
     }
 }
 
@@ -462,8 +513,11 @@ fn tokio_stream_of(
 /// The watchers of one client stream, removed from their broadcasts when it ends.
 struct StreamGuard {
     proxy: WatchProxy,
-    watchers: Arc<Mutex<HashMap<i64, Arc<Watcher>>>>,
+    /// `None` once the stream has ended: a create still in flight then adds nothing.
+    watchers: Watchers,
 }
+
+type Watchers = Arc<Mutex<Option<HashMap<i64, Arc<Watcher>>>>>;
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -471,9 +525,9 @@ impl Drop for StreamGuard {
             .watchers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
+            .take()
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
         for w in all {
             self.proxy.remove(&w);
         }
@@ -502,8 +556,9 @@ impl pb::watch_server::Watch for WatchProxy {
         let client = Arc::new(Client {
             tx,
             failed: AtomicBool::new(false),
+            dead: tokio::sync::Notify::new(),
         });
-        let watchers: Arc<Mutex<HashMap<i64, Arc<Watcher>>>> = Arc::default();
+        let watchers: Watchers = Arc::new(Mutex::new(Some(HashMap::new())));
         let guard = StreamGuard {
             proxy: self.clone(),
             watchers: watchers.clone(),
@@ -557,6 +612,7 @@ impl pb::watch_server::Watch for WatchProxy {
                             no_delete,
                             progress: cr.progress_notify,
                             prev_kv: cr.prev_kv,
+                            removed: AtomicBool::new(false),
                             state: Mutex::new(WatcherState {
                                 next,
                                 created_sent: false,
@@ -564,17 +620,20 @@ impl pb::watch_server::Watch for WatchProxy {
                             }),
                         });
                         next_id += 1;
-                        watchers
+                        let mut map = watchers
                             .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(w.id, w.clone());
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        // The client went away during the check: nothing to add.
+                        let Some(map) = map.as_mut() else { break };
+                        map.insert(w.id, w.clone());
                         proxy.add(w, header, &md);
                     }
                     Some(RequestUnion::CancelRequest(c)) => {
                         let w = watchers
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .remove(&c.watch_id);
+                            .as_mut()
+                            .and_then(|m| m.remove(&c.watch_id));
                         if let Some(w) = w {
                             proxy.remove(&w);
                             let header = w.lock().last_header.unwrap_or_default();
@@ -592,14 +651,18 @@ impl pb::watch_server::Watch for WatchProxy {
             }
             // The client sends no more; its watchers go on until it goes away.
         });
-        let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-            let item = rx.recv().await?;
-            let end = item.is_err();
-            // After an error, the stream ends.
-            if end {
-                return Some((item, (mpsc::channel(1).1, guard)));
+        let stream = futures::stream::unfold(Some((rx, guard, client)), |state| async move {
+            let (mut rx, guard, client) = state?;
+            if client.failed.load(Ordering::Acquire) {
+                // Too far behind: the stream ends now (and its watchers with it).
+                return Some((Err(Status::cancelled("context canceled")), None));
             }
-            Some((item, (rx, guard)))
+            tokio::select! {
+                r = rx.recv() => r.map(|r| (Ok(r), Some((rx, guard, client)))),
+                () = client.dead.notified() => {
+                    Some((Err(Status::cancelled("context canceled")), None))
+                }
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

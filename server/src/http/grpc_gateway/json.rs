@@ -91,18 +91,18 @@ fn escape_like_go(out: &mut Vec<u8>, start: usize) {
     }
 }
 
-/// The message `value` gives for `desc`, encoded as protobuf.
-pub fn encode(desc: &MessageDescriptor, value: serde_json::Value) -> Result<Vec<u8>, ReadError> {
+/// The message the first JSON value of `json` gives for `desc`, encoded as protobuf (what
+/// follows the first value is not read, as Go's `json.Decoder` does not). The message is built
+/// straight from the text, with no intermediate JSON tree.
+pub fn encode(desc: &MessageDescriptor, json: &[u8]) -> Result<Vec<u8>, ReadError> {
     use prost::Message as _;
-    let message = DynamicMessage::deserialize_with_options(desc.clone(), value, &DESERIALIZE)?;
+    if json.iter().all(u8::is_ascii_whitespace) {
+        // No value: the empty message.
+        return Ok(Vec::new());
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let message = DynamicMessage::deserialize_with_options(desc.clone(), &mut de, &DESERIALIZE)?;
     Ok(message.encode_to_vec())
-}
-
-/// The first JSON value of a whole body (`None`: the body holds none), as Go's `json.Decoder`
-/// reads it: what follows the first value is not looked at.
-pub fn first_value(body: &[u8]) -> Result<Option<serde_json::Value>, ReadError> {
-    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
-    Ok(values.next().transpose()?)
 }
 
 /// Reads a whole request body, up to `limit` bytes.
@@ -126,7 +126,11 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ReadError> {
 pub struct Values {
     body: axum::body::BodyDataStream,
     buffer: Vec<u8>,
-    /// How far `buffer` has been scanned, and the scanner's state there.
+    /// Where the unread part of `buffer` starts (values are not drained one by one: a body of
+    /// many small values costs no more than one large value).
+    start: usize,
+    /// How far `buffer` has been scanned (0: the value at `start` not yet), and the scanner's
+    /// state there.
     scanned: usize,
     depth: usize,
     in_string: bool,
@@ -140,6 +144,7 @@ impl Values {
         Values {
             body: body.into_data_stream(),
             buffer: Vec::new(),
+            start: 0,
             scanned: 0,
             depth: 0,
             in_string: false,
@@ -149,36 +154,41 @@ impl Values {
         }
     }
 
-    /// The next value; `None` at the end of the body.
-    pub async fn next(&mut self) -> Result<Option<serde_json::Value>, ReadError> {
+    /// The text of the next value; `None` at the end of the body.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
         loop {
             // Leading whitespace between values.
-            let skip = self
+            while self
                 .buffer
-                .iter()
-                .take_while(|b| b.is_ascii_whitespace())
-                .count();
-            if skip > 0 {
-                self.buffer.drain(..skip);
+                .get(self.start)
+                .is_some_and(u8::is_ascii_whitespace)
+            {
+                self.start += 1;
                 self.scanned = 0;
             }
             if let Some(end) = self.value_end() {
-                let value = serde_json::from_slice(&self.buffer[..end])?;
-                self.buffer.drain(..end);
+                let value = self.buffer[self.start..end].to_vec();
+                self.start = end;
                 self.scanned = 0;
                 return Ok(Some(value));
             }
             if self.eof {
-                if self.buffer.is_empty() {
+                if self.start >= self.buffer.len() {
                     return Ok(None);
                 }
                 // Whatever is left is not a whole value: the parser says what is wrong.
-                let value = serde_json::from_slice(&self.buffer)?;
-                self.buffer.clear();
+                let value = self.buffer[self.start..].to_vec();
+                self.start = self.buffer.len();
                 return Ok(Some(value));
             }
-            if self.buffer.len() > self.limit {
+            if self.buffer.len() - self.start > self.limit {
                 return Err(ReadError::TooLarge(self.limit));
+            }
+            // Drop what was read before growing the buffer (the scan position moves along).
+            if self.start > 0 {
+                self.buffer.drain(..self.start);
+                self.scanned = self.scanned.saturating_sub(self.start);
+                self.start = 0;
             }
             match self.body.next().await {
                 Some(chunk) => self.buffer.extend_from_slice(&chunk?),
@@ -187,16 +197,16 @@ impl Values {
         }
     }
 
-    /// Where the value at the start of the buffer ends, once it is whole. Only objects and
-    /// arrays are scanned for; any other value (never a message) is left to the parser at the
-    /// end of the body, or as soon as it cannot be the start of one.
+    /// Where the value at `start` ends, once it is whole. Only objects and arrays are scanned
+    /// for; any other value (never a message) is handed to the parser as it is, so the error
+    /// comes at once.
     fn value_end(&mut self) -> Option<usize> {
-        let first = *self.buffer.first()?;
+        let first = *self.buffer.get(self.start)?;
         if first != b'{' && first != b'[' {
-            // Not a message: parse it now so the error comes at once.
             return Some(self.buffer.len());
         }
         if self.scanned == 0 {
+            self.scanned = self.start;
             self.depth = 0;
             self.in_string = false;
             self.escaped = false;
@@ -248,22 +258,32 @@ mod tests {
             body(&[" {\"a\":\"}{\\\"\"", ",\"b\":[1,{}]} ", "\n{}", "[", "]"]),
             1 << 20,
         );
+        let mut next = async || {
+            let text = v.next().await.unwrap()?;
+            Some(serde_json::from_slice::<serde_json::Value>(&text).unwrap())
+        };
         assert_eq!(
-            v.next().await.unwrap().unwrap(),
+            next().await.unwrap(),
             serde_json::json!({"a": "}{\"", "b": [1, {}]})
         );
-        assert_eq!(v.next().await.unwrap().unwrap(), serde_json::json!({}));
-        assert_eq!(v.next().await.unwrap().unwrap(), serde_json::json!([]));
-        assert!(v.next().await.unwrap().is_none());
+        assert_eq!(next().await.unwrap(), serde_json::json!({}));
+        assert_eq!(next().await.unwrap(), serde_json::json!([]));
+        assert!(next().await.is_none());
     }
 
     #[tokio::test]
     async fn a_syntax_error_and_a_cut_value_are_errors() {
+        let pool = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let desc = pool
+            .get_message_by_name("etcdserverpb.WatchRequest")
+            .unwrap();
         let mut v = Values::new(body(&["{} xx"]), 1 << 20);
-        assert!(v.next().await.unwrap().is_some());
-        assert!(matches!(v.next().await, Err(ReadError::Json(_))));
+        assert!(encode(&desc, &v.next().await.unwrap().unwrap()).is_ok());
+        let bad = v.next().await.unwrap().unwrap();
+        assert!(matches!(encode(&desc, &bad), Err(ReadError::Json(_))));
         let mut v = Values::new(body(&["{\"a\":"]), 1 << 20);
-        assert!(matches!(v.next().await, Err(ReadError::Json(_))));
+        let cut = v.next().await.unwrap().unwrap();
+        assert!(matches!(encode(&desc, &cut), Err(ReadError::Json(_))));
     }
 
     #[tokio::test]
@@ -318,8 +338,7 @@ mod tests {
         let compare = pool.get_message_by_name("etcdserverpb.Compare").unwrap();
         let bytes = encode(
             &compare,
-            serde_json::json!({"result": "GREATER", "target": "MOD", "key": "Zm9v",
-                "modRevision": 7, "bogus": 1}),
+            br#"{"result": "GREATER", "target": "MOD", "key": "Zm9v", "modRevision": 7, "bogus": 1} trailing"#,
         )
         .unwrap();
         let c = pb::Compare::decode(bytes.as_slice()).unwrap();

@@ -53,7 +53,7 @@ pub struct Gateway {
     core: Core,
     client_cert_auth: bool,
     /// The most JSON one request message may take: room for `--max-request-bytes` of protobuf
-    /// in base64 (4/3) with JSON's quoting and field names.
+    /// in base64 (4/3), and 64 KiB for JSON's field names and quoting.
     json_limit: usize,
 }
 
@@ -78,7 +78,9 @@ impl Gateway {
             grpc,
             core,
             client_cert_auth,
-            json_limit: max_request_bytes.saturating_mul(2).saturating_add(64 << 10),
+            json_limit: (max_request_bytes / 3)
+                .saturating_mul(4)
+                .saturating_add(64 << 10),
         })
     }
 
@@ -235,12 +237,8 @@ async fn read_request(gw: &Gateway, rpc: &Rpc, body: Body) -> Result<Bytes, Stat
     let body = json::read_body(body, gw.json_limit)
         .await
         .map_err(|e| read_status(&e, Code::InvalidArgument))?;
-    let message = match json::first_value(&body) {
-        Ok(Some(value)) => json::encode(&rpc.input, value),
-        Ok(None) => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-    .map_err(|e| read_status(&e, Code::InvalidArgument))?;
+    let message =
+        json::encode(&rpc.input, &body).map_err(|e| read_status(&e, Code::InvalidArgument))?;
     Ok(grpc::frame(&message))
 }
 
@@ -354,7 +352,7 @@ async fn bidi(
 ) -> Response<Body> {
     let mut values = json::Values::new(body, gw.json_limit);
     let first = match values.next().await {
-        Ok(Some(value)) => match json::encode(&rpc.input, value) {
+        Ok(Some(value)) => match json::encode(&rpc.input, &value) {
             Ok(m) => Some(grpc::frame(&m)),
             Err(e) => return error_response(&read_status(&e, Code::Unknown)),
         },
@@ -367,7 +365,7 @@ async fn bidi(
         async move {
             let mut values = values?;
             match values.next().await {
-                Ok(Some(value)) => match json::encode(&input, value) {
+                Ok(Some(value)) => match json::encode(&input, &value) {
                     Ok(m) => Some((grpc::frame(&m), Some(values))),
                     Err(e) => {
                         tracing::debug!(error = %e, "gateway: a bad request ends the stream's requests");
