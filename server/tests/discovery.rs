@@ -41,7 +41,7 @@ struct Ns {
 #[allow(clippy::big_endian_bytes, reason = "DNS messages are big-endian")]
 /// A DNS answer to `query`: SRV records for the SRV name, 127.0.0.1 for the members' names,
 /// no address of another family, NXDOMAIN for anything else.
-fn answer(query: &[u8], srv: &[(u16, String)]) -> Option<Vec<u8>> {
+fn answer(query: &[u8], srv: &[(u16, String)], clients: &[(u16, String)]) -> Option<Vec<u8>> {
     // The question's name, its type.
     let mut at = 12;
     let mut labels = Vec::new();
@@ -63,8 +63,10 @@ fn answer(query: &[u8], srv: &[(u16, String)]) -> Option<Vec<u8>> {
     m[6..12].fill(0);
     let mut records: Vec<(u16, Vec<u8>)> = Vec::new();
     let srv_name = format!("_etcd-server._tcp.{DOMAIN}");
-    if name == srv_name && qtype == 33 {
-        for (port, target) in srv {
+    let client_name = format!("_etcd-client._tcp.{DOMAIN}");
+    if (name == srv_name || name == client_name) && qtype == 33 {
+        let list = if name == srv_name { srv } else { clients };
+        for (port, target) in list {
             let mut data = vec![0, 10, 0, 10];
             data.extend_from_slice(&port.to_be_bytes());
             for label in target.split('.') {
@@ -93,7 +95,7 @@ fn answer(query: &[u8], srv: &[(u16, String)]) -> Option<Vec<u8>> {
 }
 
 impl Ns {
-    fn new(srv: Vec<(u16, String)>) -> Ns {
+    fn new(srv: Vec<(u16, String)>, clients: Vec<(u16, String)>) -> Ns {
         let name = format!("keeldisc{}", std::process::id() % 10_000);
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         let ok = Command::new("ip")
@@ -130,7 +132,7 @@ impl Ns {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
-                if let Some(a) = answer(&buf[..n], &srv) {
+                if let Some(a) = answer(&buf[..n], &srv, &clients) {
                     let _ = socket.send_to(&a, from);
                 }
             }
@@ -216,7 +218,10 @@ fn a_cluster_bootstraps_from_dns_srv_records() {
     let srv: Vec<(u16, String)> = (0..3)
         .map(|i| (peers[i], format!("m{}.{DOMAIN}", i + 1)))
         .collect();
-    let mut ns = Ns::new(srv);
+    let client_records: Vec<(u16, String)> = (0..3)
+        .map(|i| (clients[i], format!("m{}.{DOMAIN}", i + 1)))
+        .collect();
+    let mut ns = Ns::new(srv, client_records);
     for i in 0..3 {
         let name = format!("m{}", i + 1);
         let log = dir.path().join(format!("{name}.log"));
@@ -260,6 +265,48 @@ fn a_cluster_bootstraps_from_dns_srv_records() {
     assert!(
         log.contains("got the initial cluster from DNS SRV records"),
         "{log}"
+    );
+
+    // The L4 gateway and the gRPC proxy find the members' client URLs from the
+    // `_etcd-client._tcp` records.
+    for (what, args) in [
+        ("gateway", ["gateway", "start"]),
+        ("grpc-proxy", ["grpc-proxy", "start"]),
+    ] {
+        let port = free_port();
+        let mut all: Vec<String> = args.iter().map(ToString::to_string).collect();
+        all.push(format!("--discovery-srv={DOMAIN}"));
+        all.push(format!("--listen-addr=127.0.0.1:{port}"));
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_keel"), &all)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ns.children.push(child);
+        let got = wait_for(what, || {
+            let (ok, out) = ns.etcdctl(port, &["get", "found", "--print-value-only"]);
+            (ok && out.trim() == "by-srv").then_some(out)
+        });
+        assert_eq!(got.trim(), "by-srv", "{what}");
+    }
+    // A domain without records: the gateway says so and does not start.
+    let out = ns
+        .command(
+            env!("CARGO_BIN_EXE_keel"),
+            &[
+                "gateway".into(),
+                "start".into(),
+                "--discovery-srv=nothing.test".into(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot discover the cluster's endpoints"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // A member whose address no record lists does not start, and says why.
