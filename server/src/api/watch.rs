@@ -76,6 +76,8 @@ struct Outbox {
     gone: Notify,
     /// The status the stream ends with, if it ends in error.
     error: Mutex<Option<Status>>,
+    /// Responses taken by the sender so far: the queue's front is response number `sent`.
+    sent: AtomicU64,
 }
 
 impl Outbox {
@@ -131,11 +133,60 @@ impl Outbox {
         }
     }
 
+    /// Queues the events of one revision for watcher `id`. While the watcher's previous events
+    /// response is still queued (the client reads slower than events come), they join it
+    /// instead, within `max` bytes: as etcd's unsynced watchers catch up, a client that lags
+    /// gets fewer, larger responses rather than one per revision. `last` is the number of the
+    /// watcher's last queued response.
+    fn push_events(&self, r: pb::WatchResponse, last: &mut Option<u64>, max: usize) {
+        let size = r.encoded_len();
+        let mut queue = self.queue();
+        let sent = self.sent.load(Ordering::Acquire);
+        if let Some(at) = last.and_then(|n| n.checked_sub(sent))
+            && let Some((queued, queued_size)) = queue.get_mut(at as usize)
+            && queued.watch_id == r.watch_id
+            && *queued_size + size < max
+        {
+            // The size grows by the new events and the header's difference: not
+            // measured again whole (a long-lagging response would make it quadratic).
+            let header_len = |h: &Option<pb::ResponseHeader>| {
+                h.as_ref()
+                    .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
+            };
+            let added: usize = r
+                .events
+                .iter()
+                .map(|e| prost::encoding::message::encoded_len(11, e))
+                .sum::<usize>()
+                + header_len(&r.header);
+            let removed = header_len(&queued.header);
+            queued.header = r.header;
+            queued.events.extend(r.events);
+            let grown = *queued_size + added - removed;
+            debug_assert_eq!(grown, queued.encoded_len());
+            self.bytes.fetch_add(grown - *queued_size, Ordering::AcqRel);
+            *queued_size = grown;
+            return;
+        }
+        *last = Some(sent + queue.len() as u64);
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        queue.push_back((r, size));
+        drop(queue);
+        self.notify.notify_one();
+    }
+
     /// The next response, or `None` once closed and drained.
     async fn next(&self) -> Option<pb::WatchResponse> {
         loop {
             let notified = self.notify.notified();
-            let next = self.queue().pop_front();
+            let next = {
+                let mut queue = self.queue();
+                let next = queue.pop_front();
+                if next.is_some() {
+                    self.sent.fetch_add(1, Ordering::AcqRel);
+                }
+                next
+            };
             if let Some((r, size)) = next {
                 self.bytes.fetch_sub(size, Ordering::AcqRel);
                 return Some(r);
@@ -183,6 +234,9 @@ struct Watcher {
     next_rev: i64,
     synced: bool,
     last_sent: Instant,
+    /// The number of its last events response queued in the stream's outbox (see
+    /// [`Outbox::push_events`]).
+    queued: Option<u64>,
 }
 
 impl Watcher {
@@ -525,6 +579,7 @@ impl Hub {
             next_rev: start,
             synced: start > current,
             last_sent: Instant::now(),
+            queued: None,
         };
         s.outbox.push(pb::WatchResponse {
             header,
@@ -611,8 +666,18 @@ impl Hub {
                     .map(|(e, _)| e.clone())
                     .collect();
                 w.last_sent = now;
-                for r in fragments(header, id, events, w.fragment, max) {
-                    s.outbox.push(r);
+                if w.fragment {
+                    for r in fragments(header, id, events, w.fragment, max) {
+                        s.outbox.push(r);
+                    }
+                } else {
+                    let r = pb::WatchResponse {
+                        header,
+                        watch_id: id,
+                        events,
+                        ..Default::default()
+                    };
+                    s.outbox.push_events(r, &mut w.queued, max);
                 }
             }
         }
@@ -719,6 +784,8 @@ impl Hub {
             w.synced = reached > current;
             if !responses.is_empty() {
                 w.last_sent = Instant::now();
+                // Later events must not join a response queued before these.
+                w.queued = None;
             }
             for r in responses {
                 s.outbox.push(r);
@@ -1009,5 +1076,74 @@ impl WatchService {
             }
         });
         Ok(Box::pin(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(id: i64, revs: &[i64]) -> pb::WatchResponse {
+        pb::WatchResponse {
+            header: Some(pb::ResponseHeader {
+                revision: *revs.last().unwrap(),
+                ..Default::default()
+            }),
+            watch_id: id,
+            events: revs
+                .iter()
+                .map(|&r| mvccpb::Event {
+                    kv: Some(mvccpb::KeyValue {
+                        key: b"k".to_vec().into(),
+                        mod_revision: r,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn revs(r: &pb::WatchResponse) -> Vec<i64> {
+        r.events
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lagging_watchers_events_join_its_queued_response_in_order() {
+        let o = Outbox::default();
+        let (mut a, mut b) = (None, None);
+        o.push_events(events(1, &[2]), &mut a, 1 << 20);
+        o.push_events(events(2, &[2]), &mut b, 1 << 20);
+        o.push_events(events(1, &[3]), &mut a, 1 << 20);
+        o.push_events(events(1, &[4]), &mut a, 1 << 20);
+        let first = o.next().await.unwrap();
+        assert_eq!((first.watch_id, revs(&first)), (1, vec![2, 3, 4]));
+        assert_eq!(first.header.unwrap().revision, 4);
+        // Sent: the next events start a response of their own, after watcher 2's.
+        o.push_events(events(1, &[5]), &mut a, 1 << 20);
+        let second = o.next().await.unwrap();
+        assert_eq!((second.watch_id, revs(&second)), (2, vec![2]));
+        let third = o.next().await.unwrap();
+        assert_eq!((third.watch_id, revs(&third)), (1, vec![5]));
+        assert_eq!(o.bytes.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn responses_do_not_grow_past_the_limit() {
+        let o = Outbox::default();
+        let mut a = None;
+        let one = events(1, &[2]).encoded_len();
+        for r in 2..6 {
+            o.push_events(events(1, &[r]), &mut a, 2 * one + 1);
+        }
+        let mut got = Vec::new();
+        while !o.queue().is_empty() {
+            got.push(revs(&o.next().await.unwrap()));
+        }
+        assert_eq!(got, [vec![2, 3], vec![4, 5]]);
     }
 }

@@ -27,6 +27,7 @@ use futures::StreamExt as _;
 use keel_proto::etcdserverpb as pb;
 use keel_proto::mvccpb;
 use pb::watch_request::RequestUnion;
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
@@ -50,22 +51,95 @@ pub struct WatchStats {
 }
 
 /// One client stream's side: where its responses go.
+#[derive(Default)]
 struct Client {
-    tx: mpsc::Sender<pb::WatchResponse>,
+    /// Responses and their encoded sizes.
+    queue: Mutex<std::collections::VecDeque<(pb::WatchResponse, usize)>>,
+    /// Responses taken by the sender so far: the queue's front is response number `sent`.
+    sent: AtomicU64,
+    /// Wakes the sender: a response is queued, or the client failed.
+    notify: tokio::sync::Notify,
     /// Set once the client fell too far behind: its stream ends at once (etcd's proxy cancels
     /// it), without waiting for the client to read what is queued.
     failed: AtomicBool,
-    dead: tokio::sync::Notify,
 }
 
+/// The most one merged events response may grow to.
+const MAX_MERGED: usize = 1 << 20;
+
 impl Client {
+    fn queue(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(pb::WatchResponse, usize)>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn post(&self, r: pb::WatchResponse) {
+        let mut last = None;
+        self.enqueue(r, &mut last, false);
+    }
+
+    /// Queues `r`. With `merge`, `r` (events only) joins the watcher's last queued events
+    /// response (number `last`) if the sender has not taken it yet, as the members do for a
+    /// client that lags: fewer, larger responses.
+    fn enqueue(&self, r: pb::WatchResponse, last: &mut Option<u64>, merge: bool) {
         if self.failed.load(Ordering::Acquire) {
             return;
         }
-        if self.tx.try_send(r).is_err() {
+        let mut queue = self.queue();
+        let sent = self.sent.load(Ordering::Acquire);
+        // Sizes add up from the parts: a long-lagging response is not measured again whole
+        // each time.
+        let added: usize = r
+            .events
+            .iter()
+            .map(|e| prost::encoding::message::encoded_len(11, e))
+            .sum();
+        if merge
+            && let Some(at) = last.and_then(|n| n.checked_sub(sent))
+            && let Some((queued, size)) = queue.get_mut(at as usize)
+            && queued.watch_id == r.watch_id
+            && *size + added < MAX_MERGED
+        {
+            let header_len = |h: &Option<pb::ResponseHeader>| {
+                h.as_ref()
+                    .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
+            };
+            *size = *size + added + header_len(&r.header) - header_len(&queued.header);
+            queued.header = r.header;
+            queued.events.extend(r.events);
+            return;
+        }
+        if queue.len() >= STREAM_QUEUE {
             self.failed.store(true, Ordering::Release);
-            self.dead.notify_one();
+            drop(queue);
+            self.notify.notify_one();
+            return;
+        }
+        *last = Some(sent + queue.len() as u64);
+        let size = r.encoded_len();
+        queue.push_back((r, size));
+        drop(queue);
+        self.notify.notify_one();
+    }
+
+    /// The next response; an error once the client has failed.
+    async fn next(&self) -> Result<pb::WatchResponse, Status> {
+        loop {
+            let notified = self.notify.notified();
+            if self.failed.load(Ordering::Acquire) {
+                return Err(Status::cancelled("context canceled"));
+            }
+            {
+                let mut queue = self.queue();
+                if let Some((r, _)) = queue.pop_front() {
+                    self.sent.fetch_add(1, Ordering::AcqRel);
+                    return Ok(r);
+                }
+            }
+            notified.await;
         }
     }
 }
@@ -89,6 +163,8 @@ struct WatcherState {
     next: i64,
     created_sent: bool,
     last_header: Option<pb::ResponseHeader>,
+    /// The number of its last events response queued for its client (see `Client::enqueue`).
+    queued: Option<u64>,
 }
 
 impl Watcher {
@@ -137,8 +213,8 @@ impl Watcher {
             st.created_sent = true;
         }
         st.last_header = r.header;
-        drop(st);
-        self.client.post(pb::WatchResponse {
+        let merge = !events.is_empty() && !created && !r.canceled && r.compact_revision == 0;
+        let response = pb::WatchResponse {
             header: r.header,
             watch_id: self.id,
             created,
@@ -147,7 +223,10 @@ impl Watcher {
             cancel_reason: r.cancel_reason.clone(),
             events,
             ..Default::default()
-        });
+        };
+        let mut last = st.queued;
+        self.client.enqueue(response, &mut last, merge);
+        st.queued = if merge { last } else { None };
     }
 }
 
@@ -552,12 +631,7 @@ impl pb::watch_server::Watch for WatchProxy {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let md = request.metadata().clone();
         let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let client = Arc::new(Client {
-            tx,
-            failed: AtomicBool::new(false),
-            dead: tokio::sync::Notify::new(),
-        });
+        let client = Arc::new(Client::default());
         let watchers: Watchers = Arc::new(Mutex::new(Some(HashMap::new())));
         let guard = StreamGuard {
             proxy: self.clone(),
@@ -617,6 +691,7 @@ impl pb::watch_server::Watch for WatchProxy {
                                 next,
                                 created_sent: false,
                                 last_header: None,
+                                queued: None,
                             }),
                         });
                         next_id += 1;
@@ -651,17 +726,12 @@ impl pb::watch_server::Watch for WatchProxy {
             }
             // The client sends no more; its watchers go on until it goes away.
         });
-        let stream = futures::stream::unfold(Some((rx, guard, client)), |state| async move {
-            let (mut rx, guard, client) = state?;
-            if client.failed.load(Ordering::Acquire) {
+        let stream = futures::stream::unfold(Some((guard, client)), |state| async move {
+            let (guard, client) = state?;
+            match client.next().await {
+                Ok(r) => Some((Ok(r), Some((guard, client)))),
                 // Too far behind: the stream ends now (and its watchers with it).
-                return Some((Err(Status::cancelled("context canceled")), None));
-            }
-            tokio::select! {
-                r = rx.recv() => r.map(|r| (Ok(r), Some((rx, guard, client)))),
-                () = client.dead.notified() => {
-                    Some((Err(Status::cancelled("context canceled")), None))
-                }
+                Err(e) => Some((Err(e), None)),
             }
         });
         Ok(Response::new(Box::pin(stream)))
