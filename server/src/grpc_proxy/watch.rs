@@ -57,6 +57,8 @@ struct Client {
     queue: Mutex<std::collections::VecDeque<(pb::WatchResponse, usize)>>,
     /// Responses taken by the sender so far: the queue's front is response number `sent`.
     sent: AtomicU64,
+    /// Encoded bytes queued.
+    bytes: std::sync::atomic::AtomicUsize,
     /// Wakes the sender: a response is queued, or the client failed.
     notify: tokio::sync::Notify,
     /// Set once the client fell too far behind: its stream ends at once (etcd's proxy cancels
@@ -66,6 +68,9 @@ struct Client {
 
 /// The most one merged events response may grow to.
 const MAX_MERGED: usize = 1 << 20;
+/// The most a client may have queued, in encoded bytes, before its stream is ended (with
+/// [`STREAM_QUEUE`] responses, the bound on what a client that does not read costs).
+const CLIENT_BYTES: usize = 4 << 20;
 
 impl Client {
     fn queue(
@@ -107,20 +112,38 @@ impl Client {
                 h.as_ref()
                     .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
             };
-            *size = *size + added + header_len(&r.header) - header_len(&queued.header);
+            let grown = *size + added + header_len(&r.header) - header_len(&queued.header);
+            let total = self.bytes.fetch_add(grown - *size, Ordering::AcqRel) + grown - *size;
+            *size = grown;
             queued.header = r.header;
             queued.events.extend(r.events);
+            if total > CLIENT_BYTES {
+                self.fail(queue);
+            }
             return;
         }
-        if queue.len() >= STREAM_QUEUE {
-            self.failed.store(true, Ordering::Release);
-            drop(queue);
-            self.notify.notify_one();
+        let size = r.encoded_len();
+        if queue.len() >= STREAM_QUEUE || self.bytes.load(Ordering::Acquire) + size > CLIENT_BYTES {
+            self.fail(queue);
             return;
         }
         *last = Some(sent + queue.len() as u64);
-        let size = r.encoded_len();
+        self.bytes.fetch_add(size, Ordering::AcqRel);
         queue.push_back((r, size));
+        drop(queue);
+        self.notify.notify_one();
+    }
+
+    /// The client is too far behind: its stream ends, and what it had queued is dropped.
+    fn fail(
+        &self,
+        mut queue: std::sync::MutexGuard<
+            '_,
+            std::collections::VecDeque<(pb::WatchResponse, usize)>,
+        >,
+    ) {
+        self.failed.store(true, Ordering::Release);
+        queue.clear();
         drop(queue);
         self.notify.notify_one();
     }
@@ -134,8 +157,9 @@ impl Client {
             }
             {
                 let mut queue = self.queue();
-                if let Some((r, _)) = queue.pop_front() {
+                if let Some((r, size)) = queue.pop_front() {
                     self.sent.fetch_add(1, Ordering::AcqRel);
+                    self.bytes.fetch_sub(size, Ordering::AcqRel);
                     return Ok(r);
                 }
             }
