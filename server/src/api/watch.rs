@@ -147,23 +147,7 @@ impl Outbox {
             && queued.watch_id == r.watch_id
             && *queued_size + size < max
         {
-            // The size grows by the new events and the header's difference: not
-            // measured again whole (a long-lagging response would make it quadratic).
-            let header_len = |h: &Option<pb::ResponseHeader>| {
-                h.as_ref()
-                    .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
-            };
-            let added: usize = r
-                .events
-                .iter()
-                .map(|e| prost::encoding::message::encoded_len(11, e))
-                .sum::<usize>()
-                + header_len(&r.header);
-            let removed = header_len(&queued.header);
-            queued.header = r.header;
-            queued.events.extend(r.events);
-            let grown = *queued_size + added - removed;
-            debug_assert_eq!(grown, queued.encoded_len());
+            let grown = join_events(queued, *queued_size, r);
             self.bytes.fetch_add(grown - *queued_size, Ordering::AcqRel);
             *queued_size = grown;
             return;
@@ -197,6 +181,32 @@ impl Outbox {
             notified.await;
         }
     }
+}
+
+/// Adds the events of `r` (one watcher's, a later revision) to `queued`, that watcher's
+/// response still waiting to be sent, whose encoded size is `size`; its header becomes `r`'s.
+/// The new encoded size, computed from the parts: a response that keeps growing while its
+/// client lags is not measured again whole each time. Shared with the gRPC proxy's queues.
+pub(crate) fn join_events(
+    queued: &mut pb::WatchResponse,
+    size: usize,
+    r: pb::WatchResponse,
+) -> usize {
+    let header_len = |h: &Option<pb::ResponseHeader>| {
+        h.as_ref()
+            .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
+    };
+    let added: usize = r
+        .events
+        .iter()
+        .map(|e| prost::encoding::message::encoded_len(11, e))
+        .sum::<usize>()
+        + header_len(&r.header);
+    let grown = size + added - header_len(&queued.header);
+    queued.header = r.header;
+    queued.events.extend(r.events);
+    debug_assert_eq!(grown, queued.encoded_len());
+    grown
 }
 
 /// The gRPC sender's hold on an outbox: when tonic drops the response stream (the client went

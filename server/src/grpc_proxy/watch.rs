@@ -95,41 +95,28 @@ impl Client {
         }
         let mut queue = self.queue();
         let sent = self.sent.load(Ordering::Acquire);
-        // Sizes add up from the parts: a long-lagging response is not measured again whole
-        // each time.
-        let added: usize = r
-            .events
-            .iter()
-            .map(|e| prost::encoding::message::encoded_len(11, e))
-            .sum();
+        let len = r.encoded_len();
         if merge
             && let Some(at) = last.and_then(|n| n.checked_sub(sent))
             && let Some((queued, size)) = queue.get_mut(at as usize)
             && queued.watch_id == r.watch_id
-            && *size + added < MAX_MERGED
+            && *size + len < MAX_MERGED
         {
-            let header_len = |h: &Option<pb::ResponseHeader>| {
-                h.as_ref()
-                    .map_or(0, |h| prost::encoding::message::encoded_len(1, h))
-            };
-            let grown = *size + added + header_len(&r.header) - header_len(&queued.header);
+            let grown = crate::api::watch::join_events(queued, *size, r);
             let total = self.bytes.fetch_add(grown - *size, Ordering::AcqRel) + grown - *size;
             *size = grown;
-            queued.header = r.header;
-            queued.events.extend(r.events);
             if total > CLIENT_BYTES {
                 self.fail(queue);
             }
             return;
         }
-        let size = r.encoded_len();
-        if queue.len() >= STREAM_QUEUE || self.bytes.load(Ordering::Acquire) + size > CLIENT_BYTES {
+        if queue.len() >= STREAM_QUEUE || self.bytes.load(Ordering::Acquire) + len > CLIENT_BYTES {
             self.fail(queue);
             return;
         }
         *last = Some(sent + queue.len() as u64);
-        self.bytes.fetch_add(size, Ordering::AcqRel);
-        queue.push_back((r, size));
+        self.bytes.fetch_add(len, Ordering::AcqRel);
+        queue.push_back((r, len));
         drop(queue);
         self.notify.notify_one();
     }
