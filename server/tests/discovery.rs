@@ -18,17 +18,6 @@ use common::{free_port, wait_for};
 
 const DOMAIN: &str = "keel.test";
 
-fn can_run() -> Result<(), &'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root to make network namespaces");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Err("needs ip (iproute2)");
-    }
-    Ok(())
-}
-
 /// A network namespace with its own resolv.conf, its DNS server and the processes started in
 /// it; all removed when dropped (processes killed by PID first).
 struct Ns {
@@ -208,7 +197,7 @@ fn member_args(dir: &std::path::Path, name: &str, peer: u16, client: u16) -> Vec
 
 #[test]
 fn a_cluster_bootstraps_from_dns_srv_records() {
-    if let Err(why) = can_run() {
+    if let Some(why) = common::netns_unavailable() {
         eprintln!("skipped: {why}");
         return;
     }

@@ -62,6 +62,33 @@ fn metric(port: u16, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A keel member with data dir under `dir`, and keel's proxy in front of it.
+fn keel_and_proxy(dir: &std::path::Path) -> (Server, Proxy) {
+    let server = start_server(
+        env!("CARGO_BIN_EXE_keel"),
+        &dir.join("k"),
+        free_port(),
+        "http",
+        &[],
+    );
+    let p = proxy(env!("CARGO_BIN_EXE_keel"), &server);
+    (server, p)
+}
+
+/// The next response of `s` that carries events (created and progress responses skipped).
+async fn next_events(s: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        if !r.events().is_empty() {
+            return r;
+        }
+    }
+}
+
 fn port_of(endpoint: &str) -> u16 {
     endpoint.rsplit(':').next().unwrap().parse().unwrap()
 }
@@ -165,14 +192,7 @@ fn an_etcdctl_session_through_the_proxy_prints_what_etcds_proxy_prints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_watchers_of_one_key_are_one_upstream_watcher() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        env!("CARGO_BIN_EXE_keel"),
-        &dir.path().join("k"),
-        free_port(),
-        "http",
-        &[],
-    );
-    let p = proxy(env!("CARGO_BIN_EXE_keel"), &server);
+    let (server, p) = keel_and_proxy(dir.path());
     let mut direct = etcd_client::Client::connect([server.endpoint.clone()], None)
         .await
         .unwrap();
@@ -209,16 +229,7 @@ async fn many_watchers_of_one_key_are_one_upstream_watcher() {
     let put = direct.put("hot", "1", None).await.unwrap();
     let rev = put.header().unwrap().revision();
     for (_, s) in &mut streams {
-        let r = loop {
-            let r = tokio::time::timeout(Duration::from_secs(10), s.message())
-                .await
-                .expect("an event in time")
-                .unwrap()
-                .unwrap();
-            if !r.events().is_empty() {
-                break r;
-            }
-        };
+        let r = next_events(s).await;
         let ev = &r.events()[0];
         assert_eq!(ev.kv().unwrap().value(), b"1");
         assert_eq!(ev.kv().unwrap().mod_revision(), rev);
@@ -249,16 +260,7 @@ async fn many_watchers_of_one_key_are_one_upstream_watcher() {
     wait_for("the late watcher to coalesce", || {
         (member_watchers()? == 1.0).then_some(())
     });
-    let r = loop {
-        let r = tokio::time::timeout(Duration::from_secs(10), history.message())
-            .await
-            .expect("an event in time")
-            .unwrap()
-            .unwrap();
-        if !r.events().is_empty() {
-            break r;
-        }
-    };
+    let r = next_events(&mut history).await;
     assert_eq!(r.events()[0].kv().unwrap().value(), b"2");
     drop((late, history));
     // Watchers that go away are gone upstream too.
@@ -271,14 +273,7 @@ async fn many_watchers_of_one_key_are_one_upstream_watcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_ranges_follow_writes_from_anywhere() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        env!("CARGO_BIN_EXE_keel"),
-        &dir.path().join("k"),
-        free_port(),
-        "http",
-        &[],
-    );
-    let p = proxy(env!("CARGO_BIN_EXE_keel"), &server);
+    let (server, p) = keel_and_proxy(dir.path());
     let ser = || Some(etcd_client::GetOptions::new().with_serializable());
     let mut via = etcd_client::Client::connect([p.endpoint.clone()], None)
         .await
@@ -347,5 +342,45 @@ async fn cached_ranges_follow_writes_from_anywhere() {
         let refused = via.get("secret", ser()).await;
         assert!(refused.is_err(), "{refused:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What an operator sees of the proxy: `/health` true while the cluster answers through it,
+/// false (503) once it cannot; `/metrics` with etcd's proxy metrics; calls forwarded to a
+/// cluster that is gone fail with `Unavailable` rather than hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_tell_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, p) = keel_and_proxy(dir.path());
+    let port = port_of(&p.endpoint);
+    wait_for("a healthy proxy", || {
+        common::try_http_get(port, "/health")
+            .filter(|(code, body)| *code == 200 && body.contains(r#""health":"true""#))
+    });
+    let (_, metrics) = common::http_get(port, "/metrics");
+    for name in [
+        "etcd_grpc_proxy_cache_hits_total",
+        "etcd_grpc_proxy_watchers_coalescing_total",
+        "etcd_grpc_proxy_events_coalescing_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    wait_for("an unhealthy proxy", || {
+        common::try_http_get(port, "/health")
+            .filter(|(code, body)| *code == 503 && body.contains(r#""health":"false""#))
+    });
+    let mut c = etcd_client::Client::connect([p.endpoint.clone()], None)
+        .await
+        .unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(30), c.lease_grant(10, None))
+        .await
+        .expect("an answer, not a hang");
+    match lease {
+        Err(etcd_client::Error::GRpcStatus(s)) => {
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}")
+        }
+        other => panic!("{other:?}"),
     }
 }

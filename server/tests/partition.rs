@@ -211,20 +211,9 @@ impl Drop for Net {
     }
 }
 
-fn can_run() -> Result<(), &'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root to make network namespaces");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Err("needs ip (iproute2)");
-    }
-    Ok(())
-}
-
 #[test]
 fn a_partitioned_leader_takes_no_write_and_rejoins_the_new_majority() {
-    if let Err(why) = can_run() {
+    if let Some(why) = common::netns_unavailable() {
         eprintln!("not run: {why}");
         return;
     }

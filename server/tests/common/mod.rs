@@ -551,3 +551,15 @@ pub fn try_http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .contains("transfer-encoding: chunked");
     Some((code, if chunked { dechunk(body) } else { body.into() }))
 }
+
+/// Why network namespaces cannot be made here (they need root and `ip`), if they cannot.
+pub fn netns_unavailable() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root to make network namespaces");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs ip (iproute2)");
+    }
+    None
+}
