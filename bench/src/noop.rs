@@ -93,11 +93,17 @@ pub fn serve(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
     let runtime = keel::net::runtime(threads)?;
     runtime.block_on(async {
         let incoming = keel::net::bind(addr)?;
-        let routes = tonic::service::Routes::new(KvServer::new(Noop));
         eprintln!("keel-bench: no-op KV server listening on {addr}");
         // keel's own defaults (etcd's): the same stack as a member's client listeners.
         let options = keel::net::ClientOptions::default();
-        keel::net::serve_clients(incoming, routes, options, std::future::pending()).await?;
+        // The service itself, as a member serves each gRPC service (`keel::api::dispatch`).
+        keel::net::serve_service(
+            incoming,
+            KvServer::new(Noop),
+            options,
+            std::future::pending(),
+        )
+        .await?;
         Ok(())
     })
 }

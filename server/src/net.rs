@@ -33,9 +33,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
     Ok(TcpIncoming::bind(addr)?.with_nodelay(Some(true)))
 }
 
-/// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
-/// `incoming` is a plain [`TcpIncoming`] or the TLS connections of one
-/// ([`crate::tls::incoming::incoming`]).
 /// HTTP/2 settings of the client listeners, from etcd's flags.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientOptions {
@@ -59,6 +56,9 @@ impl Default for ClientOptions {
     }
 }
 
+/// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
+/// `incoming` is a plain [`TcpIncoming`] or the TLS connections of one
+/// ([`crate::tls::incoming::incoming`]).
 pub async fn serve_clients<I, IO, IE>(
     incoming: I,
     routes: Routes,
@@ -66,6 +66,38 @@ pub async fn serve_clients<I, IO, IE>(
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error>
 where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_service(incoming, routes.prepare(), options, stop).await
+}
+
+/// [`serve_clients`] with any service in place of tonic's router: a member's client URLs serve
+/// [`crate::api::dispatch::ClientService`].
+pub async fn serve_service<S, B, I, IO, IE>(
+    incoming: I,
+    service: S,
+    options: ClientOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tower_service::Service<
+            axum::http::Request<tonic::body::Body>,
+            Response = axum::http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: futures::Stream<Item = Result<IO, IE>>,
     IO: tokio::io::AsyncRead
         + tokio::io::AsyncWrite
@@ -85,8 +117,7 @@ where
         builder = builder.http2_keepalive_timeout(Some(timeout));
     }
     builder
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop)
+        .serve_with_incoming_shutdown(service, incoming, stop)
         .await
 }
 

@@ -580,19 +580,25 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             Duration::from_secs(5) + 2 * config.election_timeout,
             config.heartbeat_interval,
         ));
-        let grpc = tonic::service::Routes::new(kv)
-            .add_service(lease)
-            .add_service(watch)
-            .add_service(cluster)
-            .add_service(maintenance)
-            .add_service(auth)
-            .add_service(lock)
-            .add_service(election)
-            .into_axum_router()
-            .layer(axum::middleware::from_fn_with_state(
-                core.clone(),
-                crate::api::require_leader,
-            ));
+        let services = crate::api::dispatch::Services {
+            kv,
+            lease,
+            watch,
+            cluster,
+            maintenance,
+            auth,
+            lock,
+            election,
+        };
+        // The router the JSON gateway calls, and the client URLs' fallback (unknown gRPC paths).
+        let grpc =
+            services
+                .routes()
+                .into_axum_router()
+                .layer(axum::middleware::from_fn_with_state(
+                    core.clone(),
+                    crate::api::require_leader,
+                ));
         // The HTTP endpoints, and the JSON gateway calling the gRPC services in process.
         let mut http = crate::http::router(core.clone());
         if config.compat.enable_grpc_gateway {
@@ -612,7 +618,11 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             crate::http::access::check,
         ));
         let router = grpc.merge(http);
-        let routes = tonic::service::Routes::from(router);
+        let client_service = crate::api::dispatch::ClientService::new(
+            core.clone(),
+            services,
+            tonic::service::Routes::from(router),
+        );
         let compactor = tokio::spawn(crate::compactor::run(core.clone(), config.auto_compaction));
         let corruption = (!config.corrupt_check_time.is_zero()).then(|| {
             tokio::spawn(crate::corrupt::run_periodic(
@@ -663,15 +673,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
             let stop = async move { stop.wait().await };
             let server = match (&tls.client, url.tls) {
-                (Some(t), true) => tokio::spawn(crate::net::serve_clients(
+                (Some(t), true) => tokio::spawn(crate::net::serve_service(
                     crate::tls::incoming::incoming(incoming, t.clone(), "client"),
-                    routes.clone(),
+                    client_service.clone(),
                     client_options,
                     stop,
                 )),
-                _ => tokio::spawn(crate::net::serve_clients(
+                _ => tokio::spawn(crate::net::serve_service(
                     incoming,
-                    routes.clone(),
+                    client_service.clone(),
                     client_options,
                     stop,
                 )),

@@ -519,6 +519,58 @@ async fn etcd_client_kv_calls_answer_like_etcd() {
     assert_eq!(got.len(), expected.len());
 }
 
+/// Calls `path` with a range request; returns the gRPC code and message, or "ok".
+async fn raw_call(endpoint: &str, path: &'static str) -> String {
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = keel_proto::etcdserverpb::RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    };
+    let answer: Result<tonic::Response<keel_proto::etcdserverpb::RangeResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(request),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    match answer {
+        Ok(_) => "ok".to_string(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    }
+}
+
+/// A call of a service or method etcd does not serve gets grpc-go's answer: `Unimplemented`,
+/// "unknown service S" or "unknown method M for service S".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_services_and_methods_answer_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let paths = [
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.Nope/Range",
+        "/etcdserverpb.KV/Nope",
+        "/etcdserverpb.Maintenance/Downgrade",
+        "/v3lockpb.Lock/Nope",
+        "/a/b/c",
+    ];
+    for path in paths {
+        let expected = raw_call(&etcd.endpoint, path).await;
+        let got = raw_call(&keel.endpoint, path).await;
+        assert_eq!(got, expected, "{path}");
+    }
+    assert_eq!(
+        raw_call(&keel.endpoint, "/etcdserverpb.Nope/Range").await,
+        "Unimplemented: unknown service etcdserverpb.Nope"
+    );
+}
+
 /// With no `--data-dir`, a member keeps its data in `<name>.keel` under the working directory
 /// (etcd's `<name>.etcd`), and works: a relative data dir once stopped the storage core at
 /// start (glommio opened its WAL directory relative to fd -1).

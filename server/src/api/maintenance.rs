@@ -11,7 +11,9 @@
 //!
 //! - `Snapshot`: the backend in etcd's bbolt format with etcd's sha256 trailer (`snapshot.rs`).
 //!
-//! `Downgrade` is etcd 3.5's and unknown to 3.4: `Unimplemented`, as etcd 3.4 answers.
+//! `Downgrade` is etcd 3.5's and unknown to 3.4: `Unimplemented`, as etcd 3.4 answers (on a client URL
+//! the dispatch answers before the request is decoded, as grpc-go; this handler answers the JSON
+//! gateway's calls).
 
 use std::time::{Duration, Instant};
 

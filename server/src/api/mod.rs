@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod convert;
+pub mod dispatch;
 pub mod election;
 pub mod kv;
 pub mod lease;
@@ -43,23 +44,10 @@ pub fn requires_leader(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == b"true")
 }
 
-/// The gRPC methods a learner serves (etcd's `isRPCSupportedForLearner`: Status, and Range
-/// when serializable, which the KV service checks).
-const LEARNER_METHODS: &[&str] = &["/etcdserverpb.KV/Range", "/etcdserverpb.Maintenance/Status"];
-
-/// etcd's interceptors, in its order: a learner refuses what it does not serve (`etcdserver:
-/// rpc not supported for learner`); then a call that asks for a leader while this member knows
-/// none is refused at once with `etcdserver: no leader` (`Unavailable`), so the client tries
-/// another member instead of waiting on one cut off from the cluster.
+/// [`dispatch::refusal`] as an axum middleware, for the router the JSON gateway calls.
 pub async fn require_leader(State(core): State<Core>, request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    let grpc = path.starts_with("/etcdserverpb.") || path.starts_with("/v3");
-    if grpc && !LEARNER_METHODS.contains(&path) && core.is_learner() {
-        return convert::status(&keel_engine::Error::NotSupportedForLearner)
-            .into_http::<axum::body::Body>();
+    match dispatch::refusal(&core, request.uri().path(), request.headers()) {
+        Some(status) => status.into_http::<axum::body::Body>(),
+        None => next.run(request).await,
     }
-    if requires_leader(request.headers()) && core.leader() == 0 {
-        return convert::status(&keel_engine::Error::NoLeader).into_http::<axum::body::Body>();
-    }
-    next.run(request).await
 }

@@ -1,0 +1,221 @@
+//! The service a client URL serves: each gRPC call goes straight to its service, past axum's
+//! router; everything else (the HTTP endpoints, the JSON gateway, unknown paths) to the member's
+//! full router.
+//!
+//! tonic's `Routes` is an axum router: a call through it boxes the request body into axum's and
+//! back into tonic's, boxes the response body twice the same way, and each middleware layer adds a
+//! boxed future. Under etcd's benchmark tool that stack cost about as much CPU per put as the
+//! storage core's whole apply (bench/RESULTS.md, 2026-11-27, "The client port's dispatch"), so
+//! the hot path matches the service name itself and applies etcd's interceptors
+//! ([`refusal`]) inline.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+
+use axum::http::{HeaderMap, Request, Response};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tower_service::Service;
+
+use keel_proto::etcdserverpb::auth_server::AuthServer;
+use keel_proto::etcdserverpb::cluster_server::ClusterServer;
+use keel_proto::etcdserverpb::kv_server::KvServer;
+use keel_proto::etcdserverpb::lease_server::LeaseServer;
+use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
+
+use super::auth::AuthService;
+use super::cluster::ClusterService;
+use super::election::ElectionService;
+use super::kv::KvService;
+use super::lease::LeaseService;
+use super::lock::LockService;
+use super::maintenance::MaintenanceService;
+use super::watch::WatchService;
+use crate::raft::Core;
+
+/// The gRPC services of a member, as configured (message limits) by `server.rs`.
+#[derive(Clone)]
+pub struct Services {
+    pub kv: KvServer<KvService>,
+    pub lease: LeaseServer<LeaseService>,
+    pub watch: WatchServer<WatchService>,
+    pub cluster: ClusterServer<ClusterService>,
+    pub maintenance: MaintenanceServer<MaintenanceService>,
+    pub auth: AuthServer<AuthService>,
+    pub lock: LockServer<LockService>,
+    pub election: ElectionServer<ElectionService>,
+}
+
+impl Services {
+    /// The services as tonic routes (an axum router): the JSON gateway calls them through it.
+    pub fn routes(&self) -> tonic::service::Routes {
+        tonic::service::Routes::new(self.kv.clone())
+            .add_service(self.lease.clone())
+            .add_service(self.watch.clone())
+            .add_service(self.cluster.clone())
+            .add_service(self.maintenance.clone())
+            .add_service(self.auth.clone())
+            .add_service(self.lock.clone())
+            .add_service(self.election.clone())
+    }
+}
+
+/// The client URLs' service: [`Services`] by name, the rest to `fallback`. The server clones it
+/// for every call, so it is one `Arc`; a call clones only the service it reaches.
+#[derive(Clone)]
+pub struct ClientService(Arc<Shared>);
+
+struct Shared {
+    core: Core,
+    services: Services,
+    fallback: tonic::service::Routes,
+}
+
+impl ClientService {
+    /// `fallback` serves every path that does not name one of `services`.
+    pub fn new(core: Core, services: Services, fallback: tonic::service::Routes) -> Self {
+        ClientService(Arc::new(Shared {
+            core,
+            services,
+            fallback: fallback.prepare(),
+        }))
+    }
+}
+
+/// The future of one call.
+pub enum ClientFuture {
+    /// Refused before reaching a service.
+    Refused(Option<Response<Body>>),
+    /// A gRPC service's answer (tonic's generated services box their futures).
+    Grpc(Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>),
+    /// The fallback router's.
+    Fallback(<tonic::service::Routes as Service<Request<Body>>>::Future),
+}
+
+impl Future for ClientFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            ClientFuture::Refused(response) => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            ClientFuture::Grpc(future) => future.as_mut().poll(cx),
+            ClientFuture::Fallback(future) => Pin::new(future).poll(cx),
+        }
+    }
+}
+
+impl Service<Request<Body>> for ClientService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ClientFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Every service (tonic's generated ones, the router) is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ClientFuture {
+        let path = request.uri().path();
+        // grpc-go's split: the method after the last '/'.
+        let (name, method) = path
+            .strip_prefix('/')
+            .unwrap_or(path)
+            .rsplit_once('/')
+            .unwrap_or(("", ""));
+        let shared = &*self.0;
+        macro_rules! serve {
+            ($service:expr) => {{
+                if !METHODS.get(name).is_some_and(|m| m.contains(method)) {
+                    let status = Status::unimplemented(format!(
+                        "unknown method {method} for service {name}"
+                    ));
+                    return ClientFuture::Refused(Some(status.into_http()));
+                }
+                if let Some(status) = refusal(&shared.core, path, request.headers()) {
+                    return ClientFuture::Refused(Some(status.into_http()));
+                }
+                ClientFuture::Grpc($service.clone().call(request))
+            }};
+        }
+        let s = &shared.services;
+        match name {
+            n if n == <KvServer<KvService> as NamedService>::NAME => serve!(s.kv),
+            n if n == <LeaseServer<LeaseService> as NamedService>::NAME => serve!(s.lease),
+            n if n == <WatchServer<WatchService> as NamedService>::NAME => serve!(s.watch),
+            n if n == <ClusterServer<ClusterService> as NamedService>::NAME => serve!(s.cluster),
+            n if n == <MaintenanceServer<MaintenanceService> as NamedService>::NAME => {
+                serve!(s.maintenance)
+            }
+            n if n == <AuthServer<AuthService> as NamedService>::NAME => serve!(s.auth),
+            n if n == <LockServer<LockService> as NamedService>::NAME => serve!(s.lock),
+            n if n == <ElectionServer<ElectionService> as NamedService>::NAME => {
+                serve!(s.election)
+            }
+            // A gRPC call of a service no member serves: grpc-go's answer. Anything else (the
+            // HTTP endpoints, the JSON gateway) goes to the router.
+            _ if is_grpc(request.headers()) => {
+                let status = Status::unimplemented(format!("unknown service {name}"));
+                ClientFuture::Refused(Some(status.into_http()))
+            }
+            _ => ClientFuture::Fallback(shared.fallback.clone().call(request)),
+        }
+    }
+}
+
+/// Methods the vendored (etcd 3.5) protos declare that etcd 3.4 does not serve: a call gets 3.4's
+/// "unknown method" before its request is even decoded.
+const NOT_IN_3_4: &[(&str, &str)] = &[("etcdserverpb.Maintenance", "Downgrade")];
+
+/// The methods of every service the protos declare, by service, from their descriptors.
+static METHODS: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
+    let pool = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET)
+        .expect("the descriptors built with the protos decode");
+    pool.services()
+        .map(|s| {
+            let methods = s
+                .methods()
+                .filter(|m| !NOT_IN_3_4.contains(&(s.full_name(), m.name())))
+                .map(|m| m.name().to_owned())
+                .collect();
+            (s.full_name().to_owned(), methods)
+        })
+        .collect()
+});
+
+/// Whether a request is a gRPC call (grpc-go's test: the content type).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC methods a learner serves (etcd's `isRPCSupportedForLearner`: Status, and Range
+/// when serializable, which the KV service checks).
+const LEARNER_METHODS: &[&str] = &["/etcdserverpb.KV/Range", "/etcdserverpb.Maintenance/Status"];
+
+/// etcd's interceptors, in its order: a learner refuses what it does not serve (`etcdserver:
+/// rpc not supported for learner`); then a call that asks for a leader while this member knows
+/// none is refused at once with `etcdserver: no leader` (`Unavailable`), so the client tries
+/// another member instead of waiting on one cut off from the cluster.
+pub fn refusal(core: &Core, path: &str, headers: &HeaderMap) -> Option<tonic::Status> {
+    let grpc = path.starts_with("/etcdserverpb.") || path.starts_with("/v3");
+    if grpc && !LEARNER_METHODS.contains(&path) && core.is_learner() {
+        return Some(super::convert::status(
+            &keel_engine::Error::NotSupportedForLearner,
+        ));
+    }
+    if super::requires_leader(headers) && core.leader() == 0 {
+        return Some(super::convert::status(&keel_engine::Error::NoLeader));
+    }
+    None
+}
