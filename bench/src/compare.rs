@@ -62,8 +62,11 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 /// for etcd and keel alike grows with the keys it holds.
 pub const RESTART_LIMIT: Duration = Duration::from_secs(600);
 
-/// The key the range workloads read (written before the runs, 256-byte value).
+/// The key the range workloads read (written before the runs, with a value of
+/// [`RANGE_VALUE_SIZE`] bytes; the no-op server answers ranges with a value of that size).
 pub const RANGE_KEY: &[u8] = b"foo";
+/// The size of the value under [`RANGE_KEY`].
+pub const RANGE_VALUE_SIZE: usize = 256;
 
 /// The etcd docs' performance table: key 8 B, value 256 B.
 pub fn table() -> Vec<Spec> {
@@ -352,12 +355,14 @@ impl Server {
     }
 
     /// Starts `keel-bench noop-server` (`bench`: this tool's binary) on a free port: keel's network
-    /// stack answering every KV request with nothing done. Log in `dir/no-op.log`.
+    /// stack answering every KV request with nothing done, its responses the size of keel's.
+    /// Log in `dir/no-op.log`.
     fn start_noop(bench: &Path, dir: &Path) -> anyhow::Result<Server> {
         let port = free_port()?;
         let args = vec![
             "noop-server".to_string(),
             format!("--listen=127.0.0.1:{port}"),
+            format!("--range-value-size={RANGE_VALUE_SIZE}"),
         ];
         let log = dir.join("no-op.log");
         Server::spawn("no-op", bench, args, port, log, START_LIMIT)
@@ -641,7 +646,7 @@ async fn preload(server: &Deployment) -> anyhow::Result<()> {
             let put = client::kv(channels[0].clone(), &token)
                 .put(pb::PutRequest {
                     key: RANGE_KEY.to_vec(),
-                    value: value(256),
+                    value: value(RANGE_VALUE_SIZE),
                     ..Default::default()
                 })
                 .await;

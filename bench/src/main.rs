@@ -247,6 +247,9 @@ enum Cmd {
         /// Network threads (default: one per CPU, as keel's `--net-threads`).
         #[arg(long)]
         net_threads: Option<usize>,
+        /// The size of the value every range answers with (the key is the requested one).
+        #[arg(long, default_value_t = 0)]
+        range_value_size: usize,
     },
     /// Start fresh etcd and keel servers and run the etcd docs' workloads on both.
     Compare {
@@ -668,9 +671,11 @@ fn main() -> ExitCode {
     if let Cmd::NoopServer {
         listen,
         net_threads,
+        range_value_size,
     } = cli.command
     {
-        return match keel_bench::noop::serve(listen, keel::net::threads(net_threads)) {
+        let threads = keel::net::threads(net_threads);
+        return match keel_bench::noop::serve(listen, threads, range_value_size) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keel-bench: noop-server: {e:#}");

@@ -1,15 +1,13 @@
 //! The service a client URL serves: each gRPC call goes straight to its service, past axum's
-//! router; everything else (the HTTP endpoints, the JSON gateway, unknown paths) to the member's
-//! full router.
+//! router; everything else (the HTTP endpoints, the JSON gateway) to the member's full router.
 //!
 //! tonic's `Routes` is an axum router: a call through it boxes the request body into axum's and
 //! back into tonic's, boxes the response body twice the same way, and each middleware layer adds a
 //! boxed future. Under etcd's benchmark tool that stack cost about as much CPU per put as the
-//! storage core's whole apply (bench/RESULTS.md, 2026-11-27, "The client port's dispatch"), so
+//! storage core's whole apply (bench/RESULTS.md, 2026-11-28, "the client port's dispatch"), so
 //! the hot path matches the service name itself and applies etcd's interceptors
 //! ([`refusal`]) inline.
 
-use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -135,7 +133,7 @@ impl Service<Request<Body>> for ClientService {
         let shared = &*self.0;
         macro_rules! serve {
             ($service:expr) => {{
-                if !METHODS.get(name).is_some_and(|m| m.contains(method)) {
+                if !declared(name, method) {
                     let status = Status::unimplemented(format!(
                         "unknown method {method} for service {name}"
                     ));
@@ -176,8 +174,9 @@ impl Service<Request<Body>> for ClientService {
 /// "unknown method" before its request is even decoded.
 const NOT_IN_3_4: &[(&str, &str)] = &[("etcdserverpb.Maintenance", "Downgrade")];
 
-/// The methods of every service the protos declare, by service, from their descriptors.
-static METHODS: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
+/// The methods of every service the protos declare, by service, from their descriptors. A short
+/// list: scanning it is cheaper than hashing the names.
+static METHODS: LazyLock<Vec<(String, Vec<String>)>> = LazyLock::new(|| {
     let pool = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET)
         .expect("the descriptors built with the protos decode");
     pool.services()
@@ -191,6 +190,14 @@ static METHODS: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
         })
         .collect()
 });
+
+/// Whether `service` declares `method`.
+fn declared(service: &str, method: &str) -> bool {
+    METHODS
+        .iter()
+        .find(|(s, _)| s == service)
+        .is_some_and(|(_, methods)| methods.iter().any(|m| m == method))
+}
 
 /// Whether a request is a gRPC call (grpc-go's test: the content type).
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -209,7 +216,7 @@ const LEARNER_METHODS: &[&str] = &["/etcdserverpb.KV/Range", "/etcdserverpb.Main
 /// another member instead of waiting on one cut off from the cluster.
 pub fn refusal(core: &Core, path: &str, headers: &HeaderMap) -> Option<tonic::Status> {
     let grpc = path.starts_with("/etcdserverpb.") || path.starts_with("/v3");
-    if grpc && !LEARNER_METHODS.contains(&path) && core.is_learner() {
+    if grpc && core.is_learner() && !LEARNER_METHODS.contains(&path) {
         return Some(super::convert::status(
             &keel_engine::Error::NotSupportedForLearner,
         ));

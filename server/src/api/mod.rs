@@ -37,11 +37,11 @@ use crate::raft::Core;
 /// (`clientv3.WithRequireLeader`; etcdctl's watch sets it).
 pub const REQUIRE_LEADER_KEY: &str = "hasleader";
 
-/// Whether a request asks for a leader.
+/// Whether a request asks for a leader. (A `HeaderName` looks up without parsing the name: this
+/// runs on every call.)
 pub fn requires_leader(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get(REQUIRE_LEADER_KEY)
-        .is_some_and(|v| v.as_bytes() == b"true")
+    static KEY: axum::http::HeaderName = axum::http::HeaderName::from_static(REQUIRE_LEADER_KEY);
+    headers.get(&KEY).is_some_and(|v| v.as_bytes() == b"true")
 }
 
 /// [`dispatch::refusal`] as an axum middleware, for the router the JSON gateway calls.
