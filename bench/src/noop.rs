@@ -175,7 +175,7 @@ mod tests {
         };
         let range = noop
             .range(Request::new(pb::RangeRequest {
-                key: b"foo".to_vec().into(),
+                key: b"foo".to_vec(),
                 ..Default::default()
             }))
             .await
