@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/api/etcdserverpb/rpc.proto",
         "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
         "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
+        // gRPC's standard health service, which etcd registers on its client URLs.
+        "grpc/health/v1/health.proto",
     ];
     let mut compiler = protox::Compiler::new(["proto"])?;
     compiler.include_imports(true);

@@ -1,7 +1,7 @@
 //! etcd's v3 gRPC API, generated from etcd's own `.proto` files (vendored under `proto/`, Apache-2.0,
 //! see `NOTICE`): the messages (prost) and the services (tonic clients and servers) of
 //! `etcdserverpb` (KV, Watch, Lease, Cluster, Maintenance, Auth), `mvccpb`, `authpb`, `v3lockpb`
-//! and `v3electionpb`. (`versionpb` and the HTTP-gateway annotations only declare options; no
+//! and `v3electionpb`, and gRPC's `grpc.health.v1`. (`versionpb` and the HTTP-gateway annotations only declare options; no
 //! code is generated from them.)
 //!
 //! The generated code is not edited and carries no documentation of its own, hence the allows.
@@ -32,6 +32,11 @@ pub mod etcdserverpb {
 /// `v3lockpb`: the Lock service.
 pub mod v3lockpb {
     tonic::include_proto!("v3lockpb");
+}
+
+/// `grpc.health.v1`: gRPC's standard health service (etcd serves it on its client URLs).
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
 }
 
 /// `keelpeer`: Keel's member-to-member protocol (raft messages, snapshots, probes, forwarded

@@ -56,6 +56,27 @@ impl Default for ClientOptions {
     }
 }
 
+/// A client connection the listeners serve: a TCP stream or a TLS one over it.
+pub trait ClientConnection:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected<ConnectInfo: Clone + Send + Sync + 'static>
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> ClientConnection for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected<ConnectInfo: Clone + Send + Sync + 'static>
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// Serves gRPC (HTTP/2) and plain HTTP/1 (`/health`, `/metrics`) on `incoming` until `stop`.
 /// `incoming` is a plain [`TcpIncoming`] or the TLS connections of one
 /// ([`crate::tls::incoming::incoming`]).
@@ -67,13 +88,7 @@ pub async fn serve_clients<I, IO, IE>(
 ) -> Result<(), tonic::transport::Error>
 where
     I: futures::Stream<Item = Result<IO, IE>>,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IO: ClientConnection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve_service(incoming, routes.prepare(), options, stop).await
@@ -99,13 +114,7 @@ where
     B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: futures::Stream<Item = Result<IO, IE>>,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IO: ClientConnection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);

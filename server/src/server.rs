@@ -16,6 +16,7 @@ use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::health::health_server::HealthServer;
 use keel_proto::keelpeer::peer_server::PeerServer;
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
@@ -589,6 +590,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             auth,
             lock,
             election,
+            health: HealthServer::new(crate::api::health::HealthService::new(shutdown.clone())),
         };
         // The router the JSON gateway calls, and the client URLs' fallback (unknown gRPC paths).
         let grpc =

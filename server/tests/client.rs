@@ -571,6 +571,44 @@ async fn unknown_services_and_methods_answer_like_etcd() {
     );
 }
 
+/// gRPC's health service answers as etcd's: `SERVING` for the server (the empty name),
+/// `NotFound` for another name; a watch gets the status at once and stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_answers_like_etcd() {
+    use keel_proto::health::HealthCheckRequest;
+    use keel_proto::health::health_client::HealthClient;
+    async fn session(endpoint: &str) -> Vec<String> {
+        let mut c = HealthClient::connect(endpoint.to_string()).await.unwrap();
+        let mut log = Vec::new();
+        for service in ["", "etcdserverpb.KV"] {
+            let request = HealthCheckRequest {
+                service: service.into(),
+            };
+            match c.check(request.clone()).await {
+                Ok(r) => log.push(format!("check {service:?}: {:?}", r.into_inner().status())),
+                Err(s) => log.push(format!("check {service:?}: {:?} {}", s.code(), s.message())),
+            }
+            let mut watch = c.watch(request).await.unwrap().into_inner();
+            let first = watch.message().await.unwrap().unwrap();
+            log.push(format!("watch {service:?}: {:?}", first.status()));
+            // Nothing more while the status does not change.
+            let next =
+                tokio::time::timeout(std::time::Duration::from_millis(300), watch.message()).await;
+            log.push(format!(
+                "then: {}",
+                if next.is_err() { "open" } else { "ended" }
+            ));
+        }
+        log
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let expected = session(&etcd.endpoint).await;
+    assert_eq!(expected[0], "check \"\": Serving");
+    assert_eq!(session(&keel.endpoint).await, expected);
+}
+
 /// With no `--data-dir`, a member keeps its data in `<name>.keel` under the working directory
 /// (etcd's `<name>.etcd`), and works: a relative data dir once stopped the storage core at
 /// start (glommio opened its WAL directory relative to fd -1).

@@ -26,12 +26,14 @@ use keel_proto::etcdserverpb::kv_server::KvServer;
 use keel_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use keel_proto::etcdserverpb::watch_server::WatchServer;
+use keel_proto::health::health_server::HealthServer;
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
 
 use super::auth::AuthService;
 use super::cluster::ClusterService;
 use super::election::ElectionService;
+use super::health::HealthService;
 use super::kv::KvService;
 use super::lease::LeaseService;
 use super::lock::LockService;
@@ -50,6 +52,7 @@ pub struct Services {
     pub auth: AuthServer<AuthService>,
     pub lock: LockServer<LockService>,
     pub election: ElectionServer<ElectionService>,
+    pub health: HealthServer<HealthService>,
 }
 
 impl Services {
@@ -63,6 +66,7 @@ impl Services {
             .add_service(self.auth.clone())
             .add_service(self.lock.clone())
             .add_service(self.election.clone())
+            .add_service(self.health.clone())
     }
 }
 
@@ -159,6 +163,7 @@ impl Service<Request<Body>> for ClientService {
             n if n == <ElectionServer<ElectionService> as NamedService>::NAME => {
                 serve!(s.election)
             }
+            n if n == <HealthServer<HealthService> as NamedService>::NAME => serve!(s.health),
             // A gRPC call of a service no member serves: grpc-go's answer. Anything else (the
             // HTTP endpoints, the JSON gateway) goes to the router.
             _ if is_grpc(request.headers()) => {
@@ -215,7 +220,10 @@ const LEARNER_METHODS: &[&str] = &["/etcdserverpb.KV/Range", "/etcdserverpb.Main
 /// none is refused at once with `etcdserver: no leader` (`Unavailable`), so the client tries
 /// another member instead of waiting on one cut off from the cluster.
 pub fn refusal(core: &Core, path: &str, headers: &HeaderMap) -> Option<tonic::Status> {
-    let grpc = path.starts_with("/etcdserverpb.") || path.starts_with("/v3");
+    // etcd's interceptors run for every gRPC call, gRPC's health service's too.
+    let grpc = path.starts_with("/etcdserverpb.")
+        || path.starts_with("/v3")
+        || path.starts_with("/grpc.health.v1.");
     if grpc && core.is_learner() && !LEARNER_METHODS.contains(&path) {
         return Some(super::convert::status(
             &keel_engine::Error::NotSupportedForLearner,

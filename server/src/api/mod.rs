@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod convert;
 pub mod dispatch;
 pub mod election;
+pub mod health;
 pub mod kv;
 pub mod lease;
 pub mod lock;
