@@ -559,6 +559,7 @@ async fn unknown_services_and_methods_answer_like_etcd() {
         "/etcdserverpb.Maintenance/Downgrade",
         "/v3lockpb.Lock/Nope",
         "/a/b/c",
+        "/nomethod",
     ];
     for path in paths {
         let expected = raw_call(&etcd.endpoint, path).await;

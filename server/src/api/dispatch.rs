@@ -129,11 +129,14 @@ impl Service<Request<Body>> for ClientService {
     fn call(&mut self, request: Request<Body>) -> ClientFuture {
         let path = request.uri().path();
         // grpc-go's split: the method after the last '/'.
-        let (name, method) = path
-            .strip_prefix('/')
-            .unwrap_or(path)
-            .rsplit_once('/')
-            .unwrap_or(("", ""));
+        let Some((name, method)) = path.strip_prefix('/').unwrap_or(path).rsplit_once('/') else {
+            if is_grpc(request.headers()) {
+                // grpc-go's answer, the path quoted as Go's %q does (`{:?}` for ASCII).
+                let status = Status::resource_exhausted(format!("malformed method name: {path:?}"));
+                return ClientFuture::Refused(Some(status.into_http()));
+            }
+            return ClientFuture::Fallback(self.0.fallback.clone().call(request));
+        };
         let shared = &*self.0;
         macro_rules! serve {
             ($service:expr) => {{
