@@ -135,6 +135,19 @@ async fn a_cluster_grows_from_one_member_through_a_learner_and_keeps_its_members
             "{args:?}"
         );
     }
+    // gRPC's health check too: etcd's interceptor refuses every call on a learner but Status
+    // and serializable ranges.
+    let mut health = keel_proto::health::health_client::HealthClient::connect(el.clone())
+        .await
+        .unwrap();
+    let refused = health
+        .check(keel_proto::health::HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.message(),
+        "etcdserver: rpc not supported for learner"
+    );
     let list = ok(&e0, &["member", "list"]);
     assert!(
         list.contains(&format!("{learner_id}, started, {}", c.names[l])),
