@@ -592,7 +592,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             election,
             health: HealthServer::new(crate::api::health::HealthService::new(shutdown.clone())),
         };
-        // The router the JSON gateway calls, and the client URLs' fallback (unknown gRPC paths).
+        // The router the JSON gateway calls (the services behind etcd's interceptors, as an axum
+        // middleware); merged with the HTTP endpoints below, the client URLs' fallback.
         let grpc =
             services
                 .routes()
