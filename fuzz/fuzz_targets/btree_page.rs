@@ -1,47 +1,8 @@
-//! The backend's page accessors on arbitrary page bytes: every read is a value or a corruption
-//! error naming the page, never a panic or an out-of-bounds slice. Also the meta page decoder.
+//! Fuzz target: the backend's page accessors (see `harness/btree_page.rs`).
 
 #![no_main]
 
-use keel_engine::btree::page::{self, Kind, Meta, PageView};
-use libfuzzer_sys::fuzz_target;
+#[path = "../harness/btree_page.rs"]
+mod harness;
 
-const PAGE: usize = 4096;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = Meta::decode(data);
-    let mut bytes = data.to_vec();
-    bytes.resize(PAGE, 0);
-    let _ = Meta::decode(&bytes);
-    for attempt in 0..2 {
-        if attempt == 1 {
-            // The same bytes with a valid checksum, as a page read back from disk would be.
-            let kind = match bytes[4] % 3 {
-                0 => Kind::Leaf,
-                1 => Kind::Branch,
-                _ => Kind::Catalog,
-            };
-            let count = u16::from_le_bytes([bytes[6], bytes[7]]);
-            page::seal(&mut bytes, kind, count, 0);
-            assert!(page::checksum_ok(&bytes));
-        }
-        let Ok(view) = PageView::new(7, &bytes) else {
-            continue;
-        };
-        let probe = &data[..data.len().min(32)];
-        let _ = view.search(probe);
-        for i in 0..view.len().min(512) {
-            let _ = view.key(i);
-            let _ = view.entry(i);
-            match view.kind() {
-                Kind::Branch => {
-                    let _ = view.child(i);
-                    let _ = view.child_index(probe);
-                }
-                _ => {
-                    let _ = view.value(i);
-                }
-            }
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));
