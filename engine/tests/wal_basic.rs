@@ -330,3 +330,41 @@ fn release_waits_for_the_successors_start_records() {
         assert_eq!(all_entries(&wal), vec![big(5)]);
     });
 }
+
+/// The WAL no longer calls fdatasync after each batch: the active segment's file description
+/// must carry `O_DSYNC` (and `O_DIRECT`), or an acknowledged append could sit in a disk cache.
+#[test]
+fn the_active_segment_is_open_for_durable_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), small_options()).await;
+        wal.save(&entries(1..=3, 1), None).await.unwrap();
+        let mut flags = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if target.starts_with(dir.path()) && target.extension().is_some_and(|e| e == "wal") {
+                let info = std::fs::read_to_string(format!(
+                    "/proc/self/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .unwrap();
+                let octal = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .unwrap()
+                    .trim();
+                flags.push(i32::from_str_radix(octal, 8).unwrap());
+            }
+        }
+        assert!(!flags.is_empty(), "no open segment found");
+        assert!(
+            flags
+                .iter()
+                .any(|f| f & libc::O_DSYNC == libc::O_DSYNC && f & libc::O_DIRECT != 0),
+            "segment flags {flags:?}"
+        );
+        wal.close().await.unwrap();
+    });
+}

@@ -13,16 +13,18 @@
 //! 1. [`Wal::open`] recovers the directory and returns the handle and what it found.
 //! 2. For each raft `Ready`: [`Wal::append`] the entries and the hard state in one call; the
 //!    returned future resolves once they are durable. Appends may be issued while earlier ones are
-//!    in flight: everything that arrives while a write + fdatasync is running is made durable by
-//!    the next single write + fdatasync (group commit).
+//!    in flight: everything that arrives while a durable write is running is made durable by
+//!    the next single write (group commit).
 //! 3. After the backend has durably applied up to index `i`: append a snapshot marker at `i`,
 //!    await it, then [`Wal::release`]`(i + 1)` so whole segments before it are recycled.
 //!
 //! # Durability contract
-//! An append's future resolves `Ok` only after the write carrying its records and the fdatasync
-//! that follows have both completed. Writes are issued strictly one after the other, each only
-//! after the previous fdatasync: recovery relies on this (see `recovery.rs`). If a write or sync
-//! fails, the WAL is poisoned: that append and every later one fail, and reopening recovers to
+//! An append's future resolves `Ok` only after the write carrying its records is durable. The
+//! active segment is open `O_DIRECT | O_DSYNC`, so a write completes only once its data, and the
+//! metadata needed to read it back, are on stable storage: a write and an fdatasync in one I/O
+//! request (one executor wake-up instead of two, and no fsync handed to an io_uring worker
+//! thread). Writes are issued strictly one after the other, each only after the previous one
+//! completed: recovery relies on this (see `recovery.rs`). If a write fails, the WAL is poisoned: that append and every later one fail, and reopening recovers to
 //! the last durable record.
 
 pub mod record;
@@ -65,14 +67,15 @@ pub struct WalOptions {
     pub max_spares: usize,
     /// Metadata written into a new WAL (an existing WAL keeps its own).
     pub metadata: Metadata,
-    /// Called with the duration of every group-commit fdatasync (for metrics).
+    /// Called with the duration of every group-commit durable write (for metrics: etcd's WAL
+    /// fsync histogram).
     pub on_sync: Option<SyncObserver>,
-    /// Fault injection for tests: awaited before every group-commit fdatasync; an error fails the
-    /// sync as the OS would (and poisons the WAL), a delay stalls it like a slow disk.
+    /// Fault injection for tests: awaited before every group-commit durable write; an error fails
+    /// it as the OS would (and poisons the WAL), a delay stalls it like a slow disk.
     pub sync_fault: Option<SyncFault>,
 }
 
-/// A fault injected before each WAL fdatasync (see [`WalOptions::sync_fault`]).
+/// A fault injected before each WAL durable write (see [`WalOptions::sync_fault`]).
 #[derive(Clone)]
 pub struct SyncFault(
     #[allow(clippy::type_complexity)]
@@ -87,7 +90,7 @@ impl std::fmt::Debug for SyncFault {
     }
 }
 
-/// A callback given the duration of each WAL fdatasync.
+/// A callback given the duration of each WAL durable write.
 #[derive(Clone)]
 pub struct SyncObserver(pub std::sync::Arc<dyn Fn(std::time::Duration) + Send + Sync>);
 
@@ -159,9 +162,9 @@ pub struct Recovery {
 pub struct WalStats {
     /// Records made durable.
     pub records: u64,
-    /// Write + fdatasync rounds (group-commit batches).
+    /// Durable writes (group-commit batches).
     pub batches: u64,
-    /// fdatasync calls on segments (one per batch, plus one per segment cut).
+    /// Durable writes and fdatasyncs of segments (one per batch, plus one per segment cut).
     pub syncs: u64,
     /// Bytes written, block padding included.
     pub bytes_written: u64,

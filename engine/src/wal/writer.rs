@@ -1,9 +1,9 @@
-//! The group-commit writer: one task that turns queued batches into one write + one fdatasync
-//! each.
+//! The group-commit writer: one task that turns queued batches into one durable write each (the
+//! active segment is open `O_DSYNC`: see the durability contract in `mod.rs`).
 //!
 //! Appends encode their records into the open batch (`Shared::queue`) synchronously and wake this
-//! task. The task takes the oldest batch, writes it, fdatasyncs, and only then takes the next one:
-//! everything appended while a write + fdatasync is in flight lands in the next batch. This is the
+//! task. The task takes the oldest batch, writes it, and only once the write is durable takes the
+//! next one: everything appended while a write is in flight lands in the next batch. This is the
 //! whole group-commit mechanism, and the "one write at a time" rule recovery depends on.
 //!
 //! Writes are O_DIRECT in whole 4 KiB blocks. A batch rarely ends on a block boundary, so the next
@@ -52,7 +52,7 @@ impl Writer {
     ) -> Result<Writer> {
         let active = match tail {
             Some((path, tail)) => {
-                let file = segment::open_dma(&path).await?;
+                let file = segment::open_dma_dsync(&path).await?;
                 let seq = shared.borrow().tail_seq;
                 Some(Active {
                     seq,
@@ -177,7 +177,6 @@ impl Writer {
         bytes[..prefix].copy_from_slice(&active.partial_block);
         bytes[prefix..prefix + chunk.data.len()].copy_from_slice(&chunk.data);
         bytes[prefix + chunk.data.len()..].fill(0);
-        segment::write_all(&active.file, &active.path, buf, write_pos).await?;
         let started = std::time::Instant::now();
         let fault = self.shared.borrow().options.sync_fault.clone();
         if let Some(fault) = fault {
@@ -185,7 +184,8 @@ impl Writer {
                 .await
                 .map_err(|e| Error::io("fdatasync", &active.path, e))?;
         }
-        segment::fdatasync(&active.file, &active.path).await?;
+        // The segment is open `O_DSYNC`: the write returns once durable (write + fdatasync).
+        segment::write_all(&active.file, &active.path, buf, write_pos).await?;
         let observer = self.shared.borrow().options.on_sync.clone();
         if let Some(observe) = observer {
             (observe.0)(started.elapsed());
@@ -219,7 +219,7 @@ impl Writer {
                 s.dir.join(segment::segment_name(seq, first_index)),
             )
         };
-        let file = segment::open_dma(&spare).await?;
+        let file = segment::open_dma_dsync(&spare).await?;
         let mut header = vec![0u8; DATA_START as usize];
         segment::encode_header(&mut header, seq, first_index, size);
         segment::write_block_aligned(&file, &spare, &header, 0).await?;
