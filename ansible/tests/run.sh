@@ -58,6 +58,9 @@ cleanup() {
     svc="$tmp/hosts/m$i/usr/local/bin/keel-service"
     [[ -x $svc ]] && ip netns exec "$(ns "$i")" "$svc" stop >/dev/null 2>&1
     [[ -s $tmp/sshd-$i.pid ]] && kill "$(cat "$tmp/sshd-$i.pid")" 2>/dev/null
+    # Whatever still runs in the host (ssh sessions that ControlPersist kept open outlive the
+    # listening sshd) goes with it.
+    ip netns pids "$(ns "$i")" 2>/dev/null | xargs -r kill 2>/dev/null
     ip netns del "$(ns "$i")" 2>/dev/null
     ip link del "${tag}v$i" 2>/dev/null
     rm -f "/etc/cron.d/keel-backup-m$i" "/etc/cron.d/keel-m$i"
