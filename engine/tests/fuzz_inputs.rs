@@ -7,84 +7,17 @@
 
 #[path = "../../fuzz/harness/btree_page.rs"]
 mod btree_page;
+#[path = "../../fuzz/harness/inputs.rs"]
+mod inputs;
 #[path = "../../fuzz/harness/wal_record.rs"]
 mod wal_record;
 
-use std::path::Path;
-
+use inputs::{mutations, random_inputs, saved_inputs};
 use keel_engine::btree::{Backend, BackendOptions};
 use keel_engine::wal::record::{Metadata, RecordRef, SnapshotMarker};
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-/// Damaged copies of `seed`: bit flips, overwritten bytes, truncations, and random tails.
-fn mutations(rng: &mut StdRng, seed: &[u8], n: usize) -> Vec<Vec<u8>> {
-    let mut out = vec![seed.to_vec()];
-    for _ in 0..n {
-        let mut m = seed.to_vec();
-        match rng.random_range(0..5) {
-            0 if !m.is_empty() => {
-                for _ in 0..rng.random_range(1..8) {
-                    let i = rng.random_range(0..m.len());
-                    m[i] ^= 1 << rng.random_range(0..8);
-                }
-            }
-            1 if !m.is_empty() => {
-                // An interesting value over a field: lengths, counts and offsets live here.
-                let i = rng.random_range(0..m.len());
-                let v: [u8; 4] = match rng.random_range(0..4) {
-                    0 => [0xff; 4],
-                    1 => [0; 4],
-                    2 => 0x8000_0000u32.to_le_bytes(),
-                    _ => rng.random(),
-                };
-                let end = (i + 4).min(m.len());
-                m[i..end].copy_from_slice(&v[..end - i]);
-            }
-            2 => m.truncate(rng.random_range(0..=m.len())),
-            3 => {
-                let extra = rng.random_range(1..64);
-                m.extend((0..extra).map(|_| rng.random::<u8>()));
-            }
-            _ => {
-                if !m.is_empty() {
-                    let i = rng.random_range(0..m.len());
-                    let len = rng.random_range(0..=(m.len() - i).min(64));
-                    m[i..i + len].fill(rng.random());
-                }
-            }
-        }
-        out.push(m);
-    }
-    out
-}
-
-fn random_inputs(rng: &mut StdRng, n: usize, max_len: usize) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(0..=max_len);
-            (0..len).map(|_| rng.random::<u8>()).collect()
-        })
-        .collect()
-}
-
-/// What a local fuzzing run kept for `target`: its corpus and its crash inputs, if any.
-fn saved_inputs(target: &str) -> Vec<Vec<u8>> {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let mut out = Vec::new();
-    for dir in ["corpus", "artifacts"] {
-        let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if let Ok(bytes) = std::fs::read(entry.path()) {
-                out.push(bytes);
-            }
-        }
-    }
-    out
-}
 
 fn wal_seeds() -> Vec<Vec<u8>> {
     let mut entry = Entry::default();

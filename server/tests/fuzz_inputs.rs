@@ -7,8 +7,9 @@
 
 #[path = "../../fuzz/harness/grpc_request.rs"]
 mod grpc_request;
+#[path = "../../fuzz/harness/inputs.rs"]
+mod inputs;
 
-use std::path::Path;
 use std::sync::Mutex;
 
 use keel_proto::etcdserverpb as pb;
@@ -109,73 +110,32 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
     ]
 }
 
-/// Damaged copies of `seed`: bit flips, overwritten bytes, truncations and random tails.
-fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
-    let mut m = seed.to_vec();
-    match rng.random_range(0..4) {
-        0 if !m.is_empty() => {
-            for _ in 0..rng.random_range(1..6) {
-                let i = rng.random_range(0..m.len());
-                m[i] ^= 1 << rng.random_range(0..8);
-            }
-        }
-        1 if !m.is_empty() => {
-            let i = rng.random_range(0..m.len());
-            m[i] = *[0x00, 0x7f, 0x80, 0xff]
-                .get(rng.random_range(0..4))
-                .unwrap();
-        }
-        2 => m.truncate(rng.random_range(0..=m.len())),
-        _ => {
-            let extra = rng.random_range(1..32);
-            m.extend((0..extra).map(|_| rng.random::<u8>()));
-        }
-    }
-    m
-}
-
-fn saved_inputs() -> Vec<Vec<u8>> {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let mut out = Vec::new();
-    for dir in ["corpus", "artifacts"] {
-        let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join("grpc_request")) else {
-            continue;
-        };
-        out.extend(
-            entries
-                .flatten()
-                .filter_map(|e| std::fs::read(e.path()).ok()),
-        );
-    }
-    out
-}
-
 #[test]
 fn requests_damaged_and_random_are_answered_without_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let state = Mutex::new(grpc_request::State::open(dir.path()));
     let mut rng = StdRng::seed_from_u64(0x6772_7063);
-    let mut inputs = saved_inputs();
+    let mut all = inputs::saved_inputs("grpc_request");
+    let with_kind = |k: u8, body: &[u8]| -> Vec<u8> {
+        std::iter::once(k).chain(body.iter().copied()).collect()
+    };
     for (kind, body) in seeds() {
         // Each valid request as it is (it applies), then damaged, and also read as every
         // other type: a field of one message is garbage to another.
         for k in 0..grpc_request::KINDS {
-            inputs.push(std::iter::once(k).chain(body.iter().copied()).collect());
+            all.push(with_kind(k, &body));
         }
-        for _ in 0..600 {
+        for m in inputs::mutations(&mut rng, &body, 600) {
             let k = if rng.random_range(0..4) == 0 {
                 rng.random_range(0..grpc_request::KINDS)
             } else {
                 kind
             };
-            inputs.push(std::iter::once(k).chain(mutate(&mut rng, &body)).collect());
+            all.push(with_kind(k, &m));
         }
     }
-    for _ in 0..2000 {
-        let len = rng.random_range(0..128);
-        inputs.push((0..len).map(|_| rng.random::<u8>()).collect());
-    }
-    for input in &inputs {
+    all.extend(inputs::random_inputs(&mut rng, 2000, 128));
+    for input in &all {
         grpc_request::run(&state, input);
     }
     // The valid requests and many damaged ones were writes that applied.
