@@ -397,7 +397,15 @@ fn etcdctl_session(endpoint: &str) -> Vec<String> {
     ]));
     out.push(run(&["put", "after", "x"]));
     // An elected leader; an observer sees it.
-    let mut leader = etcdctl_spawn(endpoint, &["elect", "E", "v1"]);
+    let elected = tempfile::NamedTempFile::new().unwrap();
+    let mut leader = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["elect", "E", "v1"])
+        .stdout(Stdio::from(elected.reopen().unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let seen = tempfile::NamedTempFile::new().unwrap();
     let mut observer = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -410,6 +418,13 @@ fn etcdctl_session(endpoint: &str) -> Vec<String> {
     let observed = common::wait_for("the observer to see the leader", || {
         let text = std::fs::read_to_string(seen.path()).unwrap();
         text.lines().any(|l| l == "v1").then_some(text)
+    });
+    // The leader is interrupted only once it has printed its key: before its campaign's put has
+    // been answered, etcdctl leaves without resigning (the key stays until its session's lease
+    // expires), whichever server it talks to, and the observer can see the key before that.
+    common::wait_for("the leader to print its key", || {
+        let text = std::fs::read_to_string(elected.path()).unwrap();
+        text.lines().any(|l| l == "v1").then_some(())
     });
     // SAFETY: kill(2) on our own children's PIDs.
     unsafe {
