@@ -397,24 +397,21 @@ fn etcdctl_session(endpoint: &str) -> Vec<String> {
     ]));
     out.push(run(&["put", "after", "x"]));
     // An elected leader; an observer sees it.
+    // etcdctl with its output going to a file, read while it runs.
+    let to_file = |args: &[&str], out: &tempfile::NamedTempFile| {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .stdout(Stdio::from(out.reopen().unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let elected = tempfile::NamedTempFile::new().unwrap();
-    let mut leader = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["elect", "E", "v1"])
-        .stdout(Stdio::from(elected.reopen().unwrap()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut leader = to_file(&["elect", "E", "v1"], &elected);
     let seen = tempfile::NamedTempFile::new().unwrap();
-    let mut observer = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["elect", "-l", "E"])
-        .stdout(Stdio::from(seen.reopen().unwrap()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut observer = to_file(&["elect", "-l", "E"], &seen);
     let observed = common::wait_for("the observer to see the leader", || {
         let text = std::fs::read_to_string(seen.path()).unwrap();
         text.lines().any(|l| l == "v1").then_some(text)
