@@ -1,8 +1,8 @@
 //! etcd's v3 gRPC API, generated from etcd's own `.proto` files (vendored under `proto/`, Apache-2.0,
 //! see `NOTICE`): the messages (prost) and the services (tonic clients and servers) of
 //! `etcdserverpb` (KV, Watch, Lease, Cluster, Maintenance, Auth), `mvccpb`, `authpb`, `v3lockpb`
-//! and `v3electionpb`, and gRPC's `grpc.health.v1`. (`versionpb` and the HTTP-gateway annotations only declare options; no
-//! code is generated from them.)
+//! and `v3electionpb`, and gRPC's `grpc.health.v1`. (`versionpb` and the HTTP-gateway
+//! annotations only declare options; no code is generated from them.)
 //!
 //! The generated code is not edited and carries no documentation of its own, hence the allows.
 

@@ -481,6 +481,10 @@ impl SegmentBytes {
         {
             return Ok(false);
         }
+        if self.loaded >= self.len {
+            // A full segment: the scan already read all of it.
+            return Ok(true);
+        }
         let block = BLOCK as usize;
         let mut scratch: Vec<u8> = Vec::with_capacity(READ_CHUNK + block);
         let start = scratch.as_ptr().align_offset(block);
