@@ -521,7 +521,11 @@ fn the_gateway_refuses_a_certificate_cn_once_auth_is_on() {
                 .arg(format!("{e}/v3/kv/range"))
                 .output()
                 .expect("curl");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.ends_with("000") {
+                // curl got no answer: say why.
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+            }
             // Before auth, only whether it answered (the header's IDs differ).
             if text.contains("\"header\"") {
                 text.lines().last().unwrap_or_default().to_string()

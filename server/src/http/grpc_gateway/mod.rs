@@ -202,16 +202,22 @@ async fn serve(State(gw): State<Arc<Gateway>>, request: Request<Body>) -> Respon
     let mut extensions = parts.extensions;
     if let Some(identity) = extensions.get_mut::<crate::tls::incoming::Identity>() {
         if identity.common_name.is_some() && gw.client_cert_auth && gw.core.auth().enabled {
-            return text_response(StatusCode::BAD_REQUEST, CN_REFUSED.trim_end());
+            return refuse(&gw, body, StatusCode::BAD_REQUEST, CN_REFUSED.trim_end()).await;
         }
         // The gateway authenticates by token only, as etcd's.
         identity.common_name = None;
     }
     let Some(rpc) = gw.rules.get(&path).cloned() else {
-        return text_response(StatusCode::NOT_FOUND, "Not Found");
+        return refuse(&gw, body, StatusCode::NOT_FOUND, "Not Found").await;
     };
     if parts.method != Method::POST {
-        return text_response(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+        return refuse(
+            &gw,
+            body,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+        )
+        .await;
     }
     let md = metadata(&parts.headers);
     if rpc.client_streaming {
@@ -229,6 +235,15 @@ async fn serve(State(gw): State<Arc<Gateway>>, request: Request<Body>) -> Respon
             unary(&rpc, response).await
         }
     }
+}
+
+/// A refusal sent once the request's body has been read (as far as a request message may go).
+/// Answered before the body's end, an HTTP/2 request is reset (RST_STREAM) while the client
+/// may still be sending, and curl, among others, then reports a framing error instead of the
+/// answer.
+async fn refuse(gw: &Gateway, body: Body, status: StatusCode, text: &str) -> Response<Body> {
+    let _ = axum::body::to_bytes(body, gw.json_limit).await;
+    text_response(status, text)
 }
 
 /// The framed request message of a unary or server-streaming call: the body's first JSON value
