@@ -158,14 +158,39 @@ mod tests {
         drop(client);
     }
 
-    /// The network runtime is built without tokio's LIFO slot only under `tokio_unstable`:
-    /// this fails if `.cargo/config.toml` stops setting it (the build would lose a fifth of its
-    /// CPU per put without a word).
+    /// The property the network runtime is built for (tokio's LIFO slot off, see [`runtime`]):
+    /// a task woken by the running task (a connection woken by a stream that answered) runs
+    /// after the tasks already queued (the other streams), not before them. With the slot, the
+    /// woken task runs first. Fails in a build without `--cfg tokio_unstable`
+    /// (`.cargo/config.toml`).
     #[test]
-    fn the_network_runtime_is_built_without_the_lifo_slot() {
-        assert!(
-            cfg!(tokio_unstable),
-            "build with `--cfg tokio_unstable` (.cargo/config.toml)"
-        );
+    fn a_task_woken_by_a_task_runs_after_those_already_queued() {
+        use std::sync::{Arc, Mutex};
+        let runtime = super::runtime(1).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let log = |o: &Arc<Mutex<Vec<&'static str>>>, what| o.lock().unwrap().push(what);
+        let o = order.clone();
+        runtime.block_on(async move {
+            // Everything runs on the one worker, in a task, as a connection and its streams do.
+            let (woken, queued) = tokio::spawn(async move {
+                let notify = Arc::new(tokio::sync::Notify::new());
+                let (n, o2) = (notify.clone(), o.clone());
+                let woken = tokio::spawn(async move {
+                    n.notified().await;
+                    log(&o2, "woken");
+                });
+                // Let it wait on the notification.
+                tokio::task::yield_now().await;
+                let o3 = o.clone();
+                let queued = tokio::spawn(async move { log(&o3, "queued") });
+                notify.notify_one();
+                (woken, queued)
+            })
+            .await
+            .unwrap();
+            woken.await.unwrap();
+            queued.await.unwrap();
+        });
+        assert_eq!(*order.lock().unwrap(), ["queued", "woken"]);
     }
 }
