@@ -169,7 +169,12 @@ impl Backend {
             walk.mark(id, "free list")?;
             walk.report.freelist += 1;
         }
-        for &id in w.free.iter().chain(w.pending.values().flatten()) {
+        for &id in w
+            .free
+            .iter()
+            .chain(w.pending.values().flatten())
+            .chain(w.pending_fresh.values().flatten())
+        {
             walk.mark(id, "free")?;
             walk.report.free += 1;
         }

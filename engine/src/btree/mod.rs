@@ -28,6 +28,13 @@
 //! Pages a commit replaces were visible in the versions before it. They wait in `pending` under
 //! the txid of the commit that freed them, and move to the free set once every live reader and the
 //! durable version are at least that new.
+//!
+//! A page allocated after the newest version that is durable or being synced (a *fresh* page) is
+//! in neither of those versions: once replaced, it waits in `pending_fresh` for the live readers
+//! only. Between two syncs the writer therefore reuses the pages it keeps replacing (the path
+//! from the root to the leaf it writes) instead of taking new ones for every commit, and a sync
+//! writes back about what changed since the last one, not every page of every commit in between
+//! (bench/RESULTS.md, 2026-11-28, "Backend syncs").
 
 pub mod bbolt;
 mod check;
@@ -37,7 +44,7 @@ mod node;
 pub mod page;
 mod write;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -190,6 +197,12 @@ pub(crate) struct WriterState {
     /// Pages freed by the commit with this txid, reusable once no reader or durable version is
     /// older than it.
     pub pending: BTreeMap<u64, Vec<u64>>,
+    /// Pages allocated since the newest sync was planned: in no durable version and in no version
+    /// being synced (the next plan clears the set).
+    pub fresh: HashSet<u64>,
+    /// Fresh pages freed by the commit with this txid, reusable once no reader is older than it:
+    /// no durable version, nor the one a sync is writing, can hold them.
+    pub pending_fresh: BTreeMap<u64, Vec<u64>>,
     /// Newest durable txid, its meta slot, and the pages holding its free list.
     pub durable_txid: u64,
     pub durable_slot: u64,
@@ -312,6 +325,11 @@ impl Backend {
                 let pages = w.pending.remove(&t).expect("listed");
                 w.free.extend(pages);
             }
+            let ready: Vec<u64> = w.pending_fresh.range(..=oldest).map(|(t, _)| *t).collect();
+            for t in ready {
+                let pages = w.pending_fresh.remove(&t).expect("listed");
+                w.free.extend(pages);
+            }
             r.current.clone()
         };
         Ok(WriteTxn::new(self, w, base))
@@ -323,9 +341,11 @@ impl Backend {
     /// continue meanwhile. Syncs run one at a time.
     pub fn sync(&self) -> Result<u64> {
         let _one = lock(&self.shared.sync);
-        let current = lock(&self.shared.readers).current.clone();
-        let plan = {
+        let (current, plan) = {
             let mut w = lock(&self.shared.writer);
+            // The latest version, read under the writer mutex: every page freed so far was freed
+            // by a commit no newer than it, so none of them is in it (`plan_sync` relies on it).
+            let current = lock(&self.shared.readers).current.clone();
             if let Some(why) = &w.poisoned {
                 return Err(Error::Poisoned(why.clone()));
             }
@@ -333,7 +353,7 @@ impl Backend {
                 return Ok(current.txid);
             }
             let plan = plan_sync(&mut w, &current);
-            poison_on_error(&mut w, plan)?
+            (current, poison_on_error(&mut w, plan)?)
         };
         // The version's pages stay intact meanwhile: pages it uses that a newer commit frees
         // wait in `pending` until the durable version passes them, and the durable version only
@@ -463,6 +483,8 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
         sizes: sizes.clone(),
         free,
         pending: BTreeMap::new(),
+        fresh: HashSet::new(),
+        pending_fresh: BTreeMap::new(),
         durable_txid: meta.txid,
         durable_slot: slot,
         durable_freelist,
@@ -711,6 +733,7 @@ pub(crate) fn plan_sync(w: &mut WriterState, current: &Version) -> Result<SyncPl
     // listing them is right for the version this sync makes durable.
     let mut listed: Vec<u64> = w.free.iter().copied().collect();
     listed.extend(w.pending.values().flatten().copied());
+    listed.extend(w.pending_fresh.values().flatten().copied());
     listed.extend(w.durable_freelist.iter().copied());
     // Pages for the list itself: taken from the free pages (not listed) or from the end.
     // Enough pages for the whole list (taking them from the list only shortens it).
@@ -733,6 +756,9 @@ pub(crate) fn plan_sync(w: &mut WriterState, current: &Version) -> Result<SyncPl
     }
     page::seal(&mut buf, Kind::Freelist, 0, (pages - 1) as u32);
     ensure_len(w, page_count, p)?;
+    // Every page allocated so far may be in `current` (it is the latest version, taken under the
+    // writer mutex): from here on only pages allocated later are fresh.
+    w.fresh.clear();
     // Reserved: no commit may allocate the list's pages while it is being written.
     for id in &list_pages {
         w.free.remove(id);
@@ -823,7 +849,9 @@ pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> 
 impl WriterState {
     /// Bytes in use by a version of `page_count` pages.
     fn in_use(&self, page_count: u64, page_size: usize) -> u64 {
-        let free = (self.free.len() + self.pending.values().map(Vec::len).sum::<usize>()) as u64;
+        let free = (self.free.len()
+            + self.pending.values().map(Vec::len).sum::<usize>()
+            + self.pending_fresh.values().map(Vec::len).sum::<usize>()) as u64;
         page_count.saturating_sub(free) * page_size as u64
     }
 

@@ -548,15 +548,21 @@ impl<'b> WriteTxn<'b> {
 
     /// A page number for a run of `n` pages: free pages first, else past the high-water mark.
     fn alloc(&mut self, n: u64) -> u64 {
-        if let Some(start) = find_run(&self.w.free, n) {
-            for id in start..start + n {
-                self.w.free.remove(&id);
+        let start = match find_run(&self.w.free, n) {
+            Some(start) => {
+                for id in start..start + n {
+                    self.w.free.remove(&id);
+                }
+                start
             }
-            return start;
-        }
-        let id = self.next;
-        self.next += n;
-        id
+            None => {
+                let id = self.next;
+                self.next += n;
+                id
+            }
+        };
+        self.w.fresh.extend(start..start + n);
+        start
     }
 
     /// Writes dirty node `r` (and below) to new pages; returns its page number.
@@ -704,12 +710,23 @@ impl<'b> WriteTxn<'b> {
             buckets,
             map: self.w.map.clone(),
         });
-        let freed = std::mem::take(&mut self.freed);
-        self.w
-            .pending
-            .entry(version.txid)
-            .or_default()
-            .extend(freed);
+        let (fresh, freed): (Vec<u64>, Vec<u64>) = std::mem::take(&mut self.freed)
+            .into_iter()
+            .partition(|id| self.w.fresh.remove(id));
+        if !freed.is_empty() {
+            self.w
+                .pending
+                .entry(version.txid)
+                .or_default()
+                .extend(freed);
+        }
+        if !fresh.is_empty() {
+            self.w
+                .pending_fresh
+                .entry(version.txid)
+                .or_default()
+                .extend(fresh);
+        }
         lock(&self.backend.shared.readers).current = version.clone();
         self.w.update_sizes(&version);
         if sync {
