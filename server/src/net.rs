@@ -193,4 +193,126 @@ mod tests {
         });
         assert_eq!(*order.lock().unwrap(), ["queued", "woken"]);
     }
+
+    /// A TCP stream that counts the writes made to it.
+    struct CountingIo {
+        inner: tokio::net::TcpStream,
+        writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for CountingIo {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for CountingIo {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The vendored h2's write buffering (third_party/h2/KEEL-PATCH.md): responses of 300 bytes
+    /// (a watch event, a range of one key) answered on ten streams of a connection at once go
+    /// out in one write, not one each. h2 as released writes any DATA frame of 256 bytes or more
+    /// before it buffers another frame: ten writes here.
+    #[tokio::test(flavor = "current_thread")]
+    async fn responses_of_many_streams_share_a_write() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut send, conn) = h2::client::handshake(io).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut responses = Vec::new();
+            for _ in 0..10 {
+                send = send.ready().await.unwrap();
+                let request = axum::http::Request::post("http://keel/x").body(()).unwrap();
+                let (response, _) = send.send_request(request, true).unwrap();
+                responses.push(response);
+            }
+            let mut total = 0;
+            for r in responses {
+                let mut body = r.await.unwrap().into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    total += chunk.len();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+            }
+            total
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let writes = Arc::new(AtomicUsize::new(0));
+        let io = CountingIo {
+            inner: tcp,
+            writes: writes.clone(),
+        };
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let mut pending = Vec::new();
+        while pending.len() < 10 {
+            let (_, respond) = conn.accept().await.unwrap().unwrap();
+            pending.push(respond);
+        }
+        // Everything the handshake and the requests needed is written: count from here.
+        let before = writes.load(Ordering::Relaxed);
+        for mut respond in pending {
+            let mut stream = respond
+                .send_response(axum::http::Response::new(()), false)
+                .unwrap();
+            stream
+                .send_data(bytes::Bytes::from(vec![b'x'; 300]), true)
+                .unwrap();
+        }
+        let serve = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        assert_eq!(client.await.unwrap(), 3000);
+        let answered = writes.load(Ordering::Relaxed) - before;
+        serve.abort();
+        assert!(
+            answered <= 2,
+            "ten 300-byte responses took {answered} writes"
+        );
+    }
 }

@@ -69,12 +69,20 @@ const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
 /// the max frame size can't be less than 16kb, so not even close).
-const CHAIN_THRESHOLD: usize = 256;
+///
+/// KEEL PATCH (was 256): a chained DATA frame is written before any other frame
+/// may be buffered, so each one cost a `writev` of its own: a watch fanning a
+/// 300-byte event out to ten streams of one connection made ten `writev`s.
+/// Payloads below 4 KiB are copied into the buffer instead, and frames of many
+/// streams go out together (see KEEL-PATCH.md).
+const CHAIN_THRESHOLD: usize = 4 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is **not** enabled.
 /// A larger value in this scenario will reduce the number of small and
 /// fragmented data being sent, and hereby improve the throughput.
-const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 1024;
+///
+/// KEEL PATCH (was 1024): as [`CHAIN_THRESHOLD`].
+const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 4 * 1_024;
 
 // TODO: Make generic
 impl<T, B> FramedWrite<T, B>
