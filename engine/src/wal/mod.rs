@@ -61,7 +61,9 @@ pub struct WalOptions {
     /// A group-commit batch stops taking new records once it holds this many bytes; later records
     /// go to the next batch. Default 4 MiB.
     pub max_batch_bytes: usize,
-    /// Memory budget of the tail cache of recent entries. Default 16 MiB.
+    /// Memory budget of the tail cache of recent entries. Default 4 MiB: what followers and the
+    /// apply need next is the newest few thousand entries, and 16 MiB held about 20 MiB of peak
+    /// RSS for nothing (bench/RESULTS.md, 2026-11-28, "WAL tail cache").
     pub cache_bytes: usize,
     /// Released segments kept for recycling (beyond these, they are deleted). Default 2.
     pub max_spares: usize,
@@ -106,7 +108,7 @@ impl Default for WalOptions {
             segment_size: 64 << 20,
             max_record_size: 8 << 20,
             max_batch_bytes: 4 << 20,
-            cache_bytes: 16 << 20,
+            cache_bytes: 4 << 20,
             max_spares: 2,
             metadata: Metadata::default(),
             on_sync: None,
