@@ -19,8 +19,9 @@
 //! the disk. [`Backend::sync`] makes the latest version durable: fdatasync of the pages, then the
 //! free list is written, both are made durable by one fdatasync, then a meta page is written into
 //! the slot that does *not* hold the newest durable meta, then fdatasync: two syncs in all. So a
-//! crash at any point leaves the previous durable meta intact, and the pages it references are intact too: a page freed after the durable version
-//! is not reused until the next `sync` (the durable version counts as a reader).
+//! crash at any point leaves the previous durable meta intact, and the pages it references are
+//! intact too: a page of the durable version (or of the version being synced) is not reused
+//! until a newer version is durable (they count as readers; see "Page reuse").
 //! `commit(sync = true)` is `commit` then `sync`. The MVCC layer defers: the WAL is Keel's
 //! durability point, and the backend is synced at checkpoints.
 //!
