@@ -509,3 +509,67 @@ fn commits_during_a_sync_never_overwrite_the_synced_version() {
     let expected: Vec<(Vec<u8>, Vec<u8>)> = model.into_iter().collect();
     assert_eq!(contents(&c, b"key"), expected);
 }
+
+/// A durable commit made on another thread while a sync does its I/O waits for that sync, then
+/// makes its own version durable: the two never plan into the same meta slot (the older sync's
+/// meta would replace the newer one after the newer one's pages were released and reused).
+#[test]
+fn a_durable_commit_during_a_sync_stays_durable() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let b = Backend::open(&path, small()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    for i in 0..300u64 {
+        txn.put(b"key", &key(i), &value(i, 100)).unwrap();
+    }
+    txn.commit(true).unwrap();
+    // Something for the sync below to make durable.
+    for i in 0..50u64 {
+        let mut txn = b.begin_write().unwrap();
+        txn.put(b"key", &key(i), &value(i + 1, 100)).unwrap();
+        txn.commit(false).unwrap();
+    }
+    let other = b.clone();
+    let thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    let slot = thread.clone();
+    b.set_write_observer(Some(Box::new(move |_| {
+        let mut slot = slot.lock().unwrap();
+        if slot.is_some() {
+            return;
+        }
+        let o = other.clone();
+        *slot = Some(std::thread::spawn(move || {
+            // Rewrites every key (so it frees every page of the version being synced), durably,
+            // then keeps committing: pages its sync released would be reused here.
+            let mut txn = o.begin_write().unwrap();
+            for i in 0..300u64 {
+                txn.put(b"key", &key(i), &value(i + 7, 120)).unwrap();
+            }
+            txn.commit(true).unwrap();
+            for round in 0..20u64 {
+                let mut txn = o.begin_write().unwrap();
+                txn.put(b"key", &key(round), &value(round + 99, 120))
+                    .unwrap();
+                txn.commit(false).unwrap();
+            }
+        }));
+        drop(slot);
+        // Leave the other thread time to commit and try to sync while this sync is writing.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    })));
+    b.sync().unwrap();
+    let handle = thread.lock().unwrap().take().unwrap();
+    handle.join().unwrap();
+    b.set_write_observer(None);
+    // The file as it is now: its newest durable meta must be the other thread's durable commit.
+    let copy = dir.path().join("copy");
+    std::fs::copy(&path, &copy).unwrap();
+    drop(b);
+    let c = Backend::open(&copy, small()).unwrap();
+    c.check().unwrap();
+    let expected: Vec<(Vec<u8>, Vec<u8>)> =
+        (0..300u64).map(|i| (key(i), value(i + 7, 120))).collect();
+    assert_eq!(contents(&c, b"key"), expected);
+}

@@ -832,21 +832,6 @@ pub(crate) fn finish_sync(w: &mut WriterState, plan: SyncPlan) {
         .store(w.in_use(plan.page_count, plan.page_size), Ordering::Release);
 }
 
-/// The whole sync protocol under the writer mutex (a commit with `sync = true`).
-pub(crate) fn sync_locked(w: &mut WriterState, current: &Version) -> Result<()> {
-    if current.txid == w.durable_txid {
-        return Ok(());
-    }
-    let mut plan = plan_sync(w, current)?;
-    let written = write_sync(&mut plan);
-    if let Some(obs) = plan.observer.take() {
-        w.observer = Some(obs);
-    }
-    written?;
-    finish_sync(w, plan);
-    Ok(())
-}
-
 impl WriterState {
     /// Bytes in use by a version of `page_count` pages.
     fn in_use(&self, page_count: u64, page_size: usize) -> u64 {

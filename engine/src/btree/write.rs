@@ -22,9 +22,7 @@ use std::sync::{Arc, MutexGuard};
 
 use super::node::{self, ChildRef, MAX_DEPTH, Node, RangeIter, Source, Value};
 use super::page::{self, HEADER, Kind, LEAF_SLOT, OVERFLOW_REF, StoredValue, corrupt};
-use super::{
-    Backend, BucketRoot, Version, WriterState, ensure_len, find_run, lock, sync_locked, write_at,
-};
+use super::{Backend, BucketRoot, Version, WriterState, ensure_len, find_run, lock, write_at};
 use crate::error::{Error, Result};
 
 /// Largest bucket name.
@@ -634,16 +632,21 @@ impl<'b> WriteTxn<'b> {
     /// durable (see [`Backend::sync`]); without, durability waits for the next sync. An error
     /// poisons the backend (see `WriterState::poisoned`): reopen to recover.
     pub fn commit(mut self, sync: bool) -> Result<()> {
-        let result = self.commit_inner(sync);
-        super::poison_on_error(&mut self.w, result)
+        let result = self.commit_inner();
+        super::poison_on_error(&mut self.w, result)?;
+        if sync {
+            // Through `Backend::sync`, once the writer mutex is released: syncs run one at a
+            // time, so a durable commit never plans into the meta slot a sync running on another
+            // thread is writing (it waits for that sync, then makes its own version durable).
+            let backend = self.backend;
+            drop(self);
+            backend.sync()?;
+        }
+        Ok(())
     }
 
-    fn commit_inner(&mut self, sync: bool) -> Result<()> {
+    fn commit_inner(&mut self) -> Result<()> {
         if !self.changed {
-            if sync {
-                let current = lock(&self.backend.shared.readers).current.clone();
-                return sync_locked(&mut self.w, &current);
-            }
             return Ok(());
         }
         let p = self.page_size();
@@ -729,9 +732,6 @@ impl<'b> WriteTxn<'b> {
         }
         lock(&self.backend.shared.readers).current = version.clone();
         self.w.update_sizes(&version);
-        if sync {
-            sync_locked(&mut self.w, &version)?;
-        }
         Ok(())
     }
 }
