@@ -534,11 +534,13 @@ fn a_durable_commit_during_a_sync_stays_durable() {
     let other = b.clone();
     let thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
     let slot = thread.clone();
+    let spawned = std::sync::atomic::AtomicBool::new(false);
     b.set_write_observer(Some(Box::new(move |_| {
-        let mut slot = slot.lock().unwrap();
-        if slot.is_some() {
+        // Once: the other thread's own sync comes through this observer too.
+        if spawned.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        let mut slot = slot.lock().unwrap();
         let o = other.clone();
         *slot = Some(std::thread::spawn(move || {
             // Rewrites every key (so it frees every page of the version being synced), durably,
