@@ -31,6 +31,30 @@ fn contents(b: &Backend, bucket: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         .unwrap()
 }
 
+/// A new backend in `dir` holding keys `0..n` with 100-byte values, durably.
+fn loaded(dir: &tempfile::TempDir, n: u64) -> (std::path::PathBuf, Backend) {
+    let path = dir.path().join("db");
+    let b = Backend::open(&path, small()).unwrap();
+    b.create_etcd_buckets().unwrap();
+    let mut txn = b.begin_write().unwrap();
+    for i in 0..n {
+        txn.put(b"key", &key(i), &value(i, 100)).unwrap();
+    }
+    txn.commit(true).unwrap();
+    (path, b)
+}
+
+/// The file of `b` as it is now (as a crash right now would leave it, all writes done), opened
+/// as a copy and checked.
+fn copy_as_is(dir: &tempfile::TempDir, path: &std::path::Path, b: Backend) -> Backend {
+    let copy = dir.path().join("copy");
+    std::fs::copy(path, &copy).unwrap();
+    drop(b);
+    let c = Backend::open(&copy, small()).unwrap();
+    c.check().unwrap();
+    c
+}
+
 #[test]
 fn put_get_delete_range_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -423,14 +447,7 @@ fn an_interrupted_defrag_leaves_the_original_and_its_copy_is_removed() {
 #[test]
 fn deferred_commits_reuse_the_pages_they_replace() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let b = Backend::open(&path, small()).unwrap();
-    b.create_etcd_buckets().unwrap();
-    let mut txn = b.begin_write().unwrap();
-    for i in 0..2000u64 {
-        txn.put(b"key", &key(i), &value(i, 100)).unwrap();
-    }
-    txn.commit(true).unwrap();
+    let (path, b) = loaded(&dir, 2000);
     let before = b.check().unwrap().pages;
     for round in 0..500u64 {
         let mut txn = b.begin_write().unwrap();
@@ -463,16 +480,8 @@ fn deferred_commits_reuse_the_pages_they_replace() {
 #[test]
 fn commits_during_a_sync_never_overwrite_the_synced_version() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let b = Backend::open(&path, small()).unwrap();
-    b.create_etcd_buckets().unwrap();
-    let mut model = BTreeMap::new();
-    let mut txn = b.begin_write().unwrap();
-    for i in 0..500u64 {
-        txn.put(b"key", &key(i), &value(i, 100)).unwrap();
-        model.insert(key(i), value(i, 100));
-    }
-    txn.commit(true).unwrap();
+    let (path, b) = loaded(&dir, 500);
+    let mut model: BTreeMap<_, _> = (0..500u64).map(|i| (key(i), value(i, 100))).collect();
     // Deferred commits after the durable version: fresh pages, replaced and reused among
     // themselves. The sync below makes the last of them durable.
     for round in 0..200u64 {
@@ -501,11 +510,7 @@ fn commits_during_a_sync_never_overwrite_the_synced_version() {
     })));
     b.sync().unwrap();
     b.set_write_observer(None);
-    let copy = dir.path().join("copy");
-    std::fs::copy(&path, &copy).unwrap();
-    drop(b);
-    let c = Backend::open(&copy, small()).unwrap();
-    c.check().unwrap();
+    let c = copy_as_is(&dir, &path, b);
     let expected: Vec<(Vec<u8>, Vec<u8>)> = model.into_iter().collect();
     assert_eq!(contents(&c, b"key"), expected);
 }
@@ -517,14 +522,7 @@ fn commits_during_a_sync_never_overwrite_the_synced_version() {
 fn a_durable_commit_during_a_sync_stays_durable() {
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let b = Backend::open(&path, small()).unwrap();
-    b.create_etcd_buckets().unwrap();
-    let mut txn = b.begin_write().unwrap();
-    for i in 0..300u64 {
-        txn.put(b"key", &key(i), &value(i, 100)).unwrap();
-    }
-    txn.commit(true).unwrap();
+    let (path, b) = loaded(&dir, 300);
     // Something for the sync below to make durable.
     for i in 0..50u64 {
         let mut txn = b.begin_write().unwrap();
@@ -566,11 +564,7 @@ fn a_durable_commit_during_a_sync_stays_durable() {
     handle.join().unwrap();
     b.set_write_observer(None);
     // The file as it is now: its newest durable meta must be the other thread's durable commit.
-    let copy = dir.path().join("copy");
-    std::fs::copy(&path, &copy).unwrap();
-    drop(b);
-    let c = Backend::open(&copy, small()).unwrap();
-    c.check().unwrap();
+    let c = copy_as_is(&dir, &path, b);
     let expected: Vec<(Vec<u8>, Vec<u8>)> =
         (0..300u64).map(|i| (key(i), value(i + 7, 120))).collect();
     assert_eq!(contents(&c, b"key"), expected);
