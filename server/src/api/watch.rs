@@ -291,7 +291,7 @@ struct Hub {
     reported: (i64, i64, i64),
     /// Some watcher may be unsynced: set whenever one is made or moved aside unsynced, cleared
     /// by a catch-up tick that finds none. While clear, the ticks (every 20 ms) look at each
-    /// stream, not at each watcher: 100,000 idle watchers cost nothing between writes.
+    /// stream, not at each watcher: idle watchers cost no per-watcher work between writes.
     maybe_unsynced: bool,
 }
 
