@@ -39,6 +39,8 @@ pub mod tick;
 pub mod transport;
 
 #[cfg(test)]
+mod preempt_tests;
+#[cfg(test)]
 mod sim;
 
 use std::path::PathBuf;

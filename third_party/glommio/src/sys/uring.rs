@@ -1222,6 +1222,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// KEEL-PATCH: the duration `latency_preemption_timeout_src` was armed with as a preemption
+    /// timer (`None`: not armed as one, e.g. a user timer set before sleeping).
+    latency_preemption_duration: Cell<Option<Duration>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1353,6 +1356,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_duration: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1814,22 +1818,48 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
+        // KEEL-PATCH: a preemption timer that is still armed stays armed. Upstream cancels both
+        // timers and arms new ones on every call, i.e. on every turn of the executor's loop:
+        // five SQEs and an extra `io_uring_enter` per turn, several turns per request. A kept
+        // timer fires at most as late as a re-armed one would have been armed for, so a task
+        // queue is never preempted later than its budget; it may be preempted earlier, which
+        // only costs one more turn of the loop.
         //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // The latency timer is kept only when a preemption timer is wanted again with the same
+        // duration. Otherwise (we may sleep, or the budget changed) it is cancelled here, as
+        // upstream does, so that a sleep is not cut short when it expires.
+        let preempt = preempt_timer();
+        let kept_latency_timer = match self.latency_preemption_timeout_src.take() {
+            Some(src)
+                if preempt.is_some()
+                    && self.latency_preemption_duration.get() == preempt
+                    && src.result().is_none() =>
+            {
+                Some(src)
+            }
+            old => {
+                drop(old);
+                self.latency_preemption_duration.set(None);
+                None
+            }
+        };
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // The throughput timer fires once `ring_depth` completions have arrived on the main
+        // ring since it was armed; kept armed, it counts over several turns instead of one.
+        match self.throughput_preemption_timeout_src.take() {
+            Some(src) if src.result().is_none() => {
+                self.throughput_preemption_timeout_src.set(Some(src));
+            }
+            old => {
+                drop(old);
+                self.throughput_preemption_timeout_src.set(Some(
+                    main_ring.prepare_throughput_preemption_timer(
+                        self.ring_depth() as u32,
+                        self.eventfd_src.raw(),
+                    ),
+                ));
+            }
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1841,7 +1871,7 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1853,6 +1883,7 @@ impl Reactor {
             if let Some(dur) = user_timer {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_preemption_duration.set(None);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1879,10 +1910,15 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+        if let Some(preempt) = preempt {
+            if let Some(src) = kept_latency_timer {
+                self.latency_preemption_timeout_src.set(Some(src));
+            } else {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_preemption_duration.set(Some(preempt));
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:
