@@ -214,6 +214,15 @@ fn check_durable(w: &WriterState, current: &Version) -> Result<()> {
             ),
         ));
     }
+    if meta.page_count > w.high_water {
+        return Err(corrupt(
+            slot,
+            format!(
+                "durable meta counts {} pages, beyond the high-water mark {}",
+                meta.page_count, w.high_water
+            ),
+        ));
+    }
     let mut durable = Version {
         txid: meta.txid,
         catalog: meta.catalog,
