@@ -3,8 +3,8 @@
 //! It walks every bucket tree and the free page sets and verifies: page checksums and kinds, key
 //! order inside each page and against the separators above it, entry counts against the catalog,
 //! overflow runs, and that every page below the high-water mark is referenced exactly once, by a
-//! tree, an overflow run, the catalog, the durable free list, or the free/pending sets. As bbolt's
-//! `tx.check` and redb's `check_integrity` do.
+//! tree, an overflow run, the catalog, the durable free list (or the one a sync in progress is
+//! writing), or the free/pending sets. As bbolt's `tx.check` and redb's `check_integrity` do.
 //!
 //! It also walks the durable version (the newest synced meta's) when it differs from the current
 //! one, and verifies what a crash relies on: none of its pages is free to reuse now, nor counted
@@ -24,7 +24,7 @@ pub struct CheckReport {
     pub used: u64,
     /// Free pages, reusable now or once readers finish.
     pub free: u64,
-    /// Pages holding the durable free list.
+    /// Pages holding the durable free list, and the one a sync in progress is writing.
     pub freelist: u64,
     /// Entries in all buckets.
     pub entries: u64,
@@ -173,6 +173,10 @@ impl Backend {
             walk.mark(id, "free list")?;
             walk.report.freelist += 1;
         }
+        for &id in &w.syncing_freelist {
+            walk.mark(id, "free list being synced")?;
+            walk.report.freelist += 1;
+        }
         for &id in w
             .free
             .iter()
@@ -196,7 +200,8 @@ impl Backend {
 }
 
 /// Walks the durable version (the meta in `w.durable_slot`) and fails if any of its pages could
-/// be written over before the next sync: free now, fresh, or freed as fresh.
+/// be written over before the next sync: free now, fresh, freed as fresh, or taken by the free
+/// list a sync in progress is writing.
 fn check_durable(w: &WriterState, current: &Version) -> Result<()> {
     let p = current.page_size;
     let slot = w.durable_slot;
@@ -246,12 +251,14 @@ fn check_durable(w: &WriterState, current: &Version) -> Result<()> {
         }
     }
     let fresh_freed = w.pending_fresh.values().flatten();
+    let syncing = w.syncing_freelist.iter();
     for (id, set) in w
         .free
         .iter()
         .map(|&id| (id, "free"))
         .chain(w.fresh.iter().map(|&id| (id, "fresh")))
         .chain(fresh_freed.map(|&id| (id, "freed as fresh")))
+        .chain(syncing.map(|&id| (id, "being written by a sync")))
     {
         if walk.seen.get(id as usize).is_some_and(|&s| s != 0) {
             return Err(corrupt(
@@ -324,6 +331,72 @@ mod tests {
         lock(&b.shared.writer).fresh.remove(&page);
         b.check().unwrap();
         b.sync().unwrap();
+        b.check().unwrap();
+    }
+
+    /// While a sync writes its free list (the writer mutex released), the pages it reserved for
+    /// the list are neither in use nor free: `check` counts them as the list being synced, and
+    /// reports them if one of them is a page of the durable version.
+    #[test]
+    fn a_check_during_a_sync_counts_the_free_list_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = BackendOptions {
+            page_size: 1024,
+            min_grow_bytes: 64 << 10,
+            ..BackendOptions::default()
+        };
+        let b = Backend::open(dir.path().join("db"), options).unwrap();
+        b.create_etcd_buckets().unwrap();
+        for round in 0..3u32 {
+            let mut txn = b.begin_write().unwrap();
+            for i in 0..100u32 {
+                let value = format!("{round}-{i}");
+                txn.put(b"key", format!("key-{i:04}").as_bytes(), value.as_bytes())
+                    .unwrap();
+            }
+            txn.commit(round == 0).unwrap();
+        }
+        let before = b.check().unwrap();
+
+        // What `Backend::sync` does, stopped between the plan and the I/O.
+        let mut plan = {
+            let mut w = lock(&b.shared.writer);
+            let current = lock(&b.shared.readers).current.clone();
+            super::super::plan_sync(&mut w, &current).unwrap()
+        };
+        let during = b.check().unwrap();
+        assert_eq!(
+            during.freelist,
+            before.freelist + lock(&b.shared.writer).syncing_freelist.len() as u64
+        );
+        assert!(during.freelist > before.freelist);
+
+        // A page the durable version still uses, reserved for the list instead of waiting in
+        // `pending` (what a wrong reservation would do), is reported by the durable walk.
+        let (txid, durable_page) = {
+            let mut w = lock(&b.shared.writer);
+            let current = lock(&b.shared.readers).current.clone();
+            assert_ne!(
+                w.durable_txid, current.txid,
+                "the deferred commits are not synced"
+            );
+            let (&txid, pages) = w.pending.iter_mut().next().expect("pages wait for a sync");
+            let page = pages.pop().unwrap();
+            w.syncing_freelist.push(page);
+            (txid, page)
+        };
+        let err = b.check().unwrap_err().to_string();
+        assert!(err.contains("is being written by a sync"), "{err}");
+        {
+            let mut w = lock(&b.shared.writer);
+            w.syncing_freelist.pop();
+            w.pending.entry(txid).or_default().push(durable_page);
+        }
+        assert_eq!(b.check().unwrap(), during);
+
+        super::super::write_sync(&mut plan).unwrap();
+        super::super::finish_sync(&mut lock(&b.shared.writer), plan);
+        assert!(lock(&b.shared.writer).syncing_freelist.is_empty());
         b.check().unwrap();
     }
 }

@@ -208,6 +208,10 @@ pub(crate) struct WriterState {
     pub durable_txid: u64,
     pub durable_slot: u64,
     pub durable_freelist: Vec<u64>,
+    /// Pages reserved for the free list of the sync in progress (empty when none is): out of
+    /// the free set from its plan until it completes and they become `durable_freelist`. A
+    /// failed sync leaves them here; the backend is poisoned then and writes nothing more.
+    pub syncing_freelist: Vec<u64>,
     /// Pages `[0, high_water)` are in use or free: the largest page count any version or the
     /// durable free list has used. New pages are allocated from here.
     pub high_water: u64,
@@ -489,6 +493,7 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
         durable_txid: meta.txid,
         durable_slot: slot,
         durable_freelist,
+        syncing_freelist: Vec::new(),
         options,
         observer: None,
         poisoned: None,
@@ -764,6 +769,7 @@ pub(crate) fn plan_sync(w: &mut WriterState, current: &Version) -> Result<SyncPl
     for id in &list_pages {
         w.free.remove(id);
     }
+    w.syncing_freelist.clone_from(&list_pages);
     w.high_water = w.high_water.max(page_count);
     Ok(SyncPlan {
         file: w.file.clone(),
@@ -821,6 +827,7 @@ pub(crate) fn write_sync(plan: &mut SyncPlan) -> Result<()> {
 /// Records a sync that completed: the old list's pages become free, the new list's pages are
 /// accounted as in use by the durable meta.
 pub(crate) fn finish_sync(w: &mut WriterState, plan: SyncPlan) {
+    w.syncing_freelist.clear();
     let old = std::mem::replace(&mut w.durable_freelist, plan.list_pages);
     w.free.extend(old);
     w.durable_txid = plan.txid;
