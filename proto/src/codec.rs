@@ -216,6 +216,57 @@ impl<U: Message + Default + 'static> Decoder for KeelDecoder<U> {
     }
 }
 
+/// A codec whose messages are sent already encoded: the caller hands over each message's wire
+/// bytes, which are copied into the call's buffer as they are; answers are decoded as
+/// [`KeelCodec`] does. For the peer transport's `Raft` stream, whose batches are written in one
+/// pass by the sender (`RaftBatch`'s wire form, built without a `RaftBatch` value).
+#[derive(Debug, Clone)]
+pub struct EncodedCodec<U> {
+    _pd: PhantomData<U>,
+}
+
+impl<U> Default for EncodedCodec<U> {
+    fn default() -> Self {
+        EncodedCodec { _pd: PhantomData }
+    }
+}
+
+impl<U> Codec for EncodedCodec<U>
+where
+    U: Message + Default + Send + 'static,
+{
+    type Encode = bytes::Bytes;
+    type Decode = U;
+    type Encoder = EncodedEncoder;
+    type Decoder = KeelDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        KeelDecoder { _pd: PhantomData }
+    }
+}
+
+/// The encoder of [`EncodedCodec`]: copies the wire bytes it is given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EncodedEncoder;
+
+impl tonic::codec::Encoder for EncodedEncoder {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,6 +151,29 @@ impl Transport {
     }
 }
 
+/// The `Raft` call (`PeerClient::raft`, but sending batches [`encode`] wrote already).
+async fn raft_call<S>(
+    channel: Channel,
+    request: tonic::Request<S>,
+) -> Result<tonic::Response<pp::StreamEnd>, tonic::Status>
+where
+    S: futures::Stream<Item = Bytes> + Send + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/keelpeer.Peer/Raft");
+    let codec = keel_proto::codec::EncodedCodec::<pp::StreamEnd>::default();
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new("keelpeer.Peer", "Raft"));
+    grpc.client_streaming(request, path, codec).await
+}
+
 fn client(channel: Channel) -> PeerClient<Channel> {
     PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -220,28 +243,38 @@ impl PeerClients {
     }
 }
 
-/// Encodes messages into batches of at most about [`BATCH_BYTES`].
-fn encode(messages: Vec<Message>) -> Vec<pp::RaftBatch> {
+/// Encodes messages into batches of at most about [`BATCH_BYTES`], each in `RaftBatch`'s wire
+/// form: for every message, field 1's tag, the message's length as a varint, and the message as
+/// rust-protobuf encodes it. One buffer per batch, the messages written straight into it (no
+/// buffer per message, no `RaftBatch` value to encode again). A message that fails to encode is
+/// left out, and logged.
+fn encode(messages: Vec<Message>) -> Vec<Bytes> {
+    /// `RaftBatch.messages`: field 1, length-delimited.
+    const MESSAGES_TAG: u8 = 1 << 3 | 2;
     let mut out = Vec::new();
-    let mut batch = pp::RaftBatch::default();
-    let mut size = 0;
+    let mut buf: Vec<u8> = Vec::new();
     for m in messages {
-        let bytes = match m.write_to_bytes() {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "encoding a raft message");
-                continue;
-            }
+        let size = m.compute_size();
+        let start = buf.len();
+        buf.reserve(1 + 5 + size as usize);
+        buf.push(MESSAGES_TAG);
+        let written = {
+            let mut os = protobuf::CodedOutputStream::vec(&mut buf);
+            os.write_raw_varint32(size)
+                .and_then(|()| m.write_to_with_cached_sizes(&mut os))
+                .and_then(|()| os.flush())
         };
-        size += bytes.len();
-        batch.messages.push(Bytes::from(bytes));
-        if size >= BATCH_BYTES {
-            out.push(std::mem::take(&mut batch));
-            size = 0;
+        if let Err(e) = written {
+            buf.truncate(start);
+            tracing::error!(error = %e, "encoding a raft message");
+            continue;
+        }
+        if buf.len() >= BATCH_BYTES {
+            out.push(Bytes::from(std::mem::take(&mut buf)));
         }
     }
-    if !batch.messages.is_empty() {
-        out.push(batch);
+    if !buf.is_empty() {
+        out.push(Bytes::from(buf));
     }
     out
 }
@@ -253,7 +286,7 @@ impl Transport {
         let label = metrics::to(to);
         let mut backoff = BACKOFF_MIN;
         let mut attempt = 0usize;
-        let mut pending: Vec<pp::RaftBatch> = Vec::new();
+        let mut pending: Vec<Bytes> = Vec::new();
         let mut healthy = true;
         let mut removed = false;
         loop {
@@ -263,19 +296,18 @@ impl Transport {
                 tracing::error!(peer = format!("{to:x}"), %url, "invalid peer URL");
                 return;
             };
-            let (tx, rx) = mpsc::channel::<pp::RaftBatch>(16);
+            let (tx, rx) = mpsc::channel::<Bytes>(16);
             let stream =
                 futures::stream::unfold(
                     rx,
                     |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
                 );
-            let mut peer = client(channel);
             let request = headers(inner, to, tonic::Request::new(stream));
-            let mut call = Box::pin(async move { peer.raft(request).await });
+            let mut call = Box::pin(raft_call(channel, request));
             let started = Instant::now();
             let outcome: Result<(), String> = loop {
                 if let Some(batch) = pending.first() {
-                    let size: usize = batch.messages.iter().map(Bytes::len).sum();
+                    let size = batch.len();
                     tokio::select! {
                         r = &mut call => break Err(match r {
                             Ok(_) => "the peer ended the stream".into(),
@@ -515,5 +547,77 @@ impl Network for Transport {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+    use raft::eraftpb::{Entry, MessageType};
+
+    fn append(to: u64, index: u64, data: Vec<u8>) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = to;
+        m.term = 3;
+        m.index = index;
+        m.commit = index;
+        m.entries.push(Entry {
+            index: index + 1,
+            term: 3,
+            data: data.into(),
+            ..Default::default()
+        });
+        m
+    }
+
+    /// A batch decodes as a `RaftBatch` (what the receiver's generated server does), and each
+    /// of its messages as the raft message sent, in order.
+    #[test]
+    fn a_batch_is_a_raft_batch_of_the_messages_in_order() {
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        heartbeat.to = 2;
+        let sent = vec![
+            append(2, 7, b"put foo".to_vec()),
+            heartbeat,
+            Message::default(),
+            append(2, 8, vec![0xab; 300]),
+        ];
+        let batches = encode(sent.clone());
+        assert_eq!(batches.len(), 1);
+        let batch = pp::RaftBatch::decode(batches[0].clone()).unwrap();
+        let got: Vec<Message> = batch
+            .messages
+            .iter()
+            .map(|b| Message::parse_from_bytes(b).unwrap())
+            .collect();
+        assert_eq!(got, sent);
+        assert!(encode(Vec::new()).is_empty());
+    }
+
+    /// Messages beyond `BATCH_BYTES` go in the next batch; none is split or lost.
+    #[test]
+    fn batches_are_cut_after_batch_bytes() {
+        let big = 3 << 20;
+        let sent: Vec<Message> = (0..13).map(|i| append(3, i, vec![i as u8; big])).collect();
+        let batches = encode(sent.clone());
+        let mut got = Vec::new();
+        let mut counts = Vec::new();
+        for b in &batches {
+            let batch = pp::RaftBatch::decode(b.clone()).unwrap();
+            counts.push(batch.messages.len());
+            got.extend(
+                batch
+                    .messages
+                    .iter()
+                    .map(|b| Message::parse_from_bytes(b).unwrap()),
+            );
+        }
+        // 16 MiB is passed by the sixth message of 3 MiB.
+        assert_eq!(counts, [6, 6, 1]);
+        assert_eq!(got, sent);
     }
 }
