@@ -232,6 +232,35 @@ pub(crate) struct Node {
     pub(super) members: Members,
 }
 
+/// raft-rs's configuration of member `member_id`, whose backend has applied `applied`, from
+/// the member's election settings.
+fn raft_config(
+    member_id: u64,
+    applied: u64,
+    election_ticks: usize,
+    pre_vote: bool,
+    fixed_election_tick: Option<usize>,
+) -> raft::Config {
+    raft::Config {
+        id: member_id,
+        election_tick: election_ticks.max(2),
+        heartbeat_tick: 1,
+        applied,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        // Proposals stepped before the next `Ready` (a drain of client writes, the
+        // proposals a follower forwards in one batch) travel in one MsgApp per follower,
+        // not one each; a commit index raised meanwhile rides in it too. So a follower
+        // answers one MsgAppResp per batch, and the leader steps one.
+        batch_append: true,
+        check_quorum: true,
+        pre_vote,
+        min_election_tick: fixed_election_tick.unwrap_or(0),
+        max_election_tick: fixed_election_tick.map_or(0, |t| t + 1),
+        ..raft::Config::default()
+    }
+}
+
 fn raft_err(e: raft::Error) -> Error {
     Error::InvalidArgument(format!("raft: {e}"))
 }
@@ -489,19 +518,13 @@ impl Node {
         let election = cfg.election_timeout();
         let min_ttl = (election.as_millis() * 3 / 2).div_ceil(1000) as i64;
         let lessor = Lessor::recover(&store, min_ttl, Instant::now())?;
-        let raft_config = raft::Config {
-            id: member_id,
-            election_tick: cfg.election_ticks.max(2),
-            heartbeat_tick: 1,
+        let raft_config = raft_config(
+            member_id,
             applied,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: cfg.pre_vote,
-            min_election_tick: cfg.fixed_election_tick.unwrap_or(0),
-            max_election_tick: cfg.fixed_election_tick.map_or(0, |t| t + 1),
-            ..raft::Config::default()
-        };
+            cfg.election_ticks,
+            cfg.pre_vote,
+            cfg.fixed_election_tick,
+        );
         raft_config.validate().map_err(raft_err)?;
         let storage = RaftStorage::new(wal.storage(), applied_meta.clone());
         let mut raw =
@@ -1564,6 +1587,50 @@ impl Drop for Node {
         // Whatever ended the loop, hubs stop waiting for revisions.
         for feed in &self.cfg.feeds {
             feed.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::MessageType;
+    use raft::storage::MemStorage;
+
+    /// Proposals stepped before the next `Ready` leave in one MsgApp per follower (raft-rs's
+    /// `batch_append`, in the members' configuration): not one MsgApp, and later one
+    /// MsgAppResp, per proposal.
+    #[test]
+    fn proposals_stepped_together_leave_in_one_append_per_follower() {
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let config = super::raft_config(1, 0, 10, true, None);
+        let mut raw = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
+        raw.raft.become_candidate();
+        raw.raft.become_leader();
+        let last = raw.raft.raft_log.last_index();
+        // Both followers acknowledge the leader's first entry: their progress replicates.
+        for from in [2, 3] {
+            let mut ack = raft::eraftpb::Message::default();
+            ack.set_msg_type(MessageType::MsgAppendResponse);
+            ack.from = from;
+            ack.to = 1;
+            ack.term = raw.raft.term;
+            ack.index = last;
+            raw.step(ack).unwrap();
+        }
+        raw.raft.msgs.clear();
+        for i in 0..10u8 {
+            raw.propose(Vec::new(), vec![i; 16]).unwrap();
+        }
+        for to in [2, 3] {
+            let appends: Vec<_> = raw
+                .raft
+                .msgs
+                .iter()
+                .filter(|m| m.to == to && m.get_msg_type() == MessageType::MsgAppend)
+                .collect();
+            assert_eq!(appends.len(), 1, "one append to {to}: {appends:?}");
+            let indexes: Vec<u64> = appends[0].entries.iter().map(|e| e.index).collect();
+            assert_eq!(indexes, (last + 1..=last + 10).collect::<Vec<_>>());
         }
     }
 }
