@@ -39,7 +39,7 @@ use keel_engine::{Error, Result};
 use keel_proto::etcdserverpb as pb;
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfState, EntryType, Message, MessageType, Snapshot,
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::mpsc;
@@ -232,6 +232,26 @@ pub(crate) struct Node {
     pub(super) members: Members,
 }
 
+/// The message `RawNode::propose` steps, with an entry per proposal instead of one.
+fn propose_message(from: u64, data: Vec<Vec<u8>>) -> Message {
+    let entries: Vec<Entry> = data
+        .into_iter()
+        .map(|d| Entry {
+            data: d.into(),
+            ..Entry::default()
+        })
+        .collect();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgPropose);
+    m.from = from;
+    m.set_entries(entries.into());
+    m
+}
+
+/// Data proposed to raft in one step at most (unless one proposal is larger): raft-rs's
+/// `max_size_per_msg`, so a follower's forwarded batch is no larger than an append.
+const PROPOSAL_BATCH_BYTES: usize = 1 << 20;
+
 /// raft-rs's configuration of member `member_id`, whose backend has applied `applied`, from
 /// the member's election settings.
 fn raft_config(
@@ -246,7 +266,7 @@ fn raft_config(
         election_tick: election_ticks.max(2),
         heartbeat_tick: 1,
         applied,
-        max_size_per_msg: 1 << 20,
+        max_size_per_msg: PROPOSAL_BATCH_BYTES as u64,
         max_inflight_msgs: 256,
         // Proposals stepped before the next `Ready` (a drain of client writes, the
         // proposals a follower forwards in one batch) travel in one MsgApp per follower,
@@ -697,12 +717,28 @@ impl Node {
                 Event::Work => self.compaction_step()?,
                 Event::Commands => {
                     let mut readers = Vec::new();
+                    // Consecutive proposals go to raft together (see `propose_all`), up to
+                    // about `max_size_per_msg` of data each time.
+                    let mut proposals = Vec::new();
+                    let mut bytes = 0;
                     for command in buf.drain(..) {
+                        if let Command::Propose { id, data, reply } = command {
+                            if bytes + data.len() > PROPOSAL_BATCH_BYTES && !proposals.is_empty() {
+                                self.propose_all(std::mem::take(&mut proposals));
+                                bytes = 0;
+                            }
+                            bytes += data.len();
+                            proposals.push((id, data, Some(reply)));
+                            continue;
+                        }
+                        self.propose_all(std::mem::take(&mut proposals));
+                        bytes = 0;
                         if let Some(reply) = self.command(command, &mut readers) {
                             stop = Some(reply);
                             self.start_stopping();
                         }
                     }
+                    self.propose_all(proposals);
                     if !readers.is_empty() {
                         self.read_index(readers);
                     }
@@ -1212,32 +1248,46 @@ impl Node {
     }
 
     pub(super) fn propose(&mut self, id: u64, data: Vec<u8>, reply: Option<Reply<Applied>>) {
-        if self.raw.raft.leader_id == raft::INVALID_ID {
-            self.shared.metrics.proposals_failed.inc();
-            if let Some(reply) = reply {
-                let _ = reply.send(Err(Error::NoLeader));
-            }
+        self.propose_all(vec![(id, data, reply)]);
+    }
+
+    /// Proposes `batch` as one `MsgPropose`: a follower forwards it to the leader in one message,
+    /// and the leader appends it in one step. Each proposal with a reply is answered once
+    /// applied; if raft refuses the message, every one gets the error.
+    pub(super) fn propose_all(&mut self, batch: Vec<(u64, Vec<u8>, Option<Reply<Applied>>)>) {
+        if batch.is_empty() {
             return;
         }
-        match self.raw.propose(Vec::new(), data) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let outcome = if self.raw.raft.leader_id == raft::INVALID_ID {
+            replies.extend(batch.into_iter().map(|(id, _, reply)| (id, reply)));
+            Err(raft::Error::ProposalDropped)
+        } else {
+            let mut data = Vec::with_capacity(batch.len());
+            for (id, d, reply) in batch {
+                data.push(d);
+                replies.push((id, reply));
+            }
+            self.raw.step(propose_message(self.raw.raft.id, data))
+        };
+        match outcome {
             Ok(()) => {
-                if let Some(reply) = reply {
-                    self.pending.insert(
-                        id,
-                        Pending {
-                            reply,
-                            proposed: Instant::now(),
-                        },
-                    );
+                let proposed = Instant::now();
+                for (id, reply) in replies {
+                    if let Some(reply) = reply {
+                        self.pending.insert(id, Pending { reply, proposed });
+                    }
                 }
             }
             Err(e) => {
-                self.shared.metrics.proposals_failed.inc();
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(match e {
-                        raft::Error::ProposalDropped => Error::NoLeader,
-                        other => raft_err(other),
-                    }));
+                for (_, reply) in replies {
+                    self.shared.metrics.proposals_failed.inc();
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(match &e {
+                            raft::Error::ProposalDropped => Error::NoLeader,
+                            other => Error::InvalidArgument(format!("raft: {other}")),
+                        }));
+                    }
                 }
             }
         }
@@ -1595,6 +1645,37 @@ impl Drop for Node {
 mod tests {
     use raft::eraftpb::MessageType;
     use raft::storage::MemStorage;
+
+    /// A follower forwards the proposals of one step to the leader in one message, and the
+    /// leader appends them at once.
+    #[test]
+    fn a_batch_of_proposals_is_forwarded_and_appended_in_one_message() {
+        let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 8]).collect();
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let config = super::raft_config(2, 0, 10, true, None);
+        let mut follower = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
+        follower.raft.become_follower(1, 1);
+        follower
+            .step(super::propose_message(2, data.clone()))
+            .unwrap();
+        let forwarded: Vec<_> = std::mem::take(&mut follower.raft.msgs);
+        assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+        assert_eq!(forwarded[0].to, 1);
+        assert_eq!(forwarded[0].get_msg_type(), MessageType::MsgPropose);
+        let got: Vec<&[u8]> = forwarded[0].entries.iter().map(|e| &e.data[..]).collect();
+        assert_eq!(got, data.iter().map(Vec::as_slice).collect::<Vec<_>>());
+
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let config = super::raft_config(1, 0, 10, true, None);
+        let mut leader = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
+        leader.raft.become_candidate();
+        leader.raft.become_leader();
+        let last = leader.raft.raft_log.last_index();
+        let mut m = forwarded.into_iter().next().unwrap();
+        m.term = leader.raft.term;
+        leader.step(m).unwrap();
+        assert_eq!(leader.raft.raft_log.last_index(), last + 5);
+    }
 
     /// Proposals stepped before the next `Ready` leave in one MsgApp per follower (raft-rs's
     /// `batch_append`, in the members' configuration): not one MsgApp, and later one

@@ -245,24 +245,32 @@ impl Sim {
         self.settle(ti).await;
     }
 
-    fn propose(&mut self, i: usize) {
-        let n = self.next_id;
-        self.next_id += 1;
-        let (key, value) = (format!("k{}", n % 50), format!("v{n}"));
-        let data = Proposal {
-            id: n,
-            request: Some(Request::Put(pb::PutRequest {
-                key: key.clone().into_bytes(),
-                value: value.clone().into_bytes(),
-                ..Default::default()
-            })),
-            member: self.ids[i],
-            auth: None,
+    /// Proposes `count` puts on member `i` together, as its loop does with the proposals of one
+    /// drain.
+    fn propose(&mut self, i: usize, count: usize) {
+        let mut batch = Vec::with_capacity(count);
+        for _ in 0..count {
+            let n = self.next_id;
+            self.next_id += 1;
+            let (key, value) = (format!("k{}", n % 50), format!("v{n}"));
+            let data = Proposal {
+                id: n,
+                request: Some(Request::Put(pb::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: value.clone().into_bytes(),
+                    ..Default::default()
+                })),
+                member: self.ids[i],
+                auth: None,
+            }
+            .encode_to_vec();
+            let (reply, rx) = oneshot::channel();
+            batch.push((n, data, Some(reply)));
+            self.waiting.push((key, value, rx));
         }
-        .encode_to_vec();
-        let (reply, rx) = oneshot::channel();
-        self.command(i, Command::Propose { id: n, data, reply });
-        self.waiting.push((key, value, rx));
+        if let Some(node) = self.nodes[i].as_mut() {
+            node.propose_all(batch);
+        }
     }
 
     /// Collects the outcomes of proposals and snapshot installs.
@@ -321,7 +329,8 @@ impl Sim {
             }
             65..80 => {
                 let i = self.rng.random_range(0..n);
-                self.propose(i);
+                let count = self.rng.random_range(1..=4);
+                self.propose(i, count);
                 self.settle(i).await;
             }
             80..85 => {
