@@ -11,7 +11,8 @@
 #
 # usage: bench/cluster-put-ab.sh OLD NEW [ROUNDS] [TOTAL]   (default 4 rounds of 30000 requests)
 # env:   BENCH (/tmp/etcd-bench-bin/benchmark, made by ../shared/tools/build-etcd-benchmark.sh),
-#        PORT (first of the ports used, 26000), OP (put or range, put)
+#        PORT (first of the ports used, 26000; keep them below the ephemeral range, 32768, or a
+#        client connection may hold one), OP (put or range, put)
 set -euo pipefail
 OLD=${1:?usage: bench/cluster-put-ab.sh OLD NEW [ROUNDS] [TOTAL]}
 NEW=${2:?usage: bench/cluster-put-ab.sh OLD NEW [ROUNDS] [TOTAL]}
@@ -58,6 +59,13 @@ run() {
     PIDS+=($!)
   done
   for _ in $(seq 100); do curl -s "http://127.0.0.1:$bp/health" | grep -q true && break; sleep 0.1; done
+  for i in 0 1 2; do
+    if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+      echo "member $i of $bin did not start:" >&2
+      tail -3 "$W/$bp-m$i.log" >&2
+      exit 1
+    fi
+  done
   local eps="127.0.0.1:$bp,127.0.0.1:$((bp + 10)),127.0.0.1:$((bp + 20))"
   "$BENCH" --endpoints="$eps" --conns=100 --clients=1000 put --key-size=8 --sequential-keys \
     --val-size=256 --total=10000 >/dev/null 2>&1

@@ -626,3 +626,95 @@ async fn a_compaction_during_a_watch_catch_up_cancels_it_with_the_compacted_revi
         .collect();
     assert_eq!(keys, ["h/after"]);
 }
+
+/// A member with no watcher sends its hubs no revision; watchers made while writes flow must
+/// still miss nothing. Five times: a writer puts one key without pause; a watcher from a past
+/// revision (history) and one from now are made; each must see consecutive revisions, the first
+/// from exactly its start, the second from after the revision the member had when it answered;
+/// then both streams close, the member has no watcher again, and writes go on unwatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_made_while_an_unwatched_member_writes_miss_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let port = keel.port;
+    let c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut c = c.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.put("flow/k", n.to_string(), None).await.unwrap();
+                n += 1;
+            }
+        })
+    };
+    /// Reads `n` events and checks that their revisions follow each other from `first`.
+    async fn consecutive(s: &mut WatchStream, first: Option<i64>, n: usize) -> i64 {
+        let mut want = first;
+        let mut seen = 0;
+        let mut start = 0;
+        while seen < n {
+            let r = tokio::time::timeout(HANG, s.message())
+                .await
+                .expect("events stopped")
+                .unwrap()
+                .expect("stream ended");
+            for e in r.events() {
+                let rev = e.kv().unwrap().mod_revision();
+                match want {
+                    Some(w) => assert_eq!(rev, w, "a revision was skipped or repeated"),
+                    None => start = rev,
+                }
+                want = Some(rev + 1);
+                seen += 1;
+            }
+        }
+        start
+    }
+    let mut c2 = c.clone();
+    for round in 0..5 {
+        // Two revisions back, past the first put (revision 2).
+        let past = c2
+            .get("flow/k", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision()
+            - 2;
+        let past = past.max(2);
+        let mut history = c2
+            .watch(
+                "flow/",
+                Some(WatchOptions::new().with_prefix().with_start_revision(past)),
+            )
+            .await
+            .unwrap();
+        let mut now = c2
+            .watch("flow/", Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        // The created responses come first.
+        assert!(history.message().await.unwrap().unwrap().created());
+        let created = now.message().await.unwrap().unwrap();
+        assert!(created.created());
+        let at = created.header().unwrap().revision();
+        consecutive(&mut history, Some(past), 200).await;
+        let first = consecutive(&mut now, None, 200).await;
+        assert_eq!(
+            first,
+            at + 1,
+            "round {round}: the watcher from now starts after {at}"
+        );
+        drop((history, now));
+        gauge_reaches(port, "etcd_debugging_mvcc_watcher_total", 0.0).await;
+        // Writes go on with no watcher.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+}

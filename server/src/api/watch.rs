@@ -289,6 +289,10 @@ struct Hub {
     limits: Limits,
     /// Watchers, slow watchers and streams last added to the gauges by this shard.
     reported: (i64, i64, i64),
+    /// Watchers of this hub; while there are none, the core sends it no revision (the feed's
+    /// `watched` flag, see `crate::raft::events`).
+    watchers: usize,
+    feed: Arc<Feed>,
     /// Some watcher may be unsynced: set whenever one is made or moved aside unsynced, cleared
     /// by a catch-up tick that finds none. While clear, the ticks (every 20 ms) look at each
     /// stream, not at each watcher: idle watchers cost no per-watcher work between writes.
@@ -348,6 +352,8 @@ impl WatchService {
                 total: total.clone(),
                 limits,
                 reported: (0, 0, 0),
+                watchers: 0,
+                feed: feed.clone(),
                 maybe_unsynced: false,
             };
             tokio::spawn(hub.run(rx, feed, shutdown.clone()));
@@ -423,6 +429,8 @@ impl Hub {
         let count: usize = self.streams.values().map(|s| s.watchers.len()).sum();
         self.total.fetch_sub(count, Ordering::AcqRel);
         self.streams.clear();
+        self.watchers = 0;
+        self.feed.set_watched(false);
         self.gauges();
     }
 
@@ -439,6 +447,7 @@ impl Hub {
                 slow += s.watchers.values().filter(|w| !w.synced).count() as i64;
             }
         }
+        debug_assert_eq!(all as usize, self.watchers, "the hub's watcher count");
         let now = (all, slow, self.streams.len() as i64);
         let m = self.core.metrics();
         m.watchers.inc_by(now.0 - self.reported.0);
@@ -448,6 +457,18 @@ impl Hub {
     }
 
     fn handle(&mut self, msg: HubMsg) {
+        if self.watchers == 0 {
+            // The core sends nothing while no one watches: the store has the revision.
+            self.current = self.current.max(self.core.store().current_revision());
+        }
+        self.handle_msg(msg);
+        if self.watchers == 0 && self.feed.watched() {
+            // The last watcher went, or a create was refused.
+            self.feed.set_watched(false);
+        }
+    }
+
+    fn handle_msg(&mut self, msg: HubMsg) {
         match msg {
             HubMsg::Open(id, outbox) => {
                 self.streams.insert(
@@ -463,6 +484,7 @@ impl Hub {
             HubMsg::Close(id) => {
                 if let Some(s) = self.streams.remove(&id) {
                     self.total.fetch_sub(s.watchers.len(), Ordering::AcqRel);
+                    self.watchers -= s.watchers.len();
                     s.outbox.close();
                 }
             }
@@ -486,6 +508,7 @@ impl Hub {
                     && s.watchers.remove(&watch_id).is_some()
                 {
                     self.total.fetch_sub(1, Ordering::AcqRel);
+                    self.watchers -= 1;
                     s.outbox.push(pb::WatchResponse {
                         header,
                         watch_id,
@@ -505,6 +528,12 @@ impl Hub {
     }
 
     fn create(&mut self, stream: u64, req: pb::WatchCreateRequest) {
+        if !self.feed.watched() {
+            // From now the core sends revisions to this hub; those it skipped are in the store,
+            // whose revision (read after the flag is set) the hub moves up to.
+            self.feed.set_watched(true);
+            self.current = self.current.max(self.core.store().current_revision());
+        }
         let current = self.current;
         let store = self.core.store();
         let store_rev = store.current_revision();
@@ -621,6 +650,7 @@ impl Hub {
         *maybe_unsynced |= !w.synced;
         s.watchers.insert(id, w);
         total.fetch_add(1, Ordering::AcqRel);
+        self.watchers += 1;
     }
 
     /// The feed dropped revisions up to `revision` (it was full, or the store was replaced):
@@ -831,6 +861,7 @@ impl Hub {
         };
         if s.watchers.remove(&id).is_some() {
             self.total.fetch_sub(1, Ordering::AcqRel);
+            self.watchers -= 1;
             s.outbox.push(pb::WatchResponse {
                 header,
                 watch_id: id,

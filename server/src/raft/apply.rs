@@ -157,11 +157,14 @@ impl Node {
             meta.index = last_index;
             meta.term = last_term;
         }
-        // Committed and readable: watchers may see these revisions now.
+        // Committed and readable: watchers may see these revisions now. A hub without
+        // watchers gets none (see `events`).
         for p in published {
             let p = Arc::new(p);
             for feed in &self.cfg.feeds {
-                feed.push(p.clone());
+                if feed.watched() {
+                    feed.push(p.clone());
+                }
             }
         }
         for (reply, result) in replies {

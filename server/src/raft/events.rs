@@ -6,8 +6,17 @@
 //! then learns that it *lagged*, moves its watchers aside (unsynced) and catches them up from
 //! the store's history, as it does for a slow client. So a slow hub costs bounded memory, and no
 //! event is lost.
+//!
+//! A hub without watchers is sent nothing: the core checks [`Feed::watched`] before each push,
+//! so an unwatched member wakes no hub and frees the changes on its own thread. When a hub makes
+//! its first watcher it sets the flag, then moves its revision up to the store's. Both sides use
+//! sequentially consistent operations (the flag here, the store's revision in the MVCC store),
+//! so for every revision the core skipped, the hub's read of the store's revision sees it: no
+//! watcher made then waits for a skipped revision from the feed (it starts after it, or catches
+//! up from history).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keel_engine::mvcc::Change;
@@ -60,6 +69,8 @@ struct State {
 pub struct Feed {
     state: Mutex<State>,
     notify: Notify,
+    /// The hub has watchers (see the module docs).
+    watched: AtomicBool,
 }
 
 impl Feed {
@@ -67,6 +78,18 @@ impl Feed {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Core side: whether the hub wants revisions (it has watchers). Read after the store's
+    /// revision is published.
+    pub fn watched(&self) -> bool {
+        self.watched.load(Ordering::SeqCst)
+    }
+
+    /// Hub side: it has watchers (or is about to make one), or has none left. After setting it,
+    /// the hub reads the store's revision (see the module docs).
+    pub fn set_watched(&self, watched: bool) {
+        self.watched.store(watched, Ordering::SeqCst);
     }
 
     /// Core side: queues a revision, or drops it if the feed is full (or already lagging, so
