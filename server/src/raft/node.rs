@@ -1560,8 +1560,11 @@ impl Node {
 
     /// An orderly stop: the backend made durable, the WAL closed, every feed closed.
     pub(super) async fn shutdown(&mut self) -> Result<()> {
-        for p in self.persisting.drain(..) {
+        while let Some(p) = self.persisting.pop_front() {
             p.durable.await?;
+            // Best effort: a stopping leader's last votes and acknowledgements (its vote for
+            // the member it handed leadership to) still leave while the transport runs.
+            self.send(p.messages);
         }
         if let Some(rx) = self.checkpoint_rx.take() {
             rx.await.unwrap_or(Err(Error::Stopped))?;

@@ -355,14 +355,17 @@ impl Transport {
                     self.report(Report::Removed(to));
                 }
                 self.report(Report::Unreachable(to));
-                // What was not sent is stale by the time the peer is back: raft resends.
+                // What was queued until now is stale by the time the peer is back (raft resends
+                // appends). What comes during the backoff goes on the next stream: a vote or its
+                // answer, which raft does not resend, is not lost to the wait (a leadership
+                // transfer to a member whose stream was reconnecting failed that way).
                 pending.clear();
+                while queue.try_recv().is_ok() {}
                 if started.elapsed() > Duration::from_secs(5) {
                     backoff = BACKOFF_MIN;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                while queue.try_recv().is_ok() {}
             } else {
                 healthy = true;
             }
