@@ -275,12 +275,8 @@ mod tests {
     use super::*;
     use crate::btree::BackendOptions;
 
-    /// A durable page handed to the free set before the next sync (what a wrong reuse rule would
-    /// do) passes the current version's walk, since the current tree no longer references it,
-    /// and is caught by the durable one.
-    #[test]
-    fn a_page_of_the_durable_version_on_the_free_set_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A backend of 1 KiB pages (trees grow several levels with few keys), etcd's buckets made.
+    fn small_pages(dir: &tempfile::TempDir) -> Backend {
         let options = BackendOptions {
             page_size: 1024,
             min_grow_bytes: 64 << 10,
@@ -288,6 +284,16 @@ mod tests {
         };
         let b = Backend::open(dir.path().join("db"), options).unwrap();
         b.create_etcd_buckets().unwrap();
+        b
+    }
+
+    /// A durable page handed to the free set before the next sync (what a wrong reuse rule would
+    /// do) passes the current version's walk, since the current tree no longer references it,
+    /// and is caught by the durable one.
+    #[test]
+    fn a_page_of_the_durable_version_on_the_free_set_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = small_pages(&dir);
         let mut txn = b.begin_write().unwrap();
         for i in 0..200u32 {
             txn.put(b"key", format!("key-{i:04}").as_bytes(), &[7; 100])
@@ -340,13 +346,7 @@ mod tests {
     #[test]
     fn a_check_during_a_sync_counts_the_free_list_being_written() {
         let dir = tempfile::tempdir().unwrap();
-        let options = BackendOptions {
-            page_size: 1024,
-            min_grow_bytes: 64 << 10,
-            ..BackendOptions::default()
-        };
-        let b = Backend::open(dir.path().join("db"), options).unwrap();
-        b.create_etcd_buckets().unwrap();
+        let b = small_pages(&dir);
         for round in 0..3u32 {
             let mut txn = b.begin_write().unwrap();
             for i in 0..100u32 {

@@ -1649,14 +1649,27 @@ mod tests {
     use raft::eraftpb::MessageType;
     use raft::storage::MemStorage;
 
+    /// Member `id` of a 3-voter group, with the members' raft configuration.
+    fn member(id: u64) -> raft::RawNode<MemStorage> {
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let config = super::raft_config(id, 0, 10, true, None);
+        raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap()
+    }
+
+    /// Member 1, made leader.
+    fn leader() -> raft::RawNode<MemStorage> {
+        let mut raw = member(1);
+        raw.raft.become_candidate();
+        raw.raft.become_leader();
+        raw
+    }
+
     /// A follower forwards the proposals of one step to the leader in one message, and the
     /// leader appends them at once.
     #[test]
     fn a_batch_of_proposals_is_forwarded_and_appended_in_one_message() {
         let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 8]).collect();
-        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
-        let config = super::raft_config(2, 0, 10, true, None);
-        let mut follower = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
+        let mut follower = member(2);
         follower.raft.become_follower(1, 1);
         follower
             .step(super::propose_message(2, data.clone()))
@@ -1668,11 +1681,7 @@ mod tests {
         let got: Vec<&[u8]> = forwarded[0].entries.iter().map(|e| &e.data[..]).collect();
         assert_eq!(got, data.iter().map(Vec::as_slice).collect::<Vec<_>>());
 
-        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
-        let config = super::raft_config(1, 0, 10, true, None);
-        let mut leader = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
-        leader.raft.become_candidate();
-        leader.raft.become_leader();
+        let mut leader = leader();
         let last = leader.raft.raft_log.last_index();
         let mut m = forwarded.into_iter().next().unwrap();
         m.term = leader.raft.term;
@@ -1685,11 +1694,7 @@ mod tests {
     /// MsgAppResp, per proposal.
     #[test]
     fn proposals_stepped_together_leave_in_one_append_per_follower() {
-        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
-        let config = super::raft_config(1, 0, 10, true, None);
-        let mut raw = raft::RawNode::new(&config, storage, &raft::default_logger()).unwrap();
-        raw.raft.become_candidate();
-        raw.raft.become_leader();
+        let mut raw = leader();
         let last = raw.raft.raft_log.last_index();
         // Both followers acknowledge the leader's first entry: their progress replicates.
         for from in [2, 3] {
