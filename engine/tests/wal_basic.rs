@@ -368,3 +368,35 @@ fn the_active_segment_is_open_for_durable_writes() {
         wal.close().await.unwrap();
     });
 }
+
+/// The writer keeps the encoding buffers of written batches for later ones: a large batch
+/// followed by small ones must leave none of its bytes in theirs.
+#[test]
+fn small_batches_after_a_large_one_read_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (wal, _) = open(dir.path(), WalOptions::default()).await;
+        let large: Vec<_> = (1..=40)
+            .map(|i| raft::eraftpb::Entry {
+                index: i,
+                term: 1,
+                data: vec![0xAB; 8 << 10].into(),
+                ..Default::default()
+            })
+            .collect();
+        wal.save(&large, None).await.unwrap();
+        let mut expected = large;
+        for i in 41..=140 {
+            let e = entry(i, 1);
+            wal.save(std::slice::from_ref(&e), None).await.unwrap();
+            expected.push(e);
+        }
+        assert_eq!(all_entries(&wal), expected);
+        wal.close().await.unwrap();
+        let (wal, rec) = open(dir.path(), WalOptions::default()).await;
+        assert_eq!((rec.first_index, rec.last_index), (1, 140));
+        assert!(rec.truncated.is_none());
+        assert_eq!(all_entries(&wal), expected);
+        wal.close().await.unwrap();
+    });
+}

@@ -237,8 +237,16 @@ struct Shared {
     /// Spare files ready to become segments.
     spares: Vec<PathBuf>,
     next_spare: u64,
+    /// Encoding buffers of written batches, kept for the next chunks: a fresh buffer per
+    /// batch cost page faults (the allocator had returned its pages) and regrowth copies.
+    spare_buffers: Vec<Vec<u8>>,
     stats: WalStats,
 }
+
+/// At most this many spare encoding buffers are kept ([`Shared::spare_buffers`]).
+const MAX_SPARE_BUFFERS: usize = 2;
+/// A buffer larger than this (a batch of large entries) is freed rather than kept.
+const MAX_SPARE_BUFFER_BYTES: usize = 1 << 20;
 
 /// The write-ahead log. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
@@ -317,6 +325,7 @@ impl Wal {
             writer_waker: None,
             spares: rec.spares,
             next_spare: rec.max_spare + 1,
+            spare_buffers: Vec::new(),
             stats: WalStats::default(),
             options,
         }));
@@ -523,6 +532,19 @@ impl Wal {
 }
 
 impl Shared {
+    /// Keeps the encoding buffers of a written batch's chunks for later chunks.
+    fn recycle(&mut self, chunks: Vec<Chunk>) {
+        for chunk in chunks {
+            let mut data = chunk.data;
+            if self.spare_buffers.len() < MAX_SPARE_BUFFERS
+                && data.capacity() <= MAX_SPARE_BUFFER_BYTES
+            {
+                data.clear();
+                self.spare_buffers.push(data);
+            }
+        }
+    }
+
     /// Validates and encodes `records` into the open batch. Returns the receiver to await, or
     /// `None` for an empty append.
     fn enqueue(
@@ -630,7 +652,7 @@ impl Shared {
                 seq,
                 create: None,
                 start: self.tail_offset,
-                data: Vec::new(),
+                data: self.spare_buffers.pop().unwrap_or_default(),
             });
         }
         let chunk = batch.chunks.last_mut().expect("pushed above");
@@ -685,7 +707,7 @@ impl Shared {
             seq: self.tail_seq,
             create: Some(first_index),
             start: DATA_START,
-            data: Vec::new(),
+            data: self.spare_buffers.pop().unwrap_or_default(),
         });
         let metadata = self.log.metadata;
         let hard_state = self.log.hard_state.clone();

@@ -89,6 +89,7 @@ impl Writer {
                     }
                     s.stats.batches += 1;
                     s.stats.records += batch.records;
+                    s.recycle(batch.chunks);
                     drop(s);
                     for w in batch.waiters {
                         let _ = w.send(Ok(()));
