@@ -255,6 +255,56 @@ async fn a_member_behind_the_compacted_log_catches_up_by_snapshot() {
     );
 }
 
+/// A member down while more than a peer message's worth (64 MiB) of entries was written
+/// catches up from the leader's log. raft-rs merges the appends of the catch-up into one
+/// message per `Ready`; the leader sends it in pieces (unsplit, it exceeded the peer message
+/// limit, the stream failed, and the follower advanced one probe per reconnection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_by_more_than_a_peer_message_catches_up_from_the_log() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_leader();
+    let behind = 2;
+    assert!(c.terminate(behind).success());
+    let mut cl = Client::connect(&c.endpoints()[..2], None).await.unwrap();
+    let value = vec![b'v'; 1 << 20];
+    for i in 0..72 {
+        cl.put(format!("big/{i:02}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let want = cl.get("big/71", None).await.unwrap();
+    let want = want.header().unwrap().revision();
+    c.start_member(behind);
+    let mut on_it = client(&c, behind).await;
+    let count_only = GetOptions::new()
+        .with_prefix()
+        .with_serializable()
+        .with_count_only();
+    for _ in 0..3000 {
+        if let Ok(r) = on_it.get("big/", Some(count_only.clone())).await
+            && r.header().unwrap().revision() >= want
+        {
+            assert_eq!(r.count(), 72);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = on_it
+        .get("big/71", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert!(r.header().unwrap().revision() >= want, "caught up");
+    assert_eq!(r.kvs()[0].value(), &value[..]);
+    assert!(!c.log_text(behind).contains("installed a snapshot"));
+    for i in 0..3 {
+        let log = c.log_text(i);
+        assert!(
+            !log.contains("exceeds the peer message limit") && !log.contains("length too large"),
+            "member {i}: {log}"
+        );
+    }
+}
+
 /// SIGTERM of the leader hands leadership to a follower first (etcd's TransferLeadership),
 /// rather than leaving the cluster to wait for an election timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

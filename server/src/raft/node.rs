@@ -252,6 +252,44 @@ fn propose_message(from: u64, data: Vec<Vec<u8>>) -> Message {
 /// `max_size_per_msg`, so a follower's forwarded batch is no larger than an append.
 const PROPOSAL_BATCH_BYTES: usize = 1 << 20;
 
+/// Pushes `m` onto `out`, a `MsgAppend` carrying more than `max_bytes` of entries as several
+/// consecutive appends of at most `max_bytes` each (or one entry, if larger).
+///
+/// raft-rs's `batch_append` merges every append made to a follower before the next `Ready`
+/// into one message without a size bound: after a lagging follower's probe succeeds, the
+/// leader reads up to `max_inflight_msgs` × `max_size_per_msg` of entries into one message,
+/// past the peer transport's message limit. The pieces are what raft would have sent without
+/// merging: each one's `index` and `log_term` name the entry before its first, and each
+/// carries the commit index (a follower commits no further than the last entry it appended).
+fn split_append(mut m: Message, max_bytes: usize, out: &mut Vec<Message>) {
+    let size = |e: &raft::eraftpb::Entry| e.data.len() + e.context.len();
+    if m.get_msg_type() != MessageType::MsgAppend
+        || m.entries.iter().map(size).sum::<usize>() <= max_bytes
+    {
+        out.push(m);
+        return;
+    }
+    let entries: Vec<raft::eraftpb::Entry> = m.take_entries().into();
+    let (mut index, mut log_term) = (m.index, m.log_term);
+    let mut rest = entries.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        while let Some(e) = rest.next_if(|e| piece.is_empty() || bytes + size(e) <= max_bytes) {
+            bytes += size(&e);
+            piece.push(e);
+        }
+        let last = piece.last().expect("at least one entry per piece");
+        let (next_index, next_term) = (last.index, last.term);
+        let mut part = m.clone();
+        part.index = index;
+        part.log_term = log_term;
+        part.set_entries(piece.into());
+        out.push(part);
+        (index, log_term) = (next_index, next_term);
+    }
+}
+
 /// raft-rs's configuration of member `member_id`, whose backend has applied `applied`, from
 /// the member's election settings.
 fn raft_config(
@@ -1004,10 +1042,14 @@ impl Node {
                 self.send_snapshot(m);
                 continue;
             }
-            match by_peer.iter_mut().find(|(to, _)| *to == m.to) {
-                Some((_, batch)) => batch.push(m),
-                None => by_peer.push((m.to, vec![m])),
-            }
+            let batch = match by_peer.iter().position(|(to, _)| *to == m.to) {
+                Some(i) => &mut by_peer[i].1,
+                None => {
+                    by_peer.push((m.to, Vec::new()));
+                    &mut by_peer.last_mut().expect("pushed").1
+                }
+            };
+            split_append(m, PROPOSAL_BATCH_BYTES, batch);
         }
         for (to, batch) in by_peer {
             self.network.send(to, batch);
@@ -1721,5 +1763,98 @@ mod tests {
             let indexes: Vec<u64> = appends[0].entries.iter().map(|e| e.index).collect();
             assert_eq!(indexes, (last + 1..=last + 10).collect::<Vec<_>>());
         }
+    }
+
+    /// Appends merged past the limit (raft-rs's `batch_append` has no bound) leave as
+    /// consecutive pieces of at most `PROPOSAL_BATCH_BYTES`, which a follower appends in order.
+    #[test]
+    fn a_merged_append_larger_than_a_message_leaves_in_pieces() {
+        let mut raw = leader();
+        let last = raw.raft.raft_log.last_index();
+        for from in [2, 3] {
+            let mut ack = raft::eraftpb::Message::default();
+            ack.set_msg_type(MessageType::MsgAppendResponse);
+            ack.from = from;
+            ack.to = 1;
+            ack.term = raw.raft.term;
+            ack.index = last;
+            raw.step(ack).unwrap();
+        }
+        raw.raft.msgs.clear();
+        let entry_bytes = 200 << 10;
+        for i in 0..12u8 {
+            raw.propose(Vec::new(), vec![i; entry_bytes]).unwrap();
+        }
+        let merged: Vec<_> = std::mem::take(&mut raw.raft.msgs)
+            .into_iter()
+            .filter(|m| m.to == 2 && m.get_msg_type() == MessageType::MsgAppend)
+            .collect();
+        assert_eq!(merged.len(), 1, "raft-rs merged the appends");
+        assert_eq!(merged[0].entries.len(), 12);
+        let original = merged[0].clone();
+
+        let mut pieces = Vec::new();
+        super::split_append(
+            merged.into_iter().next().unwrap(),
+            super::PROPOSAL_BATCH_BYTES,
+            &mut pieces,
+        );
+        assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+        let (mut index, mut log_term) = (original.index, original.log_term);
+        let mut entries = Vec::new();
+        for p in &pieces {
+            assert_eq!(p.get_msg_type(), MessageType::MsgAppend);
+            assert_eq!(
+                (p.to, p.term, p.commit),
+                (original.to, original.term, original.commit)
+            );
+            assert_eq!(
+                (p.index, p.log_term),
+                (index, log_term),
+                "pieces are consecutive"
+            );
+            let bytes: usize = p.entries.iter().map(|e| e.data.len()).sum();
+            assert!(bytes <= super::PROPOSAL_BATCH_BYTES, "{bytes} bytes");
+            let e = p.entries.last().unwrap();
+            (index, log_term) = (e.index, e.term);
+            entries.extend(p.entries.iter().cloned());
+        }
+        assert_eq!(entries, original.entries.to_vec());
+
+        // A follower holding the leader's first entry appends every piece.
+        let mut follower = member(2);
+        follower.raft.become_follower(raw.raft.term, 1);
+        let mut first = raft::eraftpb::Message::default();
+        first.set_msg_type(MessageType::MsgAppend);
+        first.from = 1;
+        first.to = 2;
+        first.term = raw.raft.term;
+        first.set_entries(
+            raw.raft
+                .raft_log
+                .entries(1, None, raft::GetEntriesContext::empty(false))
+                .unwrap()[..last as usize]
+                .to_vec()
+                .into(),
+        );
+        follower.step(first).unwrap();
+        for p in pieces {
+            follower.step(p).unwrap();
+        }
+        assert_eq!(follower.raft.raft_log.last_index(), last + 12);
+        assert!(
+            follower
+                .raft
+                .msgs
+                .iter()
+                .all(|m| m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject)
+        );
+
+        // Small appends pass as they are.
+        let mut out = Vec::new();
+        let mut small = original.clone();
+        small.set_entries(vec![original.entries[0].clone()].into());
+        super::split_append(small.clone(), super::PROPOSAL_BATCH_BYTES, &mut out);
+        assert_eq!(out, vec![small]);
     }
 }

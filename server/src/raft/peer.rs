@@ -91,16 +91,9 @@ impl PeerService {
         }
         Ok(m)
     }
-}
 
-#[tonic::async_trait]
-impl pp::peer_server::Peer for PeerService {
-    async fn raft(
-        &self,
-        request: Request<Streaming<pp::RaftBatch>>,
-    ) -> Result<Response<pp::StreamEnd>, Status> {
-        let from = self.check(request.metadata())?;
-        let mut stream = request.into_inner();
+    /// Steps the batches of `from`'s stream until it ends.
+    async fn receive(&self, from: u64, mut stream: Streaming<pp::RaftBatch>) -> Result<(), Status> {
         let label = metrics::from(from);
         while let Some(batch) = stream.message().await? {
             if self.core.members().removed.contains(&from) {
@@ -133,7 +126,26 @@ impl pp::peer_server::Peer for PeerService {
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
-        Ok(Response::new(pp::StreamEnd {}))
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pp::peer_server::Peer for PeerService {
+    async fn raft(
+        &self,
+        request: Request<Streaming<pp::RaftBatch>>,
+    ) -> Result<Response<pp::StreamEnd>, Status> {
+        let from = self.check(request.metadata())?;
+        let result = self.receive(from, request.into_inner()).await;
+        if let Err(s) = &result
+            && s.message() != REMOVED
+        {
+            // etcd logs the loss of a peer's stream on the receiving side too; here it also
+            // says why a stream was refused (an undecodable or oversized message).
+            tracing::warn!(peer = format!("{from:x}"), error = %s.message(), "lost the stream from a peer");
+        }
+        result.map(|()| Response::new(pp::StreamEnd {}))
     }
 
     async fn snapshot(

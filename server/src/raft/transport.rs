@@ -44,6 +44,9 @@ pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 const BATCH_BYTES: usize = 16 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// A stream to a peer that lasted this long was up: its loss is logged as a warning, and the
+/// reconnection backoff starts over.
+const STREAM_UP: Duration = Duration::from_secs(5);
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Metadata keys of every peer call.
@@ -247,14 +250,31 @@ impl PeerClients {
 /// form: for every message, field 1's tag, the message's length as a varint, and the message as
 /// rust-protobuf encodes it. One buffer per batch, the messages written straight into it (no
 /// buffer per message, no `RaftBatch` value to encode again). A message that fails to encode is
-/// left out, and logged.
-fn encode(messages: Vec<Message>) -> Vec<Bytes> {
+/// left out, and logged; so is one too large for any batch to stay within
+/// [`MAX_PEER_MESSAGE`] (the core splits appends far below that, so this is a defect's guard),
+/// counted in the second value so that the caller reports the peer unreachable and raft
+/// probes it again instead of waiting for an answer that will not come.
+fn encode(messages: Vec<Message>) -> (Vec<Bytes>, usize) {
     /// `RaftBatch.messages`: field 1, length-delimited.
     const MESSAGES_TAG: u8 = 1 << 3 | 2;
+    /// A batch holds up to `BATCH_BYTES` and then one more message, with its tag and length.
+    const MAX_MESSAGE: usize = MAX_PEER_MESSAGE - BATCH_BYTES - 16;
     let mut out = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
+    let mut too_large = 0;
     for m in messages {
         let size = m.compute_size();
+        if size as usize > MAX_MESSAGE {
+            tracing::error!(
+                to = format!("{:x}", m.to),
+                kind = ?m.get_msg_type(),
+                bytes = size,
+                limit = MAX_MESSAGE,
+                "a raft message exceeds the peer message limit: not sent"
+            );
+            too_large += 1;
+            continue;
+        }
         let start = buf.len();
         buf.reserve(1 + 5 + size as usize);
         buf.push(MESSAGES_TAG);
@@ -276,7 +296,7 @@ fn encode(messages: Vec<Message>) -> Vec<Bytes> {
     if !buf.is_empty() {
         out.push(Bytes::from(buf));
     }
-    out
+    (out, too_large)
 }
 
 impl Transport {
@@ -336,7 +356,13 @@ impl Transport {
                             }
                         }),
                         next = queue.recv() => match next {
-                            Some(messages) => pending.extend(encode(messages)),
+                            Some(messages) => {
+                                let (batches, too_large) = encode(messages);
+                                pending.extend(batches);
+                                if too_large > 0 {
+                                    self.report(Report::Unreachable(to));
+                                }
+                            }
                             // The peer was removed: stop.
                             None => return,
                         },
@@ -345,7 +371,10 @@ impl Transport {
             };
             if let Err(why) = outcome {
                 inner.metrics.peer_sent_failures.get_or_create(&label).inc();
-                if healthy {
+                // A stream that lasted was up: its loss is news (the flag alone stays false
+                // once a peer was down, so a later loss would go unseen at the default level).
+                let was_up = started.elapsed() > STREAM_UP;
+                if healthy || was_up {
                     tracing::warn!(peer = format!("{to:x}"), %url, error = %why, "lost the stream to a peer");
                 } else {
                     tracing::debug!(peer = format!("{to:x}"), %url, error = %why, "peer still unreachable");
@@ -361,7 +390,7 @@ impl Transport {
                 // transfer to a member whose stream was reconnecting failed that way).
                 pending.clear();
                 while queue.try_recv().is_ok() {}
-                if started.elapsed() > Duration::from_secs(5) {
+                if was_up {
                     backoff = BACKOFF_MIN;
                 }
                 tokio::time::sleep(backoff).await;
@@ -589,7 +618,7 @@ mod tests {
             Message::default(),
             append(2, 8, vec![0xab; 300]),
         ];
-        let batches = encode(sent.clone());
+        let (batches, _) = encode(sent.clone());
         assert_eq!(batches.len(), 1);
         let batch = pp::RaftBatch::decode(batches[0].clone()).unwrap();
         let got: Vec<Message> = batch
@@ -598,7 +627,7 @@ mod tests {
             .map(|b| Message::parse_from_bytes(b).unwrap())
             .collect();
         assert_eq!(got, sent);
-        assert!(encode(Vec::new()).is_empty());
+        assert!(encode(Vec::new()).0.is_empty());
     }
 
     /// Messages beyond `BATCH_BYTES` go in the next batch; none is split or lost.
@@ -606,7 +635,7 @@ mod tests {
     fn batches_are_cut_after_batch_bytes() {
         let big = 3 << 20;
         let sent: Vec<Message> = (0..13).map(|i| append(3, i, vec![i as u8; big])).collect();
-        let batches = encode(sent.clone());
+        let (batches, _) = encode(sent.clone());
         let mut got = Vec::new();
         let mut counts = Vec::new();
         for b in &batches {
