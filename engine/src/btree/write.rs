@@ -252,9 +252,19 @@ impl<'b> WriteTxn<'b> {
     /// Sets `key` to `value` in `bucket`.
     pub fn put(&mut self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<()> {
         self.check_sizes(key, value)?;
+        self.put_checked(bucket, key, value.to_vec())
+    }
+
+    /// [`WriteTxn::put`] of a value the caller gives away (not copied again).
+    pub fn put_owned(&mut self, bucket: &[u8], key: &[u8], value: Vec<u8>) -> Result<()> {
+        self.check_sizes(key, &value)?;
+        self.put_checked(bucket, key, value)
+    }
+
+    fn put_checked(&mut self, bucket: &[u8], key: &[u8], value: Vec<u8>) -> Result<()> {
         let (root, count) = self.root(bucket)?;
         self.changed = true;
-        let value = Value::Bytes(value.to_vec());
+        let value = Value::Bytes(value);
         if root == ChildRef::Empty {
             self.nodes.push(Node::Leaf {
                 keys: vec![key.to_vec()],

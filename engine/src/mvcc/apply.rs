@@ -479,15 +479,15 @@ fn put_checked(txn: &mut WriteTxn<'_>, r: &PutRequest) -> Result<PutResponse> {
     if (r.ignore_value || r.ignore_lease) && prev.is_none() {
         return Err(Error::KeyNotFound);
     }
-    let value = match (&prev, r.ignore_value) {
-        (Some(p), true) => p.value.clone(),
-        _ => r.value.clone(),
+    let value: &[u8] = match &prev {
+        Some(p) if r.ignore_value => &p.value,
+        _ => &r.value,
     };
-    let lease = match (&prev, r.ignore_lease) {
-        (Some(p), true) => p.lease,
+    let lease = match &prev {
+        Some(p) if r.ignore_lease => p.lease,
         _ => r.lease,
     };
-    let revision = txn.put(&r.key, &value, lease)?;
+    let revision = txn.put(&r.key, value, lease)?;
     Ok(PutResponse {
         revision,
         prev_kv: if r.prev_kv { prev } else { None },

@@ -778,11 +778,11 @@ impl<'s> WriteTxn<'s> {
         };
         let revision = Revision::new(rev, self.changes.len() as i64);
         self.btx_mut()
-            .put(KEY_BUCKET, &revision.to_bytes(false), &kv.encode_to_vec())?;
+            .put_owned(KEY_BUCKET, &revision.to_bytes(false), kv.encode_to_vec())?;
         let mut index = write_index(&self.store.index);
-        self.undo
-            .entry(key.to_vec())
-            .or_insert_with(|| index.mark(key));
+        if !self.undo.contains_key(key) {
+            self.undo.insert(key.to_vec(), index.mark(key));
+        }
         index.put(key, revision);
         drop(index);
         self.changes.push(Change { kv, delete: false });

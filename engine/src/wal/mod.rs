@@ -728,7 +728,8 @@ impl Shared {
                 self.log.last_index()
             )));
         }
-        let mut out = Vec::with_capacity((high - low) as usize);
+        // `high` may lie far beyond what `max_bytes` lets through (a follower catching up).
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut bytes = 0u64;
         for index in low..high {
             let entry = match self.log.cached(index) {
