@@ -397,6 +397,46 @@ async fn leases_through_a_follower_survive_a_failover() {
     assert_eq!(responses.message().await.unwrap().unwrap().ttl(), 30);
 }
 
+/// A lease kept alive through the leader for longer than its TTL survives the leader's
+/// death. A follower's copy of the lease table is never renewed (keep-alives go to the
+/// leader); the new leader expires leases only once it is the primary lessor (its first entry
+/// applied and every lease promoted, as etcd), so it does not revoke live leases with the
+/// expiries it held as a follower, and its keep-alives wait for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_kept_alive_past_its_ttl_survives_a_failover() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let mut on_leader = client(&c, leader).await;
+    let lease = on_leader.lease_grant(3, None).await.unwrap().id();
+    on_leader
+        .put(
+            "kept",
+            "v",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let (mut keeper, mut responses) = on_leader.lease_keep_alive(lease).await.unwrap();
+    for _ in 0..7 {
+        keeper.keep_alive().await.unwrap();
+        assert_eq!(responses.message().await.unwrap().unwrap().ttl(), 3);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    c.kill(leader);
+    let new_leader = c.wait_leader();
+    let mut on_new = client(&c, new_leader).await;
+    let (mut keeper, mut responses) = on_new.lease_keep_alive(lease).await.unwrap();
+    for _ in 0..5 {
+        keeper.keep_alive().await.unwrap();
+        let ttl = responses.message().await.unwrap().unwrap().ttl();
+        assert_eq!(ttl, 3, "the lease is alive after the failover");
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
+    assert_eq!(on_new.get("kept", None).await.unwrap().kvs().len(), 1);
+    let ttl = on_new.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0, "{ttl:?}");
+}
+
 /// Five members: writes through each, all converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_replicate() {

@@ -62,8 +62,12 @@ impl Node {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => {
                     // The empty entry a new leader commits first: reads it dropped until now
-                    // can be asked again.
+                    // can be asked again, and (ours) everything the old leader committed is
+                    // applied, so its lease table is current.
                     self.term_started = true;
+                    if e.term == self.raw.raft.term {
+                        self.promote_lessor();
+                    }
                     continue;
                 }
                 EntryType::EntryNormal => {}

@@ -162,6 +162,9 @@ pub struct Shared {
     term: AtomicU64,
     leader: AtomicU64,
     is_leader: AtomicBool,
+    /// This member leads and has applied its first entry of the term: its lease table is
+    /// current and promoted (etcd's primary lessor). Keep-alives and TimeToLive wait for it.
+    lease_primary: AtomicBool,
     /// Committed entries not yet applied (see [`MAX_APPLY_GAP`]).
     apply_gap: AtomicU64,
     /// The members, as of the applied index.
@@ -278,6 +281,26 @@ impl Core {
         self.shared.is_leader.load(Ordering::Acquire)
     }
 
+    /// Waits until this member, leading, is the primary lessor (a new leader becomes it once
+    /// its first entry of the term is applied; until then its lease expiries are those it held
+    /// as a follower, which keep-alives never renewed, and etcd answers `ErrNotPrimary`, which
+    /// its servers retry). `Ok(false)`: this member does not lead (any more).
+    pub async fn wait_lease_primary(&self) -> Result<bool> {
+        let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            if !self.is_leader() {
+                return Ok(false);
+            }
+            if self.shared.lease_primary.load(Ordering::Acquire) {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The active alarms, as of the applied index.
     pub fn alarms(&self) -> crate::alarm::Alarms {
         self.shared
@@ -390,7 +413,7 @@ impl Core {
     /// Renews lease `id` (a keep-alive): on the leader, here; on a follower, forwarded to the
     /// leader, which alone renews and expires leases. The TTL, or 0 if the lease is gone.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
-        if self.is_leader() {
+        if self.wait_lease_primary().await? {
             return Ok(self
                 .lessor()
                 .renew(id, std::time::Instant::now())
@@ -418,7 +441,7 @@ impl Core {
         id: i64,
         keys: bool,
     ) -> Result<(i64, i64, Vec<Vec<u8>>)> {
-        if self.is_leader() {
+        if self.wait_lease_primary().await? {
             let lessor = self.lessor();
             return Ok(match lessor.get(id) {
                 None => (-1, 0, Vec::new()),

@@ -207,6 +207,11 @@ pub(crate) struct Node {
     pub(super) revoking: HashMap<i64, Instant>,
     lease_checked_at: Instant,
     lease_checkpointed_at: Instant,
+    /// This member expires and checkpoints leases: it leads, and has applied its first entry
+    /// of the term (etcd's primary lessor, promoted then). Until that entry is applied, its
+    /// lease table may miss revocations and checkpoints committed under the old leader, and
+    /// its expiries are a follower's (never renewed by keep-alives, which went to the leader).
+    pub(super) lease_primary: bool,
     leader: u64,
     leader_changed_at: Instant,
     /// IDs of proposals the core makes itself (lease upkeep).
@@ -623,6 +628,7 @@ impl Node {
             term: AtomicU64::new(wal.hard_state().term),
             leader: AtomicU64::new(0),
             is_leader: AtomicBool::new(false),
+            lease_primary: AtomicBool::new(false),
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(seen),
             alarms: std::sync::RwLock::new(crate::alarm::Alarms::load(&store.read())?),
@@ -665,6 +671,7 @@ impl Node {
             revoking: HashMap::new(),
             lease_checked_at: Instant::now(),
             lease_checkpointed_at: Instant::now(),
+            lease_primary: false,
             leader: 0,
             leader_changed_at: Instant::now(),
             next_internal: id_prefix ^ (1 << 63),
@@ -1280,10 +1287,10 @@ impl Node {
                 }
             }
         }
-        if role == StateRole::Leader && self.leader != leader {
-            // A new leader gives every lease its whole (remaining) TTL plus an election timeout,
-            // as etcd's `Promote`.
-            lock(&self.shared.lessor).promote(Instant::now(), self.cfg.election_timeout());
+        if role != StateRole::Leader {
+            // etcd's `Demote`: only a primary lessor expires leases.
+            self.lease_primary = false;
+            self.shared.lease_primary.store(false, Ordering::Release);
         }
         self.leader = leader;
         self.shared.leader.store(leader, Ordering::Relaxed);
@@ -1464,8 +1471,23 @@ impl Node {
     /// Expiry and checkpoints of leases, on the leader: expired leases are revoked through raft
     /// (etcd checks every 500 ms and revokes at most 1000 a second), and so are the stale stored
     /// TTLs of renewed leases cleared; every checkpoint interval the remaining TTLs are recorded.
+    /// Makes this leader the primary lessor once it applies its first entry of the term
+    /// (etcd's `Promote`, called at the same point): every lease gets its whole (remaining) TTL
+    /// plus an election timeout, so none expires because of the failover.
+    pub(super) fn promote_lessor(&mut self) {
+        if self.lease_primary || self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let now = Instant::now();
+        lock(&self.shared.lessor).promote(now, self.cfg.election_timeout());
+        self.lease_primary = true;
+        self.shared.lease_primary.store(true, Ordering::Release);
+        self.lease_checked_at = now;
+        self.lease_checkpointed_at = now;
+    }
+
     fn lease_upkeep(&mut self) {
-        if self.raw.raft.state != StateRole::Leader {
+        if self.raw.raft.state != StateRole::Leader || !self.lease_primary {
             return;
         }
         let now = Instant::now();

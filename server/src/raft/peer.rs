@@ -92,6 +92,15 @@ impl PeerService {
         Ok(m)
     }
 
+    /// Whether this member leads with a current lease table, waiting for a new leader to
+    /// become the primary lessor ([`crate::raft::Core::wait_lease_primary`]).
+    async fn primary(&self) -> Result<bool, Status> {
+        self.core
+            .wait_lease_primary()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
     /// Steps the batches of `from`'s stream until it ends.
     async fn receive(&self, from: u64, mut stream: Streaming<pp::RaftBatch>) -> Result<(), Status> {
         let label = metrics::from(from);
@@ -244,7 +253,7 @@ impl pp::peer_server::Peer for PeerService {
         request: Request<pp::LeaseRenewRequest>,
     ) -> Result<Response<pp::LeaseRenewResponse>, Status> {
         self.check(request.metadata())?;
-        if !self.core.is_leader() {
+        if !self.primary().await? {
             return Err(Status::failed_precondition("etcdserver: not leader"));
         }
         let id = request.into_inner().id;
@@ -311,7 +320,7 @@ impl pp::peer_server::Peer for PeerService {
         request: Request<pp::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pp::LeaseTimeToLiveResponse>, Status> {
         self.check(request.metadata())?;
-        if !self.core.is_leader() {
+        if !self.primary().await? {
             return Err(Status::failed_precondition("etcdserver: not leader"));
         }
         let r = request.into_inner();
