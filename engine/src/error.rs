@@ -202,6 +202,11 @@ pub enum Error {
     /// A leader transfer to a member that is not a voter (etcd's `ErrBadLeaderTransferee`).
     #[error("etcdserver: bad leader transferee")]
     BadLeaderTransferee,
+    /// A write made while no leader was known, and none was known within the request timeout:
+    /// etcd's raft node holds a proposal until there is a leader, and etcd answers with its
+    /// context's error (gRPC's Unknown, this message).
+    #[error("context deadline exceeded")]
+    NoLeaderDeadline,
     /// The leader transfer did not finish in time (etcd's `ErrTimeoutLeaderTransfer`).
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,

@@ -73,7 +73,9 @@ pub fn status(e: &Error) -> Status {
         | Error::BadLeaderTransferee => Status::new(Code::FailedPrecondition, e.to_string()),
         Error::Unhealthy => Status::new(Code::Unavailable, e.to_string()),
         // Not in etcd's error map: gRPC's Unknown, with the message.
-        Error::LeaderTransferTimeout => Status::new(Code::Unknown, e.to_string()),
+        Error::LeaderTransferTimeout | Error::NoLeaderDeadline => {
+            Status::new(Code::Unknown, e.to_string())
+        }
         Error::Corrupt => Status::new(Code::DataLoss, e.to_string()),
         Error::MemberBadUrls => Status::new(Code::InvalidArgument, e.to_string()),
         Error::NotSupportedForLearner => Status::new(Code::Unavailable, e.to_string()),
@@ -373,6 +375,12 @@ mod tests {
         assert_eq!(
             status(&Error::Stopped).message(),
             "etcdserver: server stopped"
+        );
+        // etcd 3.4's answer to a put that found no leader within its request timeout.
+        let s = status(&Error::NoLeaderDeadline);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unknown, "context deadline exceeded")
         );
     }
 

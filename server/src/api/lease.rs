@@ -116,7 +116,13 @@ impl pb::lease_server::Lease for LeaseService {
         let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         if self.core.lessor().get(r.id).is_none() {
-            return Err(status(&Error::LeaseNotFound));
+            // Maybe granted through another member and not applied here yet: etcd always
+            // proposes the revoke. Catch up to the cluster's commit index before saying so
+            // (the permission check below needs the lease's keys).
+            self.core.linearizable().await.map_err(|e| status(&e))?;
+            if self.core.lessor().get(r.id).is_none() {
+                return Err(status(&Error::LeaseNotFound));
+            }
         }
         // etcd: write permission on every key attached to the lease.
         if checked.state.enabled {

@@ -212,6 +212,10 @@ pub(crate) struct Node {
     /// lease table may miss revocations and checkpoints committed under the old leader, and
     /// its expiries are a follower's (never renewed by keep-alives, which went to the leader).
     pub(super) lease_primary: bool,
+    /// Proposals made while no leader is known, with when they were made: proposed once one
+    /// is, or answered etcd's deadline error after the request timeout (etcd's raft node holds
+    /// a proposal until there is a leader). Bounded by the proposal bytes `Core::write` admits.
+    leaderless: VecDeque<(Instant, ProposalBatch)>,
     leader: u64,
     leader_changed_at: Instant,
     /// IDs of proposals the core makes itself (lease upkeep).
@@ -252,6 +256,10 @@ fn propose_message(from: u64, data: Vec<Vec<u8>>) -> Message {
     m.set_entries(entries.into());
     m
 }
+
+/// Proposals drained together: ID, encoded proposal, and who waits for it (none for the
+/// core's own).
+pub(super) type ProposalBatch = Vec<(u64, Vec<u8>, Option<Reply<Applied>>)>;
 
 /// Data proposed to raft in one step at most (unless one proposal is larger): raft-rs's
 /// `max_size_per_msg`, so a follower's forwarded batch is no larger than an append.
@@ -656,7 +664,7 @@ impl Node {
             applied_meta,
             pending: HashMap::new(),
             reads: HashMap::new(),
-            next_read: 0,
+            next_read: id_prefix,
             ready_reads: Vec::new(),
             persisting: VecDeque::new(),
             applied,
@@ -672,6 +680,7 @@ impl Node {
             lease_checked_at: Instant::now(),
             lease_checkpointed_at: Instant::now(),
             lease_primary: false,
+            leaderless: VecDeque::new(),
             leader: 0,
             leader_changed_at: Instant::now(),
             next_internal: id_prefix ^ (1 << 63),
@@ -792,6 +801,7 @@ impl Node {
             if stop.is_some() && self.stopped() {
                 break;
             }
+            self.propose_leaderless();
             self.lease_upkeep();
             self.publish();
             self.pump().await?;
@@ -1303,15 +1313,21 @@ impl Node {
     /// Proposes `batch` as one `MsgPropose`: a follower forwards it to the leader in one message,
     /// and the leader appends it in one step. Each proposal with a reply is answered once
     /// applied; if raft refuses the message, every one gets the error.
-    pub(super) fn propose_all(&mut self, batch: Vec<(u64, Vec<u8>, Option<Reply<Applied>>)>) {
+    pub(super) fn propose_all(&mut self, batch: ProposalBatch) {
+        self.propose_batch(batch, Instant::now());
+    }
+
+    /// [`Node::propose_all`] of a batch made at `made`: held while no leader is known.
+    fn propose_batch(&mut self, batch: ProposalBatch, made: Instant) {
         if batch.is_empty() {
             return;
         }
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            self.leaderless.push_back((made, batch));
+            return;
+        }
         let mut replies = Vec::with_capacity(batch.len());
-        let outcome = if self.raw.raft.leader_id == raft::INVALID_ID {
-            replies.extend(batch.into_iter().map(|(id, _, reply)| (id, reply)));
-            Err(raft::Error::ProposalDropped)
-        } else {
+        let outcome = {
             let mut data = Vec::with_capacity(batch.len());
             for (id, d, reply) in batch {
                 data.push(d);
@@ -1321,7 +1337,7 @@ impl Node {
         };
         match outcome {
             Ok(()) => {
-                let proposed = Instant::now();
+                let proposed = made;
                 for (id, reply) in replies {
                     if let Some(reply) = reply {
                         self.pending.insert(id, Pending { reply, proposed });
@@ -1339,6 +1355,16 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Proposes what was held while no leader was known, once one is.
+    fn propose_leaderless(&mut self) {
+        if self.leaderless.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        for (made, batch) in std::mem::take(&mut self.leaderless) {
+            self.propose_batch(batch, made);
         }
     }
 
@@ -1382,15 +1408,17 @@ impl Node {
     }
 
     fn read_index(&mut self, waiters: Vec<Reply<()>>) {
-        if self.raw.raft.leader_id == raft::INVALID_ID {
-            for w in waiters {
-                let _ = w.send(Err(Error::NoLeader));
-            }
-            return;
-        }
         self.next_read += 1;
-        let ctx = self.next_read.to_le_bytes().to_vec();
-        self.raw.read_index(ctx.clone());
+        // Unique in the cluster (raft-rs keys the leader's pending reads by context alone):
+        // this member's ID, and a count started from this process's own prefix.
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.shared.member_id.to_le_bytes());
+        ctx.extend_from_slice(&self.next_read.to_le_bytes());
+        // With no leader known, raft would drop it: it is asked once there is one (the retry
+        // below), or answered etcd's timeout, as etcd's read loop does.
+        if self.raw.raft.leader_id != raft::INVALID_ID {
+            self.raw.read_index(ctx.clone());
+        }
         let now = Instant::now();
         self.reads.insert(
             ctx,
@@ -1405,6 +1433,9 @@ impl Node {
     /// Gives raft again the ReadIndex requests it has not answered: those older than
     /// [`READ_INDEX_RETRY`], or all of them (`all`) once a new leader's first entry is applied.
     pub(super) fn retry_reads(&mut self, all: bool) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
         let now = Instant::now();
         let mut again = Vec::new();
         for (ctx, batch) in &mut self.reads {
@@ -1454,6 +1485,17 @@ impl Node {
             let p = self.pending.remove(&id).expect("listed");
             let _ = p.reply.send(Err(error_for(p.proposed)));
         }
+        while let Some((made, _)) = self.leaderless.front()
+            && now.duration_since(*made) >= timeout
+        {
+            let (_, batch) = self.leaderless.pop_front().expect("looked at the front");
+            for (_, _, reply) in batch {
+                self.shared.metrics.proposals_failed.inc();
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(Error::NoLeaderDeadline));
+                }
+            }
+        }
         let expired: Vec<Vec<u8>> = self
             .reads
             .iter()
@@ -1468,9 +1510,6 @@ impl Node {
         }
     }
 
-    /// Expiry and checkpoints of leases, on the leader: expired leases are revoked through raft
-    /// (etcd checks every 500 ms and revokes at most 1000 a second), and so are the stale stored
-    /// TTLs of renewed leases cleared; every checkpoint interval the remaining TTLs are recorded.
     /// Makes this leader the primary lessor once it applies its first entry of the term
     /// (etcd's `Promote`, called at the same point): every lease gets its whole (remaining) TTL
     /// plus an election timeout, so none expires because of the failover.
@@ -1486,6 +1525,10 @@ impl Node {
         self.lease_checkpointed_at = now;
     }
 
+    /// Expiry and checkpoints of leases, on the primary lessor: expired leases are revoked
+    /// through raft (etcd checks every 500 ms and revokes at most 1000 a second), and so are the
+    /// stale stored TTLs of renewed leases cleared; every checkpoint interval the remaining TTLs
+    /// are recorded.
     fn lease_upkeep(&mut self) {
         if self.raw.raft.state != StateRole::Leader || !self.lease_primary {
             return;
