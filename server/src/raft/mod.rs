@@ -288,6 +288,10 @@ impl Core {
     pub async fn wait_lease_primary(&self) -> Result<bool> {
         let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
         loop {
+            // A core stopped by a fatal error renews and reports nothing from what it left.
+            if !self.alive() {
+                return Err(Error::Stopped);
+            }
             if !self.is_leader() {
                 return Ok(false);
             }

@@ -754,7 +754,9 @@ impl Node {
             match event {
                 Event::Closed => break,
                 Event::Tick => {
-                    self.raw.tick();
+                    if !self.alone_with_unpersisted_entries() {
+                        self.raw.tick();
+                    }
                     self.expire(Instant::now());
                     self.retry_reads(false);
                 }
@@ -799,6 +801,9 @@ impl Node {
                 }
             }
             if stop.is_some() && self.stopped() {
+                // What the last commands made (the vote for the member this leader handed
+                // leadership to) is written and, by `shutdown`, sent.
+                self.pump().await?;
                 break;
             }
             self.propose_leaderless();
@@ -951,16 +956,21 @@ impl Node {
                     self.raw.on_persist_ready(p.number);
                 }
                 let snapshot = rd.snapshot().clone();
-                self.install_snapshot(&snapshot, rd.hs()).await?;
-                if let Some(hs) = rd.hs() {
+                let hs = rd.hs().cloned();
+                self.install_snapshot(&snapshot, hs.as_ref()).await?;
+                if let Some(hs) = &hs {
                     self.shared.term.store(hs.term, Ordering::Relaxed);
                 }
                 // The rest of this `Ready` is made durable at once too: raft may not count the
-                // snapshot as applied before it is persisted.
+                // snapshot as applied before it is persisted. With the entries goes the commit
+                // index the snapshot's record capped.
                 let entries = rd.take_entries();
-                if !entries.is_empty() {
-                    self.wal.save(&entries, None).await?;
+                let index = snapshot.get_metadata().index;
+                let hs = hs.filter(|h| h.commit > index);
+                if !entries.is_empty() || hs.is_some() {
+                    self.wal.save(&entries, hs.as_ref()).await?;
                 }
+                self.take_read_states(&mut rd);
                 let messages = rd.take_persisted_messages();
                 let number = rd.number();
                 self.raw.advance_append_async(rd);
@@ -970,11 +980,7 @@ impl Node {
             }
             let committed = rd.take_committed_entries();
             self.apply(committed)?;
-            for rs in rd.take_read_states() {
-                if let Some(batch) = self.reads.remove(&rs.request_ctx) {
-                    self.ready_reads.push((rs.index, batch.waiters));
-                }
-            }
+            self.take_read_states(&mut rd);
             let hs = rd.hs().cloned();
             if let Some(hs) = &hs {
                 self.shared.term.store(hs.term, Ordering::Relaxed);
@@ -1021,11 +1027,13 @@ impl Node {
             if voters.len() == 1 && voters.contains(me) {
                 // The only voter (the bootstrap entries just said so, and they are applied):
                 // no need to wait for an election timeout.
-                self.campaign_alone = false;
-                if self.raw.raft.state != StateRole::Leader {
+                if self.raw.raft.state != StateRole::Leader && self.persisting.is_empty() {
+                    self.campaign_alone = false;
                     self.raw.campaign().map_err(raft_err)?;
                     return Box::pin(self.pump()).await;
                 }
+                // Leading already, or (entries still being written) at a later pump.
+                self.campaign_alone = self.raw.raft.state != StateRole::Leader;
             } else if voters.len() > 1 {
                 self.campaign_alone = false;
             }
@@ -1153,8 +1161,16 @@ impl Node {
             term: meta.term,
             conf_state: meta.get_conf_state().clone(),
         };
+        // The hard state goes with the marker, its commit index capped at the snapshot's: the
+        // Ready's entries after the snapshot are written next, and a commit index beyond the
+        // log's last entry would stop the member at its restart (raft-rs refuses it).
+        let capped = hs.map(|hs| {
+            let mut hs = hs.clone();
+            hs.commit = hs.commit.min(index);
+            hs
+        });
         let mut records = vec![RecordRef::Snapshot(&marker)];
-        if let Some(hs) = hs {
+        if let Some(hs) = &capped {
             records.push(RecordRef::HardState(hs));
         }
         self.wal.append(&records).await?;
@@ -1428,6 +1444,27 @@ impl Node {
                 issued: now,
             },
         );
+    }
+
+    /// Whether this member, the only voter and not leading, still has entries being written:
+    /// its election would win at once, and raft-rs requires a new leader's whole log persisted
+    /// (it asserts so), so its clock waits for the writes (a stalled disk after the other
+    /// voter's removal would otherwise stop the process).
+    fn alone_with_unpersisted_entries(&self) -> bool {
+        if self.persisting.is_empty() || self.raw.raft.state == StateRole::Leader {
+            return false;
+        }
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        voters.len() == 1 && voters.contains(self.shared.member_id)
+    }
+
+    /// The ReadIndex answers of a `Ready`: their reads wait for the apply to reach the index.
+    fn take_read_states(&mut self, rd: &mut raft::Ready) {
+        for rs in rd.take_read_states() {
+            if let Some(batch) = self.reads.remove(&rs.request_ctx) {
+                self.ready_reads.push((rs.index, batch.waiters));
+            }
+        }
     }
 
     /// Gives raft again the ReadIndex requests it has not answered: those older than
