@@ -257,6 +257,17 @@ fn propose_message(from: u64, data: Vec<Vec<u8>>) -> Message {
     m
 }
 
+/// The context of a ReadIndex request: unique in the cluster, as raft-rs keys the leader's
+/// pending reads by context alone (a collision drops a read, or lets one read's quorum of
+/// heartbeat answers acknowledge another): the member's ID, then its count of reads, which
+/// starts from the process's own prefix.
+fn read_context(member_id: u64, n: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&member_id.to_le_bytes());
+    ctx.extend_from_slice(&n.to_le_bytes());
+    ctx
+}
+
 /// Proposals drained together: ID, encoded proposal, and who waits for it (none for the
 /// core's own).
 pub(super) type ProposalBatch = Vec<(u64, Vec<u8>, Option<Reply<Applied>>)>;
@@ -1425,11 +1436,7 @@ impl Node {
 
     fn read_index(&mut self, waiters: Vec<Reply<()>>) {
         self.next_read += 1;
-        // Unique in the cluster (raft-rs keys the leader's pending reads by context alone):
-        // this member's ID, and a count started from this process's own prefix.
-        let mut ctx = Vec::with_capacity(16);
-        ctx.extend_from_slice(&self.shared.member_id.to_le_bytes());
-        ctx.extend_from_slice(&self.next_read.to_le_bytes());
+        let ctx = read_context(self.shared.member_id, self.next_read);
         // With no leader known, raft would drop it: it is asked once there is one (the retry
         // below), or answered etcd's timeout, as etcd's read loop does.
         if self.raw.raft.leader_id != raft::INVALID_ID {
@@ -1958,5 +1965,13 @@ mod tests {
         small.set_entries(vec![original.entries[0].clone()].into());
         super::split_append(small.clone(), super::PROPOSAL_BATCH_BYTES, &mut out);
         assert_eq!(out, vec![small]);
+    }
+
+    /// Two members' reads never share a context, whatever their counts.
+    #[test]
+    fn read_contexts_are_unique_across_members() {
+        assert_ne!(super::read_context(1, 7), super::read_context(2, 7));
+        assert_ne!(super::read_context(1, 7), super::read_context(1, 8));
+        assert_eq!(super::read_context(0x0102, 3).len(), 16);
     }
 }
