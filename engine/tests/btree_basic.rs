@@ -253,6 +253,39 @@ fn defrag_shrinks_the_file_while_a_reader_reads() {
     b.check().unwrap();
 }
 
+/// A file renamed over the backend's (a raft snapshot installed) is never replaced by a
+/// defragmentation of the old backend: it refuses, and the path keeps naming the new file.
+#[test]
+fn a_defrag_after_the_file_was_replaced_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let old = Backend::open(&path, BackendOptions::default()).unwrap();
+    old.create_etcd_buckets().unwrap();
+    let mut txn = old.begin_write().unwrap();
+    txn.put(b"key", b"which", b"old").unwrap();
+    txn.commit(true).unwrap();
+    let received = dir.path().join("received.db");
+    {
+        let new = Backend::open(&received, BackendOptions::default()).unwrap();
+        new.create_etcd_buckets().unwrap();
+        let mut txn = new.begin_write().unwrap();
+        txn.put(b"key", b"which", b"new").unwrap();
+        txn.commit(true).unwrap();
+    }
+    old.replace_file(&received).unwrap();
+    let err = old.defrag().unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)), "{err}");
+    // The old backend writes nothing more either.
+    assert!(old.begin_write().is_err());
+    drop(old);
+    let b = Backend::open(&path, BackendOptions::default()).unwrap();
+    assert_eq!(
+        b.begin_read().get(b"key", b"which").unwrap().unwrap(),
+        b"new"
+    );
+    assert!(!dir.path().join("db.defrag").exists());
+}
+
 /// Keys of very different lengths on small pages, deleted in runs of different widths: many
 /// leaf and branch merges with separators of different sizes; every commit must pass `check()`.
 /// (The exact branch-merge sizing case found in review is a unit test in `btree/write.rs`.)

@@ -254,9 +254,15 @@ impl Backend {
     /// Rewrites the database into a compact new file and switches to it; writes wait only for
     /// the last catch-up round and the switch.
     pub fn defrag(&self) -> Result<DefragReport> {
+        // A second defragmentation waits: both would use the same copy's name, and one would
+        // rename the other's half-made copy over the file.
+        let _one = lock(&self.shared.defrag);
         let in_use_before = self.size_in_use();
         let (path, options) = {
             let w = lock(&self.shared.writer);
+            if let Some(why) = &w.poisoned {
+                return Err(Error::Poisoned(why.clone()));
+            }
             (w.path.clone(), w.options.clone())
         };
         let mut tmp = path.clone().into_os_string();
@@ -336,6 +342,12 @@ impl Backend {
         // old file) waiting.
         let _one = lock(&self.shared.sync);
         let mut w = lock(&self.shared.writer);
+        // A backend poisoned meanwhile (a failed sync: the cached pages may not be what was
+        // committed) is not copied, and stays poisoned until reopened; one whose file a
+        // snapshot replaced (`Backend::replace_file`) is not switched either.
+        if let Some(why) = &w.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
         let current = lock(&self.shared.readers).current.clone();
         let size_before = w.file_len;
         let mut copier = Copier {
@@ -380,6 +392,15 @@ impl Backend {
             map: new_writer.map.clone(),
             ..copied
         });
+        // The path may name another file now: a snapshot installed meanwhile
+        // (`Backend::replace_file`, under the writer mutex held here). Renaming the copy of
+        // the old data over it would undo the install.
+        if !same_file(path, &w.file)? {
+            return Err(Error::InvalidArgument(format!(
+                "{} was replaced during the defragmentation (a snapshot was installed)",
+                path.display()
+            )));
+        }
         std::fs::rename(tmp, path).map_err(|e| Error::io("renaming", tmp, e))?;
         // From the rename on, the path names the copy: switch to it before anything else can
         // fail, so that no later write goes to the old, unlinked file.
@@ -411,4 +432,12 @@ impl Backend {
             locked_leaves,
         })
     }
+}
+
+/// Whether `path` names the file `file` is open on.
+fn same_file(path: &std::path::Path, file: &std::fs::File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let named = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    let open = file.metadata().map_err(|e| Error::io("fstat", path, e))?;
+    Ok((named.dev(), named.ino()) == (open.dev(), open.ino()))
 }

@@ -264,6 +264,8 @@ pub(crate) struct Shared {
     pub readers: Mutex<Readers>,
     /// One [`Backend::sync`] at a time (it releases the writer mutex during its I/O).
     pub sync: Mutex<()>,
+    /// One [`Backend::defrag`] at a time: they would share the copy's file name.
+    pub defrag: Mutex<()>,
     pub sizes: Arc<Sizes>,
     /// Held for the lifetime of the backend: the exclusive flock.
     _lock: Arc<File>,
@@ -374,6 +376,19 @@ impl Backend {
         written?;
         finish_sync(&mut w, plan);
         Ok(current.txid)
+    }
+
+    /// Renames `from` over this backend's file, under the writer mutex: a defragmentation
+    /// finishing meanwhile sees that its path no longer names its file and does not rename its
+    /// copy over the new one. This backend writes nothing more afterwards (poisoned): its path
+    /// names another file. Readers keep reading the old file through their maps.
+    pub fn replace_file(&self, from: &Path) -> Result<()> {
+        let mut w = lock(&self.shared.writer);
+        let to = w.path.clone();
+        std::fs::rename(from, &to).map_err(|e| Error::io("renaming", from, e))?;
+        w.poisoned
+            .get_or_insert_with(|| format!("{} was replaced", to.display()));
+        Ok(())
     }
 
     /// Creates every bucket etcd uses, if missing, and commits durably.
@@ -509,6 +524,7 @@ pub(crate) fn open_file(path: &Path, options: BackendOptions, base: u64) -> Resu
             writer: Mutex::new(writer),
             readers: Mutex::new(readers),
             sync: Mutex::new(()),
+            defrag: Mutex::new(()),
             sizes,
             _lock: file,
         }),

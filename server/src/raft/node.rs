@@ -235,6 +235,8 @@ pub(crate) struct Node {
     snap_dir: PathBuf,
     /// This member was removed from the cluster: it stops (handing leadership over first).
     pub(super) removed: bool,
+    /// When this member saw its removal (it stops a moment later).
+    removed_at: Option<Instant>,
     /// Campaign at once once the configuration says this member is the only voter.
     campaign_alone: bool,
     /// The membership the applied log built (`shared.members` is what is listed and served).
@@ -697,6 +699,7 @@ impl Node {
             next_internal: id_prefix ^ (1 << 63),
             network,
             received: HashMap::new(),
+            removed_at: None,
             published: false,
             publish_at: Instant::now(),
             stopping: None,
@@ -825,8 +828,15 @@ impl Node {
             if self.removed {
                 if self.stopping.is_none() {
                     self.start_stopping();
+                    self.removed_at = Some(Instant::now());
                 }
-                if self.stopped() {
+                // As etcd's `stopWithDelay` (ten ticks): the member goes on for a moment, so
+                // that its heartbeats carry the commit of its own removal to the others (the
+                // survivor of a 2-voter cluster would otherwise wait for its vote forever).
+                let lingered = self
+                    .removed_at
+                    .is_some_and(|at| at.elapsed() >= 10 * self.cfg.heartbeat);
+                if lingered && self.stopped() {
                     self.shutdown().await?;
                     // The process ends, with success as etcd's does: nothing to restart.
                     self.shared.removed.store(true, Ordering::Release);
@@ -1186,7 +1196,9 @@ impl Node {
         }
         self.wal.append(&records).await?;
         let db = self.snap_dir.join("db");
-        std::fs::rename(&staged, &db).map_err(|e| Error::io("renaming", &staged, e))?;
+        // Under the old backend's writer mutex: a defragmentation of it finishing now would
+        // otherwise rename its copy of the old data over the snapshot.
+        self.store.backend().replace_file(&staged)?;
         sync_dir(&self.snap_dir)?;
         let store = Arc::new(Store::open(&db, BackendOptions::default())?);
         let (at, _) = store.consistent_index()?;
@@ -1224,6 +1236,21 @@ impl Node {
         }
         tracing::info!(index, revision, "installed a snapshot from the leader");
         let _ = reply.send(Ok(()));
+        // Older snapshots raft took before this one will not be installed: their senders are
+        // answered (each pins a read view of its backend until then), their files removed.
+        let older: Vec<u64> = self
+            .received
+            .keys()
+            .copied()
+            .filter(|&i| i <= index)
+            .collect();
+        for i in older {
+            let (path, waiting) = self.received.remove(&i).expect("listed");
+            let _ = std::fs::remove_file(&path);
+            let _ = waiting.send(Err(Error::InvalidArgument(format!(
+                "a newer snapshot (index {index}) was installed"
+            ))));
+        }
         Ok(())
     }
 
