@@ -182,18 +182,26 @@ impl pp::peer_server::Peer for PeerService {
         tracing::info!(peer = format!("{from:x}"), index, "receiving a snapshot");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<pp::SnapshotChunk>(4);
         let target = path.clone();
-        // The backend file is written on a blocking thread.
+        // The backend file is written on a blocking thread, which removes it if the snapshot
+        // is not whole: also when this call is dropped (the leader's connection lost), which
+        // closes the channel.
         let writer = tokio::task::spawn_blocking(move || {
-            let mut r = Receiver::create(target)?;
-            while let Some(chunk) = rx.blocking_recv() {
-                r.feed(&chunk.data)?;
-                if chunk.done {
-                    return r.finish(chunk.crc32);
+            let received = (|| {
+                let mut r = Receiver::create(target.clone())?;
+                while let Some(chunk) = rx.blocking_recv() {
+                    r.feed(&chunk.data)?;
+                    if chunk.done {
+                        return r.finish(chunk.crc32);
+                    }
                 }
+                Err(keel_engine::Error::InvalidArgument(
+                    "snapshot: the sender stopped before the end".into(),
+                ))
+            })();
+            if received.is_err() {
+                let _ = std::fs::remove_file(&target);
             }
-            Err(keel_engine::Error::InvalidArgument(
-                "snapshot: the sender stopped before the end".into(),
-            ))
+            received
         });
         let mut receive_error = None;
         loop {

@@ -177,6 +177,9 @@ impl Receiver {
                         return Ok(());
                     }
                     self.ops.push(Op::Bucket(buf[3..3 + len].to_vec()));
+                    // Each held record costs its bytes and its `Op` (64 counted): a stream of
+                    // empty records is bounded like one of large values.
+                    self.ops_bytes += len + 64;
                     3 + len
                 }
                 ENTRY => {
@@ -202,7 +205,7 @@ impl Receiver {
                         buf[5..5 + klen].to_vec(),
                         buf[9 + klen..9 + klen + vlen].to_vec(),
                     ));
-                    self.ops_bytes += klen + vlen;
+                    self.ops_bytes += klen + vlen + 64;
                     9 + klen + vlen
                 }
                 END => {

@@ -152,6 +152,17 @@ impl Transport {
     fn report(&self, r: Report) {
         let _ = self.inner.core.try_send(Command::Report(r));
     }
+
+    /// Reports a snapshot's outcome, waiting for room in the core's queue: raft keeps a peer
+    /// in its snapshot state, sending it nothing, until told (a dropped failure would leave
+    /// that follower behind for the rest of the term).
+    async fn report_snapshot(&self, to: u64, done: bool) {
+        let _ = self
+            .inner
+            .core
+            .send(Command::Report(Report::Snapshot(to, done)))
+            .await;
+    }
 }
 
 /// The `Raft` call (`PeerClient::raft`, but sending batches [`encode`] wrote already).
@@ -448,7 +459,7 @@ impl Transport {
                 tracing::warn!(peer = format!("{to:x}"), error = %e, "sending a snapshot failed");
             }
         }
-        self.report(Report::Snapshot(to, result.is_ok()));
+        self.report_snapshot(to, result.is_ok()).await;
     }
 
     async fn try_snapshot(
@@ -534,7 +545,12 @@ impl Network for Transport {
                     .runtime
                     .spawn(t.snapshot_to(to, urls, message, data));
             }
-            None => self.report(Report::Snapshot(to, false)),
+            None => {
+                let t = self.clone();
+                self.inner
+                    .runtime
+                    .spawn(async move { t.report_snapshot(to, false).await });
+            }
         }
     }
 
