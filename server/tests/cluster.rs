@@ -491,6 +491,41 @@ async fn a_lease_revoked_through_another_member_right_after_its_grant_is_revoked
     std::fs::remove_file(&stall[lagging]).unwrap();
 }
 
+/// A learner added through a member that has not applied the previous learner yet is refused
+/// when applied (etcd checks the membership again there), so the cluster never holds two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_learner_added_through_a_lagging_member_is_refused() {
+    // Not etcd's 5 s of connectivity before a change (`--strict-reconfig-check`).
+    let mut c = Cluster::new(3, &["--strict-reconfig-check=false"]);
+    let stall: Vec<_> = (0..3)
+        .map(|i| c.dir.path().join(format!("stall-{i}")))
+        .collect();
+    for (i, path) in stall.iter().enumerate() {
+        let path = path.display().to_string();
+        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
+    }
+    let leader = c.wait_leader();
+    let lagging = (leader + 1) % 3;
+    let mut on_leader = client(&c, leader).await;
+    let mut on_lagging = client(&c, lagging).await;
+    std::fs::write(&stall[lagging], "300ms").unwrap();
+    let learner = || Some(etcd_client::MemberAddOptions::new().with_is_learner());
+    on_leader
+        .member_add(["http://127.0.0.1:1"], learner())
+        .await
+        .unwrap();
+    let e = on_lagging
+        .member_add(["http://127.0.0.1:2"], learner())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too many learner members in cluster"), "{e}");
+    std::fs::remove_file(&stall[lagging]).unwrap();
+    let list = on_leader.member_list().await.unwrap();
+    let learners = list.members().iter().filter(|m| m.is_learner()).count();
+    assert_eq!(learners, 1);
+}
+
 /// Five members: writes through each, all converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_replicate() {

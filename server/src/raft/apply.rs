@@ -455,6 +455,19 @@ impl Node {
                     Some(_) => Err(Error::MemberExists),
                     None if members.removed.contains(&id) => Err(Error::MemberRemoved),
                     None => match context() {
+                        // Checked again here, as etcd's apply does: the proposer checked its
+                        // own applied membership, which may lag behind a change applied since.
+                        Ok(m)
+                            if members
+                                .members
+                                .values()
+                                .any(|o| o.peer_urls.iter().any(|u| m.peer_urls.contains(u))) =>
+                        {
+                            Err(Error::PeerUrlExists)
+                        }
+                        Ok(_) if learner && members.members.values().any(|o| o.is_learner) => {
+                            Err(Error::TooManyLearners)
+                        }
                         Ok(mut m) => {
                             m.id = id;
                             m.is_learner = learner;
