@@ -25,9 +25,9 @@
 //! - metadata: `cluster_id u64, member_id u64`
 //!
 //! # Why the salt and the batch start
-//! - Segments are recycled without being re-zeroed, so a segment can hold stale records of its
-//!   previous life past the live end. Those carry another salt, so they never parse as records of
-//!   this segment.
+//! - Recycled segments are zeroed again before reuse (`segment::prepare_spare`); should stale
+//!   records of a previous life ever remain past the live end, they carry another salt, so they
+//!   never parse as records of this segment.
 //! - A crash in the middle of a write can leave any subset of that write's sectors on disk. Recovery
 //!   must tell such a torn tail (truncate) from corruption of acknowledged data (fail). A write is
 //!   only issued after the previous one was made durable, so a valid record whose `batch_start`

@@ -244,6 +244,9 @@ pub async fn prepare_spare(
     let tmp = dir.join(format!("{n:016x}.tmp"));
     if let Some(old) = recycle {
         std::fs::rename(old, &tmp).map_err(|e| Error::io("renaming", old, e))?;
+        // Durable before the first zero is written: otherwise a power loss could leave the
+        // old name on a half-zeroed file, which recovery would call corrupt.
+        sync_dir(dir).await?;
     }
     let file = OpenOptions::new()
         .read(true)

@@ -42,7 +42,13 @@ pub(super) struct Writer {
     preparing: Option<glommio::task::JoinHandle<()>>,
     /// True while that task runs.
     preparing_now: Rc<Cell<bool>>,
+    /// When preparing a spare last failed: the next try waits [`SPARE_RETRY`] (a full disk
+    /// would otherwise see a 64 MiB file allocated and removed after every write).
+    spare_failed_at: Rc<Cell<Option<std::time::Instant>>>,
 }
+
+/// How long after a failed spare preparation the next one starts, at the earliest.
+const SPARE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Writer {
     /// Opens the last segment for writing (if the WAL has one) and starts preparing a spare.
@@ -69,6 +75,7 @@ impl Writer {
             active,
             preparing: None,
             preparing_now: Rc::new(Cell::new(false)),
+            spare_failed_at: Rc::new(Cell::new(None)),
         };
         writer.maybe_prepare_spare();
         Ok(writer)
@@ -280,14 +287,28 @@ impl Writer {
         if self.preparing_now.get() || !self.shared.borrow().spares.is_empty() {
             return;
         }
+        if self
+            .spare_failed_at
+            .get()
+            .is_some_and(|at| at.elapsed() < SPARE_RETRY)
+        {
+            return;
+        }
         let (dir, n, size) = self.next_spare_params();
         let shared = self.shared.clone();
         let preparing_now = self.preparing_now.clone();
+        let failed_at = self.spare_failed_at.clone();
         preparing_now.set(true);
         let task = glommio::spawn_local(async move {
             match segment::prepare_spare(&dir, n, size, None).await {
-                Ok(path) => shared.borrow_mut().spares.push(path),
-                Err(e) => tracing::warn!(error = %e, "preparing a spare WAL segment failed"),
+                Ok(path) => {
+                    failed_at.set(None);
+                    shared.borrow_mut().spares.push(path);
+                }
+                Err(e) => {
+                    failed_at.set(Some(std::time::Instant::now()));
+                    tracing::warn!(error = %e, "preparing a spare WAL segment failed");
+                }
             }
             preparing_now.set(false);
         });
