@@ -215,6 +215,11 @@ async fn scenario(endpoint: &str) -> Vec<String> {
         .await
         .unwrap();
     log.extend(next(&mut s, 1).await);
+    // A negative chosen ID is taken as it is (etcd refuses only a duplicate).
+    s.watch("w/n", Some(WatchOptions::new().with_watch_id(-5)))
+        .await
+        .unwrap();
+    log.extend(next(&mut s, 1).await);
     // An empty range is refused.
     s.watch("w/z", Some(WatchOptions::new().with_range("w/a")))
         .await

@@ -78,6 +78,10 @@ struct Outbox {
     error: Mutex<Option<Status>>,
     /// Responses taken by the sender so far: the queue's front is response number `sent`.
     sent: AtomicU64,
+    /// One past the number of the last response queued by [`Outbox::push`] (progress, created,
+    /// canceled): events may join a watcher's queued response only if it comes after that one,
+    /// or a client would read the later revision's header before an older progress header.
+    barrier: AtomicU64,
 }
 
 impl Outbox {
@@ -111,7 +115,11 @@ impl Outbox {
     fn push(&self, r: pb::WatchResponse) {
         let size = r.encoded_len();
         self.bytes.fetch_add(size, Ordering::AcqRel);
-        self.queue().push_back((r, size));
+        let mut queue = self.queue();
+        queue.push_back((r, size));
+        let after = self.sent.load(Ordering::Acquire) + queue.len() as u64;
+        self.barrier.store(after, Ordering::Release);
+        drop(queue);
         self.notify.notify_one();
     }
 
@@ -142,7 +150,10 @@ impl Outbox {
         let size = r.encoded_len();
         let mut queue = self.queue();
         let sent = self.sent.load(Ordering::Acquire);
-        if let Some(at) = last.and_then(|n| n.checked_sub(sent))
+        let barrier = self.barrier.load(Ordering::Acquire);
+        if let Some(at) = last
+            .filter(|&n| n >= barrier)
+            .and_then(|n| n.checked_sub(sent))
             && let Some((queued, queued_size)) = queue.get_mut(at as usize)
             && queued.watch_id == r.watch_id
             && *queued_size + size < max
@@ -586,7 +597,7 @@ impl Hub {
             }
             s.next_id
         };
-        if s.watchers.contains_key(&id) || id < 0 {
+        if s.watchers.contains_key(&id) {
             refuse(
                 s,
                 "mvcc: duplicate watch ID provided on the WatchStream".into(),
@@ -1190,6 +1201,35 @@ mod tests {
         let third = o.next().await.unwrap();
         assert_eq!((third.watch_id, revs(&third)), (1, vec![5]));
         assert_eq!(o.bytes.load(Ordering::Acquire), 0);
+    }
+
+    /// Events never join a response queued before a progress (or any other) response: the
+    /// client would read the newer revision's header first, then the older progress header,
+    /// and clientv3 resumes from a progress header's revision.
+    #[tokio::test]
+    async fn events_do_not_jump_over_a_queued_progress_response() {
+        let o = Outbox::default();
+        let mut a = None;
+        o.push_events(events(1, &[5]), &mut a, 1 << 20);
+        o.push(pb::WatchResponse {
+            header: Some(pb::ResponseHeader {
+                revision: 5,
+                ..Default::default()
+            }),
+            watch_id: -1,
+            ..Default::default()
+        });
+        o.push_events(events(1, &[6]), &mut a, 1 << 20);
+        o.push_events(events(1, &[7]), &mut a, 1 << 20);
+        let mut headers = Vec::new();
+        let mut got = Vec::new();
+        while !o.queue().is_empty() {
+            let r = o.next().await.unwrap();
+            headers.push(r.header.unwrap().revision);
+            got.push(revs(&r));
+        }
+        assert_eq!(headers, [5, 5, 7]);
+        assert_eq!(got, [vec![5], vec![], vec![6, 7]]);
     }
 
     #[tokio::test]
