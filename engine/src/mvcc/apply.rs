@@ -698,19 +698,31 @@ fn run_read(
 }
 
 /// Runs the chosen branches of a txn in the write transaction: later ops see earlier writes.
+///
+/// A range whose response would pass the send limit does not stop the txn: its writes are
+/// applied (on every member alike), and `too_large` tells the proposer to answer the client
+/// `ResourceExhausted`, as etcd commits the txn and then fails to send its response.
 fn run_write(
     txn: &mut WriteTxn<'_>,
     t: &TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
+    too_large: &mut Option<Error>,
 ) -> Result<TxnResponse> {
     let ok = *path.next().expect("path covers the txn");
     let mut responses = Vec::new();
     for op in if ok { &t.success } else { &t.failure } {
         responses.push(match op {
-            RequestOp::Range(r) => ResponseOp::Range(range(txn, r)?),
+            RequestOp::Range(r) => match range(txn, r) {
+                Ok(r) => ResponseOp::Range(r),
+                Err(e @ Error::ResponseTooLarge { .. }) => {
+                    too_large.get_or_insert(e);
+                    ResponseOp::Range(RangeResponse::default())
+                }
+                Err(e) => return Err(e),
+            },
             RequestOp::Put(p) => ResponseOp::Put(put_checked(txn, p)?),
             RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(delete_range(txn, d)?),
-            RequestOp::Txn(nested) => ResponseOp::Txn(run_write(txn, nested, path)?),
+            RequestOp::Txn(nested) => ResponseOp::Txn(run_write(txn, nested, path, too_large)?),
             RequestOp::Empty => return Err(Error::KeyNotFound),
         });
     }
@@ -727,13 +739,18 @@ pub fn txn_in(w: &mut WriteTxn<'_>, t: &TxnRequest, leases: &impl Leases) -> Res
     let mut path = Vec::new();
     txn_path(w, t, &mut path);
     check_path(w, leases, t, &path)?;
+    let mut too_large = None;
     let mut resp = if is_read_only(t) {
         run_read(w, t, &mut path.iter())?
     } else {
         // Checked above: a failure now is I/O or corruption, and the transaction must not commit
-        // half of this txn.
-        run_write(w, t, &mut path.iter()).inspect_err(|_| w.fail())?
+        // half of this txn. A range too large to send is not one (see `run_write`).
+        run_write(w, t, &mut path.iter(), &mut too_large).inspect_err(|_| w.fail())?
     };
+    if let Some(e) = too_large {
+        // Applied; only the answer fails. The transaction stays good.
+        return Err(e);
+    }
     resp.revision = w.rev();
     Ok(resp)
 }
@@ -757,7 +774,15 @@ pub fn txn(
         return Ok((resp, Vec::new()));
     }
     let mut w = store.write()?;
-    let resp = txn_in(&mut w, t, leases)?;
+    let resp = match txn_in(&mut w, t, leases) {
+        Ok(resp) => resp,
+        // Applied, but too large to answer: committed all the same.
+        Err(e @ Error::ResponseTooLarge { .. }) => {
+            w.end(applied)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let changes = w.end(applied)?;
     Ok((resp, changes))
 }
@@ -810,6 +835,65 @@ mod tests {
             success,
             failure,
         })
+    }
+
+    /// A txn whose range is too large to answer is applied all the same (etcd commits it and
+    /// fails the send): the write transaction is not failed, its writes commit, and the
+    /// proposer gets `ResponseTooLarge`. It used to fail the batch, which stopped every member.
+    #[test]
+    fn a_txn_with_a_range_too_large_to_answer_still_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db"), Default::default()).unwrap();
+        put_request(
+            &store,
+            &PutRequest {
+                key: b"big".to_vec(),
+                value: vec![b'v'; 1000],
+                ..Default::default()
+            },
+            &NoLeases,
+            None,
+        )
+        .unwrap();
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                put_op("written"),
+                RequestOp::Range(RangeRequest {
+                    key: b"big".to_vec(),
+                    max_bytes: 100,
+                    ..Default::default()
+                }),
+            ],
+            failure: vec![],
+        };
+        let mut w = store.write().unwrap();
+        let err = txn_in(&mut w, &t, &NoLeases).unwrap_err();
+        assert!(matches!(err, Error::ResponseTooLarge { .. }), "{err}");
+        w.finish_revision();
+        w.end(None).unwrap();
+        let got = range(
+            &store.read(),
+            &RangeRequest {
+                key: b"written".to_vec(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(got.kvs.len(), 1, "the txn's put was applied");
+        assert!(matches!(
+            txn(&store, &t, &NoLeases, None),
+            Err(Error::ResponseTooLarge { .. })
+        ));
+        let got = range(
+            &store.read(),
+            &RangeRequest {
+                key: b"written".to_vec(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(got.kvs[0].version, 2, "applied by txn() too");
     }
 
     #[test]

@@ -541,9 +541,14 @@ fn range_with<'t>(
                 &format!("missing value of key {:?}", String::from_utf8_lossy(k)),
             )
         })?;
-        let kv = KeyValue::decode(bytes).map_err(|e| corrupt_kv(*rev, &e.to_string()))?;
+        let mut kv = KeyValue::decode(bytes).map_err(|e| corrupt_kv(*rev, &e.to_string()))?;
+        if opts.keys_only {
+            // Not answered, and not counted: not kept either (a keys-only range of the whole
+            // store would otherwise hold every value).
+            kv.value = Vec::new();
+        }
         if opts.max_bytes > 0 {
-            size += 32 + kv.key.len() + if opts.keys_only { 0 } else { kv.value.len() };
+            size += 32 + kv.key.len() + kv.value.len();
             if size > opts.max_bytes {
                 return Err(Error::ResponseTooLarge {
                     limit: opts.max_bytes,
