@@ -502,3 +502,53 @@ async fn jwt_tokens_and_bad_tokens_as_etcd_refuses_them() {
     );
     assert!(text.contains("good: ok 1"), "{text}");
 }
+
+/// LeaseTimeToLive lists a lease's keys only to a caller who may read each of them (etcd
+/// 3.4.26's fix of CVE-2023-32082; the Debian etcd 3.4.23 still lists them to anyone, so this
+/// runs against keel alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keys_are_listed_only_to_who_may_read_them() {
+    use etcd_client::{Client, ConnectOptions, LeaseTimeToLiveOptions, Permission, PutOptions};
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = start_server(env!("CARGO_BIN_EXE_keel"), data.path(), port, "http", &[]);
+    let endpoint = format!("127.0.0.1:{port}");
+    let admin = Client::connect([&endpoint], None).await.unwrap();
+    let mut auth = admin.auth_client();
+    auth.user_add("root", "rootpw", None).await.unwrap();
+    auth.user_grant_role("root", "root").await.unwrap();
+    auth.role_add("readers").await.unwrap();
+    auth.role_grant_permission("readers", Permission::read("pub/").with_prefix())
+        .await
+        .unwrap();
+    auth.user_add("eve", "pw", None).await.unwrap();
+    auth.user_grant_role("eve", "readers").await.unwrap();
+    auth.auth_enable().await.unwrap();
+    let with = |u: &str, p: &str| ConnectOptions::new().with_user(u, p);
+    let mut root = Client::connect([&endpoint], Some(with("root", "rootpw")))
+        .await
+        .unwrap();
+    let mut eve = Client::connect([&endpoint], Some(with("eve", "pw")))
+        .await
+        .unwrap();
+    let lease = root.lease_grant(60, None).await.unwrap().id();
+    root.put("pub/1", "a", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    let keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
+    let r = eve.lease_time_to_live(lease, keys()).await.unwrap();
+    assert_eq!(r.keys(), &[b"pub/1".to_vec()]);
+    root.put("secret/1", "b", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    let e = eve
+        .lease_time_to_live(lease, keys())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("permission denied"), "{e}");
+    // Without the keys, and for root, as before.
+    assert!(eve.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    let r = root.lease_time_to_live(lease, keys()).await.unwrap();
+    assert_eq!(r.keys().len(), 2);
+}

@@ -83,15 +83,21 @@ impl AuthService {
 
     async fn hash(&self, password: String) -> Result<String, Status> {
         let cost = self.bcrypt_cost;
-        let _cpu = self
+        // The permit goes with the work: a cancelled call must not free it while its bcrypt
+        // still runs (hostile clients would then run any number at once).
+        let cpu = self
             .bcrypt
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-        tokio::task::spawn_blocking(move || crate::auth::hash_password(&password, cost))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Status::invalid_argument)
+        tokio::task::spawn_blocking(move || {
+            let _cpu = cpu;
+            crate::auth::hash_password(&password, cost)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::invalid_argument)
     }
 
     async fn linearizable(&self) -> Result<(), Status> {
@@ -123,14 +129,18 @@ impl AuthService {
             }
             let (password, hash) = (r.password.clone(), user.password.clone());
             let ok = {
-                let _cpu = self
+                let cpu = self
                     .bcrypt
-                    .acquire()
+                    .clone()
+                    .acquire_owned()
                     .await
                     .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-                tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
-                    .await
-                    .unwrap_or(false)
+                tokio::task::spawn_blocking(move || {
+                    let _cpu = cpu;
+                    crate::auth::verify_password(&password, &hash)
+                })
+                .await
+                .unwrap_or(false)
             };
             if !ok {
                 return Err(auth_status(AuthError::AuthFailed));

@@ -173,6 +173,13 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        // The attached keys only to a caller who may read every one of them (etcd's fix of
+        // CVE-2023-32082, in 3.4.26): their names are data too.
+        let checked = if request.get_ref().keys {
+            Some(self.gate.check(&request).await?)
+        } else {
+            None
+        };
         let r = request.into_inner();
         // From the leader, which alone knows the remaining TTL (etcd answers an unknown lease
         // with TTL -1).
@@ -181,6 +188,13 @@ impl pb::lease_server::Lease for LeaseService {
             .lease_time_to_live(r.id, r.keys)
             .await
             .map_err(|e| status(&e))?;
+        if let Some(checked) = &checked
+            && checked.state.enabled
+        {
+            for k in &keys {
+                checked.read(k, b"")?;
+            }
+        }
         Ok(Response::new(pb::LeaseTimeToLiveResponse {
             header: self.core.header().with(self.revision()),
             id: r.id,

@@ -1221,6 +1221,9 @@ impl Node {
         self.shared
             .auth
             .store(Arc::new(crate::auth::AuthState::load(&self.store.read())?));
+        // The user changes the snapshot covers (deletions, password changes, auth turned off
+        // and on) were never applied here: no simple token made before may outlive them.
+        self.shared.tokens.drop_all();
         self.applied = index;
         self.checkpointed = index;
         self.marker = index;
