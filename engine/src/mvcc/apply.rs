@@ -412,7 +412,9 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
         rev: r.revision,
         count: r.count_only,
         max_bytes: r.max_bytes,
-        keys_only: r.keys_only,
+        // Values are read (and counted) when they order the keys: etcd sorts by value, then
+        // drops the values of a keys-only range.
+        keys_only: r.keys_only && r.sort_target != SortTarget::Value,
     };
     let rr = reader.range(&r.key, range_end(&r.range_end), opts)?;
     let mut kvs = rr.kvs;
@@ -894,6 +896,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got.kvs[0].version, 2, "applied by txn() too");
+    }
+
+    /// A keys-only range sorted by value is ordered by the values it does not return, as
+    /// etcd sorts before dropping them.
+    #[test]
+    fn a_keys_only_range_sorted_by_value_orders_by_the_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db"), Default::default()).unwrap();
+        for (k, v) in [("k0", "b"), ("k1", "a")] {
+            let put = PutRequest {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            };
+            put_request(&store, &put, &NoLeases, None).unwrap();
+        }
+        let got = range(
+            &store.read(),
+            &RangeRequest {
+                key: b"k".to_vec(),
+                range_end: b"l".to_vec(),
+                sort_target: SortTarget::Value,
+                keys_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let keys: Vec<&[u8]> = got.kvs.iter().map(|kv| &kv.key[..]).collect();
+        assert_eq!(keys, [&b"k1"[..], b"k0"]);
+        assert!(got.kvs.iter().all(|kv| kv.value.is_empty()));
     }
 
     #[test]
