@@ -95,20 +95,22 @@ impl KvService {
     }
 }
 
+/// etcd's `isTxnSerializable`: ranges only, all serializable (a nested txn is not a range).
 fn is_serializable(t: &a::TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).all(|op| match op {
         a::RequestOp::Range(r) => r.serializable,
-        a::RequestOp::Txn(n) => is_serializable(n),
         _ => false,
     })
 }
 
+/// etcd's `isTxnReadonly`: ranges only. A txn holding a nested txn goes through raft even if
+/// the nested one only reads, as etcd sends it (so a member cut off from the leader does not
+/// answer it from its own state).
 fn read_only(t: &a::TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match op {
-        a::RequestOp::Range(_) => true,
-        a::RequestOp::Txn(n) => read_only(n),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| matches!(op, a::RequestOp::Range(_)))
 }
 
 /// Keys per message of a `RangeStream`.
