@@ -378,10 +378,11 @@ impl Backend {
         Ok(current.txid)
     }
 
-    /// Renames `from` over this backend's file, under the writer mutex: a defragmentation
-    /// finishing meanwhile sees that its path no longer names its file and does not rename its
-    /// copy over the new one. This backend writes nothing more afterwards (poisoned): its path
-    /// names another file. Readers keep reading the old file through their maps.
+    /// Renames `from` over this backend's file, under the writer mutex, and poisons this
+    /// backend (its path names another file now): a defragmentation finishing meanwhile finds
+    /// it poisoned in its last phase, under the same mutex, and does not rename its copy over
+    /// the new file (nor does one started later). Readers keep reading the old file through
+    /// their maps; syncs of it are refused.
     pub fn replace_file(&self, from: &Path) -> Result<()> {
         let mut w = lock(&self.shared.writer);
         let to = w.path.clone();

@@ -407,14 +407,16 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
     if limit > 0 {
         limit = limit.saturating_add(1);
     }
+    // A keys-only range sorted by value reads its values (etcd sorts by value, then drops
+    // them), and is measured against `max_bytes` once sorted and cut, without the values it
+    // does not send.
+    let by_value = r.keys_only && r.sort_target == SortTarget::Value;
     let opts = RangeOptions {
         limit,
         rev: r.revision,
         count: r.count_only,
-        max_bytes: r.max_bytes,
-        // Values are read (and counted) when they order the keys: etcd sorts by value, then
-        // drops the values of a keys-only range.
-        keys_only: r.keys_only && r.sort_target != SortTarget::Value,
+        max_bytes: if by_value { 0 } else { r.max_bytes },
+        keys_only: r.keys_only && !by_value,
     };
     let rr = reader.range(&r.key, range_end(&r.range_end), opts)?;
     let mut kvs = rr.kvs;
@@ -449,6 +451,12 @@ pub fn range(reader: &impl Reader, r: &RangeRequest) -> Result<RangeResponse> {
     if r.keys_only {
         for kv in &mut kvs {
             kv.value.clear();
+        }
+    }
+    if by_value && r.max_bytes > 0 {
+        let size: usize = kvs.iter().map(|kv| 32 + kv.key.len()).sum();
+        if size > r.max_bytes {
+            return Err(Error::ResponseTooLarge { limit: r.max_bytes });
         }
     }
     Ok(RangeResponse {
@@ -926,6 +934,28 @@ mod tests {
         let keys: Vec<&[u8]> = got.kvs.iter().map(|kv| &kv.key[..]).collect();
         assert_eq!(keys, [&b"k1"[..], b"k0"]);
         assert!(got.kvs.iter().all(|kv| kv.value.is_empty()));
+        // The response limit counts what is sent: keys, not the values read to sort them.
+        let long = PutRequest {
+            key: b"k2".to_vec(),
+            value: vec![b'z'; 1000],
+            ..Default::default()
+        };
+        put_request(&store, &long, &NoLeases, None).unwrap();
+        let limited = |max_bytes| {
+            range(
+                &store.read(),
+                &RangeRequest {
+                    key: b"k".to_vec(),
+                    range_end: b"l".to_vec(),
+                    sort_target: SortTarget::Value,
+                    keys_only: true,
+                    max_bytes,
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(limited(200).unwrap().kvs.len(), 3);
+        assert!(matches!(limited(50), Err(Error::ResponseTooLarge { .. })));
     }
 
     #[test]

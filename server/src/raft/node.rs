@@ -1174,6 +1174,12 @@ impl Node {
                 "raft restored a snapshot at index {index} that was not received"
             )));
         };
+        // A checkpoint of the old backend in flight finishes first: once its file is replaced,
+        // the old backend refuses syncs (poisoned), which the loop would take as fatal.
+        if let Some(rx) = self.checkpoint_rx.take() {
+            let done = rx.await.unwrap_or(Err(Error::Stopped))?;
+            self.checkpointed(done).await?;
+        }
         let staged = self.snap_dir.join(format!("{index:016x}.snap.db"));
         std::fs::rename(&received, &staged).map_err(|e| Error::io("renaming", &received, e))?;
         sync_dir(&self.snap_dir)?;
@@ -1416,7 +1422,7 @@ impl Node {
     }
 
     /// Proposes what was held while no leader was known, once one is.
-    fn propose_leaderless(&mut self) {
+    pub(super) fn propose_leaderless(&mut self) {
         if self.leaderless.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
             return;
         }
@@ -1467,8 +1473,9 @@ impl Node {
     fn read_index(&mut self, waiters: Vec<Reply<()>>) {
         self.next_read += 1;
         let ctx = read_context(self.shared.member_id, self.next_read);
-        // With no leader known, raft would drop it: it is asked once there is one (the retry
-        // below), or answered etcd's timeout, as etcd's read loop does.
+        // With no leader known, raft would drop it: it waits, as in etcd's read loop, to be
+        // answered `leader changed` once a leader is elected (`on_soft_state`), or etcd's
+        // timeout.
         if self.raw.raft.leader_id != raft::INVALID_ID {
             self.raw.read_index(ctx.clone());
         }

@@ -307,6 +307,8 @@ impl Sim {
                 for i in 0..n {
                     if let Some(node) = self.nodes[i].as_mut() {
                         node.raw.tick();
+                        // As the member's loop does each turn: what waited for a leader goes.
+                        node.propose_leaderless();
                     }
                 }
                 self.settle_all().await;
@@ -375,6 +377,8 @@ impl Sim {
                 for i in 0..self.nodes.len() {
                     if let Some(node) = self.nodes[i].as_mut() {
                         node.raw.tick();
+                        // As the member's loop does each turn: what waited for a leader goes.
+                        node.propose_leaderless();
                     }
                 }
                 self.settle_all().await;
