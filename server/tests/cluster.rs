@@ -59,6 +59,20 @@ async fn converged(c: &Cluster) -> i64 {
     panic!("members did not converge");
 }
 
+/// Three members whose WAL writes stall for as long as the file at each one's path says
+/// (`KEEL_FAULT_WAL_SYNC_DELAY_FILE`, "300ms"; no file: no stall).
+fn stallable(flags: &[&str]) -> (Cluster, Vec<std::path::PathBuf>) {
+    let mut c = Cluster::new(3, flags);
+    let stall: Vec<_> = (0..3)
+        .map(|i| c.dir.path().join(format!("stall-{i}")))
+        .collect();
+    for (i, path) in stall.iter().enumerate() {
+        let path = path.display().to_string();
+        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
+    }
+    (c, stall)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_serve_writes_and_reads_through_every_member() {
     let c = Cluster::start(3, &[]);
@@ -332,14 +346,7 @@ async fn a_stopping_leader_hands_leadership_over() {
 /// not wait for the disk, so no election happens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_on_the_leader_causes_no_election() {
-    let mut c = Cluster::new(3, &[]);
-    let stall: Vec<_> = (0..3)
-        .map(|i| c.dir.path().join(format!("stall-{i}")))
-        .collect();
-    for (i, path) in stall.iter().enumerate() {
-        let path = path.display().to_string();
-        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
-    }
+    let (c, stall) = stallable(&[]);
     let leader = c.wait_leader();
     let mut cl = Client::connect(c.endpoints(), None).await.unwrap();
     cl.put("warm", "up", None).await.unwrap();
@@ -467,14 +474,7 @@ async fn a_write_without_a_leader_waits_for_one() {
 /// when the second has not applied the grant yet (etcd always proposes the revoke).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_revoked_through_another_member_right_after_its_grant_is_revoked() {
-    let mut c = Cluster::new(3, &[]);
-    let stall: Vec<_> = (0..3)
-        .map(|i| c.dir.path().join(format!("stall-{i}")))
-        .collect();
-    for (i, path) in stall.iter().enumerate() {
-        let path = path.display().to_string();
-        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
-    }
+    let (c, stall) = stallable(&[]);
     let leader = c.wait_leader();
     let lagging = (leader + 1) % 3;
     let mut on_leader = client(&c, leader).await;
@@ -496,14 +496,7 @@ async fn a_lease_revoked_through_another_member_right_after_its_grant_is_revoked
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_learner_added_through_a_lagging_member_is_refused() {
     // Not etcd's 5 s of connectivity before a change (`--strict-reconfig-check`).
-    let mut c = Cluster::new(3, &["--strict-reconfig-check=false"]);
-    let stall: Vec<_> = (0..3)
-        .map(|i| c.dir.path().join(format!("stall-{i}")))
-        .collect();
-    for (i, path) in stall.iter().enumerate() {
-        let path = path.display().to_string();
-        c.start_member_with(i, &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", path.as_str())]);
-    }
+    let (c, stall) = stallable(&["--strict-reconfig-check=false"]);
     let leader = c.wait_leader();
     let lagging = (leader + 1) % 3;
     let mut on_leader = client(&c, leader).await;

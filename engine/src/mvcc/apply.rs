@@ -877,32 +877,25 @@ mod tests {
             ],
             failure: vec![],
         };
+        let written = || {
+            let r = RangeRequest {
+                key: b"written".to_vec(),
+                ..Default::default()
+            };
+            range(&store.read(), &r).unwrap()
+        };
         let mut w = store.write().unwrap();
         let err = txn_in(&mut w, &t, &NoLeases).unwrap_err();
         assert!(matches!(err, Error::ResponseTooLarge { .. }), "{err}");
         w.finish_revision();
         w.end(None).unwrap();
-        let got = range(
-            &store.read(),
-            &RangeRequest {
-                key: b"written".to_vec(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let got = written();
         assert_eq!(got.kvs.len(), 1, "the txn's put was applied");
         assert!(matches!(
             txn(&store, &t, &NoLeases, None),
             Err(Error::ResponseTooLarge { .. })
         ));
-        let got = range(
-            &store.read(),
-            &RangeRequest {
-                key: b"written".to_vec(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let got = written();
         assert_eq!(got.kvs[0].version, 2, "applied by txn() too");
     }
 
@@ -920,17 +913,19 @@ mod tests {
             };
             put_request(&store, &put, &NoLeases, None).unwrap();
         }
-        let got = range(
-            &store.read(),
-            &RangeRequest {
+        // Keys-only, sorted by value, at most `max_bytes` (0: no limit).
+        let sorted = |max_bytes| {
+            let r = RangeRequest {
                 key: b"k".to_vec(),
                 range_end: b"l".to_vec(),
                 sort_target: SortTarget::Value,
                 keys_only: true,
+                max_bytes,
                 ..Default::default()
-            },
-        )
-        .unwrap();
+            };
+            range(&store.read(), &r)
+        };
+        let got = sorted(0).unwrap();
         let keys: Vec<&[u8]> = got.kvs.iter().map(|kv| &kv.key[..]).collect();
         assert_eq!(keys, [&b"k1"[..], b"k0"]);
         assert!(got.kvs.iter().all(|kv| kv.value.is_empty()));
@@ -941,21 +936,8 @@ mod tests {
             ..Default::default()
         };
         put_request(&store, &long, &NoLeases, None).unwrap();
-        let limited = |max_bytes| {
-            range(
-                &store.read(),
-                &RangeRequest {
-                    key: b"k".to_vec(),
-                    range_end: b"l".to_vec(),
-                    sort_target: SortTarget::Value,
-                    keys_only: true,
-                    max_bytes,
-                    ..Default::default()
-                },
-            )
-        };
-        assert_eq!(limited(200).unwrap().kvs.len(), 3);
-        assert!(matches!(limited(50), Err(Error::ResponseTooLarge { .. })));
+        assert_eq!(sorted(200).unwrap().kvs.len(), 3);
+        assert!(matches!(sorted(50), Err(Error::ResponseTooLarge { .. })));
     }
 
     #[test]

@@ -1852,6 +1852,24 @@ mod tests {
         raw
     }
 
+    /// Member 1, leader, whose followers both acknowledged its first entry (their progress
+    /// replicates), with nothing left to send; and its last index.
+    fn replicating_leader() -> (raft::RawNode<MemStorage>, u64) {
+        let mut raw = leader();
+        let last = raw.raft.raft_log.last_index();
+        for from in [2, 3] {
+            let mut ack = raft::eraftpb::Message::default();
+            ack.set_msg_type(MessageType::MsgAppendResponse);
+            ack.from = from;
+            ack.to = 1;
+            ack.term = raw.raft.term;
+            ack.index = last;
+            raw.step(ack).unwrap();
+        }
+        raw.raft.msgs.clear();
+        (raw, last)
+    }
+
     /// A follower forwards the proposals of one step to the leader in one message, and the
     /// leader appends them at once.
     #[test]
@@ -1882,19 +1900,7 @@ mod tests {
     /// MsgAppResp, per proposal.
     #[test]
     fn proposals_stepped_together_leave_in_one_append_per_follower() {
-        let mut raw = leader();
-        let last = raw.raft.raft_log.last_index();
-        // Both followers acknowledge the leader's first entry: their progress replicates.
-        for from in [2, 3] {
-            let mut ack = raft::eraftpb::Message::default();
-            ack.set_msg_type(MessageType::MsgAppendResponse);
-            ack.from = from;
-            ack.to = 1;
-            ack.term = raw.raft.term;
-            ack.index = last;
-            raw.step(ack).unwrap();
-        }
-        raw.raft.msgs.clear();
+        let (mut raw, last) = replicating_leader();
         for i in 0..10u8 {
             raw.propose(Vec::new(), vec![i; 16]).unwrap();
         }
@@ -1915,18 +1921,7 @@ mod tests {
     /// consecutive pieces of at most `PROPOSAL_BATCH_BYTES`, which a follower appends in order.
     #[test]
     fn a_merged_append_larger_than_a_message_leaves_in_pieces() {
-        let mut raw = leader();
-        let last = raw.raft.raft_log.last_index();
-        for from in [2, 3] {
-            let mut ack = raft::eraftpb::Message::default();
-            ack.set_msg_type(MessageType::MsgAppendResponse);
-            ack.from = from;
-            ack.to = 1;
-            ack.term = raw.raft.term;
-            ack.index = last;
-            raw.step(ack).unwrap();
-        }
-        raw.raft.msgs.clear();
+        let (mut raw, last) = replicating_leader();
         let entry_bytes = 200 << 10;
         for i in 0..12u8 {
             raw.propose(Vec::new(), vec![i; entry_bytes]).unwrap();
