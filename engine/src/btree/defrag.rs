@@ -392,15 +392,6 @@ impl Backend {
             map: new_writer.map.clone(),
             ..copied
         });
-        // The path may name another file now: a snapshot installed meanwhile
-        // (`Backend::replace_file`, under the writer mutex held here). Renaming the copy of
-        // the old data over it would undo the install.
-        if !same_file(path, &w.file)? {
-            return Err(Error::InvalidArgument(format!(
-                "{} was replaced during the defragmentation (a snapshot was installed)",
-                path.display()
-            )));
-        }
         std::fs::rename(tmp, path).map_err(|e| Error::io("renaming", tmp, e))?;
         // From the rename on, the path names the copy: switch to it before anything else can
         // fail, so that no later write goes to the old, unlinked file.
@@ -432,12 +423,4 @@ impl Backend {
             locked_leaves,
         })
     }
-}
-
-/// Whether `path` names the file `file` is open on.
-fn same_file(path: &std::path::Path, file: &std::fs::File) -> Result<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let named = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
-    let open = file.metadata().map_err(|e| Error::io("fstat", path, e))?;
-    Ok((named.dev(), named.ino()) == (open.dev(), open.ino()))
 }
