@@ -15,7 +15,6 @@ pub const MAX_RANGE_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// etcd's message for an unknown sort order or target.
 pub const INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
 
-/// An engine error as etcd's gRPC status.
 /// The gRPC status of an auth error: etcd's code and message (`rpctypes`).
 pub fn auth_status(e: keel_engine::error::AuthError) -> Status {
     use keel_engine::error::AuthError as A;
@@ -40,6 +39,28 @@ pub fn auth_status(e: keel_engine::error::AuthError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// tonic's status for a request message over the decoding limit, as grpc-go (etcd's server)
+/// answers it: `ResourceExhausted`, "grpc: received message larger than max (N vs. LIMIT)".
+/// tonic says `OutOfRange`, "Error, decoded message length too large: found N bytes, the limit
+/// is: LIMIT bytes". Any other status is returned as it is.
+pub fn grpc_go_status(status: Status) -> Status {
+    if status.code() != Code::OutOfRange {
+        return status;
+    }
+    let sizes = status
+        .message()
+        .strip_prefix("Error, decoded message length too large: found ")
+        .and_then(|rest| rest.strip_suffix(" bytes"))
+        .and_then(|rest| rest.split_once(" bytes, the limit is: "));
+    match sizes {
+        Some((found, limit)) => Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({found} vs. {limit})"
+        )),
+        None => status,
+    }
+}
+
+/// An engine error as etcd's gRPC status.
 pub fn status(e: &Error) -> Status {
     match e {
         Error::Compacted | Error::FutureRev => {
@@ -330,6 +351,26 @@ pub fn txn_response(t: a::TxnResponse, header: Option<pb::ResponseHeader>) -> pb
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_over_the_limit_gets_grpc_gos_status() {
+        let tonic = Status::out_of_range(
+            "Error, decoded message length too large: found 614413 bytes, the limit is: 525312 bytes",
+        );
+        let s = grpc_go_status(tonic);
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "grpc: received message larger than max (614413 vs. 525312)"
+        );
+        // Anything else is left alone, etcd's own OutOfRange statuses included.
+        let lease = status(&Error::LeaseTtlTooLarge);
+        let same = grpc_go_status(lease.clone());
+        assert_eq!(
+            (same.code(), same.message()),
+            (lease.code(), lease.message())
+        );
+    }
 
     #[test]
     fn errors_map_to_etcds_codes_and_messages() {

@@ -110,7 +110,7 @@ impl Future for ClientFuture {
             ClientFuture::Refused(response) => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            ClientFuture::Grpc(future) => future.as_mut().poll(cx),
+            ClientFuture::Grpc(future) => future.as_mut().poll(cx).map_ok(grpc_go_answer),
             ClientFuture::Fallback(future) => Pin::new(future).poll(cx),
         }
     }
@@ -176,6 +176,27 @@ impl Service<Request<Body>> for ClientService {
             _ => ClientFuture::Fallback(shared.fallback.clone().call(request)),
         }
     }
+}
+
+/// A service's answer, with a request over the message limit refused as grpc-go refuses it
+/// (`ResourceExhausted`, not tonic's `OutOfRange`: [`super::convert::grpc_go_status`]). tonic
+/// answers a request it cannot decode in the response's headers, trailers-only; a stream that
+/// fails later (Watch) ends with that status itself.
+fn grpc_go_answer(mut response: Response<Body>) -> Response<Body> {
+    let out_of_range = |v: &axum::http::HeaderValue| v.as_bytes() == b"11";
+    if response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(out_of_range)
+        && let Some(status) = Status::from_header_map(response.headers())
+    {
+        let status = super::convert::grpc_go_status(status);
+        if status.code() == tonic::Code::ResourceExhausted {
+            // Only fails for a message no header can carry; this one is ASCII.
+            let _ = status.add_header(response.headers_mut());
+        }
+    }
+    response
 }
 
 /// Methods the vendored (etcd 3.5) protos declare that etcd 3.4 does not serve: a call gets 3.4's

@@ -1104,7 +1104,12 @@ impl WatchService {
                         reader_outbox.closed().await;
                         break;
                     }
-                    Some(Err(_)) => break,
+                    // A request that cannot be decoded ends the stream with that status, as
+                    // etcd's recvLoop error does (over the size limit: grpc-go's).
+                    Some(Err(status)) => {
+                        reader_outbox.fail(super::convert::grpc_go_status(status));
+                        break;
+                    }
                 };
                 // A client that sends but does not read waits here once its outbox is well over
                 // the limit: its requests cannot grow the server's memory without bound.
