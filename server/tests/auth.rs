@@ -479,6 +479,27 @@ async fn jwt_tokens_and_bad_tokens_as_etcd_refuses_them() {
             "expired: {}",
             get(&forge(&private, 2, now - 120)).await
         ));
+        // Alarm checks no permission, but a token it carries must be valid (etcd checks it
+        // when proposing, and answers with the auth package's error as it is).
+        let mut maintenance =
+            pb::maintenance_client::MaintenanceClient::connect(server.endpoint.clone())
+                .await
+                .unwrap();
+        let mut alarms = async |token: Option<&str>| {
+            let mut r = tonic::Request::new(pb::AlarmRequest::default());
+            if let Some(token) = token {
+                r.metadata_mut().insert("token", token.parse().unwrap());
+            }
+            match maintenance.alarm(r).await {
+                Ok(resp) => format!("ok {}", resp.into_inner().alarms.len()),
+                Err(s) => format!("{:?} {}", s.code(), s.message()),
+            }
+        };
+        rec.push(format!("alarm, no token: {}", alarms(None).await));
+        rec.push(format!(
+            "alarm, other key: {}",
+            alarms(Some(&forge(&other, 2, now + 600))).await
+        ));
         // Any auth change makes older JWTs stale.
         rec.push(format!(
             "{:?}",
@@ -501,6 +522,10 @@ async fn jwt_tokens_and_bad_tokens_as_etcd_refuses_them() {
         "{text}"
     );
     assert!(text.contains("good: ok 1"), "{text}");
+    assert!(
+        text.contains("alarm, other key: Unknown auth: invalid auth token"),
+        "{text}"
+    );
 }
 
 /// LeaseTimeToLive lists a lease's keys only to a caller who may read each of them (etcd
