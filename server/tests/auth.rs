@@ -49,6 +49,9 @@ const SESSION: &[&[&str]] = &[
     &["--user=alice:pw", "get", "bar"],
     &["--user=alice:pw", "get", "foo/", "--prefix"],
     &["--user=alice:pw", "get", "", "--from-key"],
+    // The empty key is refused as such before any permission is checked.
+    &["--user=alice:pw", "get", ""],
+    &["--user=alice:pw", "get", "", "--consistency=s"],
     &["--user=alice:pw", "del", "w1", "w3"],
     &["--user=alice:pw", "del", "w1", "w4"],
     &["--user=alice:pw", "txn"],

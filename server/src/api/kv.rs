@@ -123,15 +123,17 @@ impl KvService {
         checked: &Checked,
     ) -> Result<pb::RangeResponse, Status> {
         self.core.metrics().ranges.inc();
-        checked.read(&r.key, &r.range_end)?;
-        let r = convert::range_request(r)?;
-        a::check_range(&r).map_err(|e| status(&e))?;
+        // etcd's order: its learner interceptor, the request's own checks, the read index,
+        // then the permission.
         if !r.serializable && self.core.is_learner() {
             return Err(status(&keel_engine::Error::NotSupportedForLearner));
         }
+        let r = convert::range_request(r)?;
+        a::check_range(&r).map_err(|e| status(&e))?;
         if !r.serializable {
             self.core.linearizable().await.map_err(|e| status(&e))?;
         }
+        checked.read(&r.key, &r.range_end)?;
         let store = self.core.store();
         let resp = a::range(&store.read(), &r).map_err(|e| status(&e))?;
         checked.still_current(&self.core)?;
@@ -234,7 +236,6 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
         let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
-        checked.read(&r.key, &r.range_end)?;
         let key_order = matches!(r.sort_order, 0 | 1) && r.sort_target == 0;
         let filtered = r.min_mod_revision != 0
             || r.max_mod_revision != 0
@@ -247,6 +248,7 @@ impl pb::kv_server::Kv for KvService {
             if !req.serializable {
                 self.core.linearizable().await.map_err(|e| status(&e))?;
             }
+            checked.read(&req.key, &req.range_end)?;
             checked.still_current(&self.core)?;
             let mut pager = Pager {
                 core: self.core.clone(),
