@@ -65,6 +65,12 @@ impl Lease {
 #[derive(Debug, Default)]
 pub struct Lessor {
     leases: HashMap<i64, Lease>,
+    /// `(expiry, id)` of every lease: the expired ones are found soonest first without a scan
+    /// (etcd's expiry heap), so a lease cannot wait behind others that keep expiring.
+    by_expiry: BTreeSet<(Instant, i64)>,
+    /// Leases renewed since a non-zero remaining TTL was stored (see
+    /// [`Lessor::stale_checkpoints`]).
+    stale: BTreeSet<i64>,
     /// Key -> the lease it is attached to.
     items: HashMap<Vec<u8>, i64>,
     /// Granted TTLs below this are raised to it (etcd: 1.5 election timeouts, in seconds).
@@ -78,6 +84,9 @@ pub struct Lessor {
 fn id_key(id: i64) -> [u8; 8] {
     id.to_be_bytes()
 }
+
+/// etcd's `leaseRevokeRate`: expired leases revoked per second at most.
+pub const LEASE_REVOKE_RATE: usize = 1000;
 
 impl Leases for Lessor {
     fn exists(&self, id: i64) -> bool {
@@ -97,27 +106,33 @@ impl Lessor {
         for (k, v) in view.raw_range(LEASE_BUCKET)? {
             let r = LeaseRecord::decode(v.as_slice())
                 .map_err(|e| Error::CorruptRecord(format!("lease bucket entry {k:02x?}: {e}")))?;
-            if !(0..=MAX_LEASE_TTL).contains(&r.ttl)
-                || !(0..=MAX_LEASE_TTL).contains(&r.remaining_ttl)
-            {
+            if !(0..=MAX_LEASE_TTL).contains(&r.ttl) || r.remaining_ttl < 0 {
                 return Err(Error::CorruptRecord(format!(
-                    "lease {:x}: TTL {} or remaining TTL {} outside 0..={MAX_LEASE_TTL} seconds",
+                    "lease {:x}: TTL {} outside 0..={MAX_LEASE_TTL} seconds or negative \
+                     remaining TTL {}",
                     r.id, r.ttl, r.remaining_ttl
                 )));
             }
-            let left = if r.remaining_ttl > 0 {
-                r.remaining_ttl
+            // As etcd's recovery: a TTL below today's minimum is raised to it. A remaining TTL
+            // over the largest TTL (an earlier version could checkpoint a just-promoted lease's
+            // extended time) is cut to it rather than keep the member from starting.
+            let ttl = r.ttl.max(lessor.min_ttl);
+            let remaining_ttl = r.remaining_ttl.min(MAX_LEASE_TTL);
+            let left = if remaining_ttl > 0 {
+                remaining_ttl
             } else {
-                r.ttl
+                ttl
             };
+            let expiry = now + Duration::from_secs(left as u64);
+            lessor.by_expiry.insert((expiry, r.id));
             lessor.leases.insert(
                 r.id,
                 Lease {
                     id: r.id,
-                    ttl: r.ttl,
-                    remaining_ttl: r.remaining_ttl,
+                    ttl,
+                    remaining_ttl,
                     persisted_remaining_ttl: r.remaining_ttl,
-                    expiry: now + Duration::from_secs(left.max(0) as u64),
+                    expiry,
                     keys: BTreeSet::new(),
                 },
             );
@@ -167,6 +182,8 @@ impl Lessor {
             remaining_ttl: 0,
         };
         txn.put_raw(LEASE_BUCKET, &id_key(id), &record.encode_to_vec())?;
+        let expiry = now + Duration::from_secs(ttl as u64);
+        self.by_expiry.insert((expiry, id));
         self.leases.insert(
             id,
             Lease {
@@ -174,7 +191,7 @@ impl Lessor {
                 ttl,
                 remaining_ttl: 0,
                 persisted_remaining_ttl: 0,
-                expiry: now + Duration::from_secs(ttl as u64),
+                expiry,
                 keys: BTreeSet::new(),
             },
         );
@@ -189,7 +206,7 @@ impl Lessor {
             txn.delete_range(key, None)?;
         }
         txn.delete_raw(LEASE_BUCKET, &id_key(id))?;
-        let lease = self.leases.remove(&id).expect("checked");
+        let lease = self.remove(id).expect("checked");
         for key in lease.keys {
             self.items.remove(&key);
         }
@@ -209,7 +226,7 @@ impl Lessor {
             return Err(Error::LeaseNotFound);
         }
         txn.delete_raw(LEASE_BUCKET, &id_key(id))?;
-        let lease = self.leases.remove(&id).expect("checked");
+        let lease = self.remove(id).expect("checked");
         for key in lease.keys {
             if self.items.get(&key) == Some(&id) {
                 self.items.remove(&key);
@@ -236,6 +253,7 @@ impl Lessor {
         txn.put_raw(LEASE_BUCKET, &id_key(id), &record.encode_to_vec())?;
         l.remaining_ttl = remaining_ttl;
         l.persisted_remaining_ttl = remaining_ttl;
+        self.stale.remove(&id);
         Ok(())
     }
 
@@ -276,8 +294,13 @@ impl Lessor {
             // Expired: its revocation is on its way.
             return Err(Error::LeaseNotFound);
         }
+        self.by_expiry.remove(&(l.expiry, id));
         l.expiry = now + Duration::from_secs(l.ttl as u64);
+        self.by_expiry.insert((l.expiry, id));
         l.remaining_ttl = 0;
+        if l.persisted_remaining_ttl != 0 {
+            self.stale.insert(id);
+        }
         Ok(l.ttl)
     }
 
@@ -291,18 +314,11 @@ impl Lessor {
         self.leases.is_empty()
     }
 
-    /// Leases renewed since their last checkpoint: their stored remaining TTL must be cleared
-    /// (a checkpoint of 0, as etcd proposes on the first renewal), or a restart would give them
-    /// the old, shorter TTL.
-    pub fn stale_checkpoints(&self) -> Vec<i64> {
-        let mut ids: Vec<i64> = self
-            .leases
-            .values()
-            .filter(|l| l.remaining_ttl == 0 && l.persisted_remaining_ttl != 0)
-            .map(|l| l.id)
-            .collect();
-        ids.sort_unstable();
-        ids
+    /// Leases renewed since their last checkpoint, lowest ID first, at most `max`: their stored
+    /// remaining TTL must be cleared (a checkpoint of 0, as etcd proposes on the first renewal),
+    /// or a restart would give them the old, shorter TTL.
+    pub fn stale_checkpoints(&self, max: usize) -> Vec<i64> {
+        self.stale.iter().copied().take(max).collect()
     }
 
     /// Lease `id`.
@@ -310,37 +326,81 @@ impl Lessor {
         self.leases.get(&id)
     }
 
-    /// Every lease, soonest expiry first.
-    pub fn leases(&self) -> Vec<&Lease> {
-        let mut all: Vec<&Lease> = self.leases.values().collect();
-        all.sort_by_key(|l| (l.expiry, l.id));
-        all
+    /// The IDs of every lease, soonest expiry first: a copy, so that the lock is held for no
+    /// more than that.
+    pub fn ids_by_expiry(&self) -> Vec<i64> {
+        self.by_expiry.iter().map(|&(_, id)| id).collect()
     }
 
-    /// The leases expired at `now`.
-    pub fn expired(&self, now: Instant) -> Vec<i64> {
-        let mut ids: Vec<i64> = self
-            .leases
-            .values()
-            .filter(|l| l.expiry <= now)
-            .map(|l| l.id)
-            .collect();
-        ids.sort_unstable();
-        ids
+    /// The leases expired at `now`, soonest expired first.
+    pub fn expired(&self, now: Instant) -> impl Iterator<Item = i64> + '_ {
+        self.by_expiry
+            .iter()
+            .take_while(move |&&(expiry, _)| expiry <= now)
+            .map(|&(_, id)| id)
+    }
+
+    /// Whether lease `id` exists and has expired at `now`.
+    pub fn is_expired(&self, id: i64, now: Instant) -> bool {
+        self.leases.get(&id).is_some_and(|l| l.expiry <= now)
     }
 
     /// Makes every lease expire its (remaining) TTL plus `extend` after `now`: after this
     /// member becomes leader (etcd's `Promote`, extended by an election timeout so that no lease
-    /// expires because of the failover), or restarts.
+    /// expires because of the failover), or restarts. As etcd's, expiries that would pile up are
+    /// spread so that at most three quarters of the revocation rate expire in any second: leases
+    /// that all had the same TTL left are not all expired at once, then refused renewal while
+    /// they wait to be revoked.
     pub fn promote(&mut self, now: Instant, extend: Duration) {
-        for l in self.leases.values_mut() {
-            let left = if l.remaining_ttl > 0 {
+        let left = |l: &Lease| {
+            let secs = if l.remaining_ttl > 0 {
                 l.remaining_ttl
             } else {
                 l.ttl
             };
-            l.expiry = now + extend + Duration::from_secs(left.max(0) as u64);
+            Duration::from_secs(secs.max(0) as u64)
+        };
+        for l in self.leases.values_mut() {
+            l.expiry = now + extend + left(l);
         }
+        if self.leases.len() >= LEASE_REVOKE_RATE {
+            // etcd's windows: from the soonest expiry, each second takes at most the target;
+            // the rest are pushed back in proportion, and the next window starts there.
+            let mut order: Vec<(Instant, i64)> =
+                self.leases.values().map(|l| (l.expiry, l.id)).collect();
+            order.sort_unstable();
+            let target = (3 * LEASE_REVOKE_RATE / 4) as f64;
+            let mut base = order[0].0;
+            let mut next = base + Duration::from_secs(1);
+            let mut expires = 0usize;
+            for (expiry, id) in order {
+                if expiry > next {
+                    base = expiry;
+                    next = base + Duration::from_secs(1);
+                    expires = 1;
+                    continue;
+                }
+                expires += 1;
+                if expires as f64 <= target {
+                    continue;
+                }
+                // Leases already `expiry - base` into the window need that much less delay.
+                let delay = Duration::from_secs_f64(expires as f64 / target)
+                    .saturating_sub(expiry.duration_since(base));
+                next = base + delay;
+                let l = self.leases.get_mut(&id).expect("listed");
+                l.expiry = now + extend + delay + left(l);
+            }
+        }
+        self.by_expiry = self.leases.values().map(|l| (l.expiry, l.id)).collect();
+    }
+
+    /// Removes lease `id` from the table and its indexes.
+    fn remove(&mut self, id: i64) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        self.by_expiry.remove(&(lease.expiry, id));
+        self.stale.remove(&id);
+        Some(lease)
     }
 }
 
@@ -424,7 +484,8 @@ mod tests {
             Duration::from_secs(42),
             "checkpointed TTL kept"
         );
-        assert_eq!(lessor.expired(later + Duration::from_secs(3)), vec![7]);
+        let expired: Vec<i64> = lessor.expired(later + Duration::from_secs(3)).collect();
+        assert_eq!(expired, [7]);
 
         // Revoke: both attached keys go in one revision.
         let before = store.current_revision();
@@ -448,16 +509,125 @@ mod tests {
         let mut w = store.write().unwrap();
         lessor.checkpoint(&mut w, 7, 1).unwrap();
         w.end(None).unwrap();
-        assert!(lessor.stale_checkpoints().is_empty());
+        assert!(lessor.stale_checkpoints(10).is_empty());
         lessor.renew(7, later).unwrap();
-        assert_eq!(lessor.stale_checkpoints(), vec![7]);
+        assert_eq!(lessor.stale_checkpoints(10), vec![7]);
         let mut w = store.write().unwrap();
         lessor.checkpoint(&mut w, 7, 0).unwrap();
         w.end(None).unwrap();
-        assert!(lessor.stale_checkpoints().is_empty());
+        assert!(lessor.stale_checkpoints(10).is_empty());
         assert_eq!(
             lessor.get(7).unwrap().remaining(later),
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn expired_leases_come_soonest_expired_first_whatever_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let now = Instant::now();
+        let mut lessor = Lessor::recover(&store, 1, now).unwrap();
+        let mut w = store.write().unwrap();
+        // The highest ID expires first; low IDs after it.
+        lessor.grant(&mut w, i64::MAX, 8, now).unwrap();
+        for id in 1..=2000 {
+            lessor.grant(&mut w, id, 10, now).unwrap();
+        }
+        w.end(None).unwrap();
+        let at = now + Duration::from_secs(20);
+        let first: Vec<i64> = lessor.expired(at).take(3).collect();
+        assert_eq!(first, [i64::MAX, 1, 2]);
+        assert_eq!(lessor.expired(at).count(), 2001);
+        assert_eq!(lessor.expired(now + Duration::from_secs(9)).count(), 1);
+        // A renewal moves it in the order; a revocation takes it out.
+        lessor
+            .renew(i64::MAX, now + Duration::from_secs(7))
+            .unwrap();
+        assert_eq!(lessor.expired(at).last(), Some(i64::MAX));
+        assert!(!lessor.is_expired(i64::MAX, now + Duration::from_secs(12)));
+        let mut w = store.write().unwrap();
+        lessor.revoke(&mut w, 1).unwrap();
+        w.end(None).unwrap();
+        assert_eq!(lessor.expired(at).count(), 2000);
+        assert_eq!(lessor.ids_by_expiry().len(), 2000);
+        assert_eq!(lessor.ids_by_expiry()[0], 2);
+    }
+
+    #[test]
+    fn a_promotion_spreads_expiries_that_would_pile_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let now = Instant::now();
+        let mut lessor = Lessor::recover(&store, 1, now).unwrap();
+        let mut w = store.write().unwrap();
+        for id in 1..=3000 {
+            lessor.grant(&mut w, id, 60, now).unwrap();
+        }
+        w.end(None).unwrap();
+        let extend = Duration::from_secs(1);
+        lessor.promote(now, extend);
+        // All had 60 s left: spread over 4 seconds, 750 a second at most (etcd's target).
+        let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
+        for id in lessor.ids_by_expiry() {
+            let at = lessor.get(id).unwrap().expiry.duration_since(now);
+            assert!(at >= Duration::from_secs(61), "{at:?}");
+            *per_second.entry(at.as_secs()).or_default() += 1;
+        }
+        assert!(per_second.values().all(|&n| n <= 751), "{per_second:?}");
+        assert!(per_second.len() >= 4, "{per_second:?}");
+        // Fewer leases than the rate: no spreading.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut lessor = Lessor::recover(&store, 1, now).unwrap();
+        let mut w = store.write().unwrap();
+        for id in 1..=10 {
+            lessor.grant(&mut w, id, 60, now).unwrap();
+        }
+        w.end(None).unwrap();
+        lessor.promote(now, extend);
+        let expiries: BTreeSet<Instant> =
+            (1..=10).map(|id| lessor.get(id).unwrap().expiry).collect();
+        assert_eq!(expiries.len(), 1);
+        assert_eq!(lessor.expired(now + Duration::from_secs(61)).count(), 10);
+    }
+
+    #[test]
+    fn recovery_raises_ttls_to_the_minimum_and_cuts_remaining_ttls_to_the_largest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut w = store.write().unwrap();
+        for (id, ttl, remaining_ttl) in [(1, 1, 0), (2, MAX_LEASE_TTL, MAX_LEASE_TTL + 5)] {
+            let record = LeaseRecord {
+                id,
+                ttl,
+                remaining_ttl,
+            };
+            w.put_raw(LEASE_BUCKET, &id_key(id), &record.encode_to_vec())
+                .unwrap();
+        }
+        w.end(None).unwrap();
+        let now = Instant::now();
+        let lessor = Lessor::recover(&store, 3, now).unwrap();
+        assert_eq!(lessor.get(1).unwrap().ttl, 3);
+        assert_eq!(
+            lessor.get(1).unwrap().remaining(now),
+            Duration::from_secs(3)
+        );
+        assert_eq!(lessor.get(2).unwrap().remaining_ttl, MAX_LEASE_TTL);
+        // A negative remaining TTL is no value any version writes: refused as corrupt.
+        let mut w = store.write().unwrap();
+        let record = LeaseRecord {
+            id: 3,
+            ttl: 5,
+            remaining_ttl: -1,
+        };
+        w.put_raw(LEASE_BUCKET, &id_key(3), &record.encode_to_vec())
+            .unwrap();
+        w.end(None).unwrap();
+        assert!(matches!(
+            Lessor::recover(&store, 3, now),
+            Err(Error::CorruptRecord(_))
+        ));
     }
 }

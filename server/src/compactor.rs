@@ -7,6 +7,9 @@
 //! - **revision** with retention `n`: every 5 minutes, compact to `current - n` unless that is not
 //!   positive or was already compacted to.
 //!
+//! Only the leader compacts (etcd pauses a follower's compactor): a follower goes on sampling, so
+//! that the member elected next compacts to the revision of one period ago at once.
+//!
 //! [`Compactor`] is the clock-free decision logic (tested with simulated time); [`run`] drives it
 //! on the network runtime and proposes the compactions through raft like a client's.
 
@@ -95,6 +98,11 @@ impl Compactor {
         }
     }
 
+    /// A tick while paused (not the leader): the revision is sampled, nothing compacted.
+    pub fn paused_tick(&mut self, current: i64) {
+        self.record(current);
+    }
+
     fn record(&mut self, revision: i64) {
         if let AutoCompaction::Periodic(p) = self.mode {
             self.revs.push_back(revision);
@@ -113,7 +121,12 @@ pub async fn run(core: Core, mode: AutoCompaction) {
     };
     loop {
         tokio::time::sleep(c.interval()).await;
-        let Some(revision) = c.tick(Instant::now(), core.store().current_revision()) else {
+        let current = core.store().current_revision();
+        if !core.is_leader() {
+            c.paused_tick(current);
+            continue;
+        }
+        let Some(revision) = c.tick(Instant::now(), current) else {
             continue;
         };
         tracing::info!(revision, ?mode, "starting auto compaction");
@@ -187,6 +200,20 @@ mod tests {
         assert_eq!(c.tick(t0 + s * 11, 16), Some(5));
         c.compacted(t0 + s * 11, 5, true);
         assert_eq!(c.tick(t0 + s * 12, 17), None);
+    }
+
+    #[test]
+    fn a_paused_compactor_samples_and_compacts_once_it_leads() {
+        let t0 = Instant::now();
+        let mut c =
+            Compactor::new(AutoCompaction::Periodic(Duration::from_secs(10)), t0, 1).unwrap();
+        let s = Duration::from_secs(1);
+        // A follower for 15 s: samples only.
+        for i in 1..=15 {
+            c.paused_tick(1 + 100 * i64::from(i));
+        }
+        // Elected: compacts at once to the revision of 10 s before.
+        assert_eq!(c.tick(t0 + s * 16, 1601), Some(501));
     }
 
     #[test]

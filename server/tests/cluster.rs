@@ -519,6 +519,35 @@ async fn a_second_learner_added_through_a_lagging_member_is_refused() {
     assert_eq!(learners, 1);
 }
 
+/// Auto compaction runs on the leader only (etcd pauses a follower's compactor): one member's
+/// compactions, not one per member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_auto_compacts() {
+    let c = Cluster::start(
+        3,
+        &[
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1s",
+        ],
+    );
+    let leader = c.wait_leader();
+    let mut cl = client(&c, leader).await;
+    let compacting = |i: usize| c.log_text(i).contains("starting auto compaction");
+    let mut n = 0;
+    while !compacting(leader) {
+        n += 1;
+        assert!(n < 100, "no auto compaction on the leader in 10 s");
+        cl.put("compacted", n.to_string(), None).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Two more periods: a follower's compactor would have run by now.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(c.leader(), Some(leader), "leadership moved during the test");
+    for i in (0..3).filter(|&i| i != leader) {
+        assert!(!compacting(i), "member {i} compacted:\n{}", c.log_text(i));
+    }
+}
+
 /// Five members: writes through each, all converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_replicate() {

@@ -208,13 +208,10 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         _request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        let leases = self
-            .core
-            .lessor()
-            .leases()
-            .iter()
-            .map(|l| pb::LeaseStatus { id: l.id })
-            .collect();
+        // The IDs are copied under the lessor's lock (which the storage core's applies take),
+        // the answer built without it.
+        let ids = self.core.lessor().ids_by_expiry();
+        let leases = ids.into_iter().map(|id| pb::LeaseStatus { id }).collect();
         Ok(Response::new(pb::LeaseLeasesResponse {
             header: self.core.header().with(self.revision()),
             leases,

@@ -59,6 +59,9 @@ const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 const LEASE_REVOKES_PER_CHECK: usize = 500;
 /// Leases per checkpoint proposal (etcd's `maxLeaseCheckpointBatchSize`).
 const LEASE_CHECKPOINT_BATCH: usize = 1000;
+/// Remaining TTLs checkpointed per check at most: 1000 a second, etcd's `leaseCheckpointRate`;
+/// a checkpoint interval's worth is spread over the checks that follow it.
+const LEASE_CHECKPOINTS_PER_CHECK: usize = 500;
 
 /// Entries between backend checkpoints at most.
 pub const CHECKPOINT_ENTRIES: u64 = 10_000;
@@ -207,6 +210,8 @@ pub(crate) struct Node {
     pub(super) revoking: HashMap<i64, Instant>,
     lease_checked_at: Instant,
     lease_checkpointed_at: Instant,
+    /// Leases whose remaining TTL is due to be checkpointed, a bounded number per check.
+    checkpoint_due: Vec<i64>,
     /// This member expires and checkpoints leases: it leads, and has applied its first entry
     /// of the term (etcd's primary lessor, promoted then). Until that entry is applied, its
     /// lease table may miss revocations and checkpoints committed under the old leader, and
@@ -692,6 +697,7 @@ impl Node {
             revoking: HashMap::new(),
             lease_checked_at: Instant::now(),
             lease_checkpointed_at: Instant::now(),
+            checkpoint_due: Vec::new(),
             lease_primary: false,
             leaderless: VecDeque::new(),
             leader: 0,
@@ -1604,67 +1610,83 @@ impl Node {
         self.shared.lease_primary.store(true, Ordering::Release);
         self.lease_checked_at = now;
         self.lease_checkpointed_at = now;
+        self.checkpoint_due.clear();
     }
 
     /// Expiry and checkpoints of leases, on the primary lessor: expired leases are revoked
-    /// through raft (etcd checks every 500 ms and revokes at most 1000 a second), and so are the
-    /// stale stored TTLs of renewed leases cleared; every checkpoint interval the remaining TTLs
-    /// are recorded.
+    /// through raft, soonest expired first (etcd checks every 500 ms and revokes at most 1000 a
+    /// second), and so are the stale stored TTLs of renewed leases cleared; every checkpoint
+    /// interval the remaining TTLs are recorded, 1000 a second. Each check's work on the storage
+    /// core is bounded, whatever the number of leases.
     fn lease_upkeep(&mut self) {
         if self.raw.raft.state != StateRole::Leader || !self.lease_primary {
             return;
         }
         let now = Instant::now();
-        if now.duration_since(self.lease_checked_at) >= LEASE_CHECK_INTERVAL {
-            self.lease_checked_at = now;
-            let (expired, stale) = {
-                let lessor = lock(&self.shared.lessor);
-                (lessor.expired(now), lessor.stale_checkpoints())
-            };
-            // A revocation not applied within the request timeout (a lost proposal) is proposed
-            // again.
-            let retry = self.cfg.request_timeout();
-            self.revoking.retain(|id, at| {
-                expired.binary_search(id).is_ok() && now.duration_since(*at) < retry
-            });
-            let mut proposed = 0;
-            for id in expired {
-                if proposed == LEASE_REVOKES_PER_CHECK {
-                    break;
-                }
-                if let std::collections::hash_map::Entry::Vacant(e) = self.revoking.entry(id) {
-                    e.insert(now);
-                    proposed += 1;
-                    self.propose_internal(Request::LeaseRevoke(pb::LeaseRevokeRequest { id }));
-                }
-            }
-            // Renewed since their last checkpoint: a checkpoint of 0 clears the stored TTL, as
-            // etcd does on the first renewal after a checkpoint.
-            self.propose_checkpoints(
-                stale
-                    .into_iter()
-                    .map(|id| pb::LeaseCheckpoint {
-                        id,
-                        remaining_ttl: 0,
-                    })
-                    .collect(),
-            );
+        if now.duration_since(self.lease_checked_at) < LEASE_CHECK_INTERVAL {
+            return;
         }
-        if !self.cfg.lease_checkpoint_interval.is_zero()
-            && now.duration_since(self.lease_checkpointed_at) >= self.cfg.lease_checkpoint_interval
-        {
-            self.lease_checkpointed_at = now;
-            let checkpoints: Vec<pb::LeaseCheckpoint> = lock(&self.shared.lessor)
-                .leases()
-                .iter()
-                .map(|l| pb::LeaseCheckpoint {
-                    id: l.id,
-                    remaining_ttl: l.remaining(now).as_secs_f64().ceil() as i64,
-                })
-                .filter(|c| c.remaining_ttl > 0)
+        self.lease_checked_at = now;
+        // A revocation not applied within the request timeout (a lost proposal) is proposed
+        // again.
+        let retry = self.cfg.request_timeout();
+        let interval = self.cfg.lease_checkpoint_interval;
+        let (expired, stale, checkpoints) = {
+            let lessor = lock(&self.shared.lessor);
+            self.revoking
+                .retain(|&id, at| lessor.is_expired(id, now) && now.duration_since(*at) < retry);
+            let expired: Vec<i64> = lessor
+                .expired(now)
+                .filter(|id| !self.revoking.contains_key(id))
+                .take(LEASE_REVOKES_PER_CHECK)
                 .collect();
-            self.propose_checkpoints(checkpoints);
+            let stale = lessor.stale_checkpoints(LEASE_CHECKPOINT_BATCH);
+            if !interval.is_zero()
+                && self.checkpoint_due.is_empty()
+                && now.duration_since(self.lease_checkpointed_at) >= interval
+            {
+                self.lease_checkpointed_at = now;
+                self.checkpoint_due = lessor.ids_by_expiry();
+                // Taken from the end: soonest expiry first.
+                self.checkpoint_due.reverse();
+            }
+            let take = self.checkpoint_due.len().min(LEASE_CHECKPOINTS_PER_CHECK);
+            let due = self
+                .checkpoint_due
+                .split_off(self.checkpoint_due.len() - take);
+            // etcd's filters: leases no longer than the interval are not checkpointed (they
+            // are gone before the next one), nor a remaining TTL not below the TTL (just
+            // renewed, or extended by a promotion: a restart gives the whole TTL anyway).
+            let checkpoints: Vec<pb::LeaseCheckpoint> = due
+                .into_iter()
+                .rev()
+                .filter_map(|id| {
+                    let l = lessor.get(id)?;
+                    let remaining_ttl = l.remaining(now).as_secs_f64().ceil() as i64;
+                    (Duration::from_secs(l.ttl as u64) > interval
+                        && remaining_ttl > 0
+                        && remaining_ttl < l.ttl)
+                        .then_some(pb::LeaseCheckpoint { id, remaining_ttl })
+                })
+                .collect();
+            (expired, stale, checkpoints)
+        };
+        for id in expired {
+            self.revoking.insert(id, now);
+            self.propose_internal(Request::LeaseRevoke(pb::LeaseRevokeRequest { id }));
         }
+        // Renewed since their last checkpoint: a checkpoint of 0 clears the stored TTL, as
+        // etcd does on the first renewal after a checkpoint.
+        self.propose_checkpoints(
+            stale
+                .into_iter()
+                .map(|id| pb::LeaseCheckpoint {
+                    id,
+                    remaining_ttl: 0,
+                })
+                .collect(),
+        );
+        self.propose_checkpoints(checkpoints);
     }
 
     fn propose_checkpoints(&mut self, checkpoints: Vec<pb::LeaseCheckpoint>) {
