@@ -548,6 +548,42 @@ async fn only_the_leader_auto_compacts() {
     }
 }
 
+/// An Observe stream that asks for a leader (`hasleader`: clientv3's `WithRequireLeader`) ends
+/// with etcd's "no leader" once its member has had none for three election timeouts, so the
+/// client can move to another member (etcd's stream interceptor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observe_requiring_a_leader_ends_when_its_member_loses_it() {
+    use keel_proto::v3electionpb as epb;
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let mut election = epb::election_client::ElectionClient::connect(c.endpoint(follower))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(epb::LeaderRequest {
+        name: b"E".to_vec(),
+    });
+    request
+        .metadata_mut()
+        .insert("hasleader", "true".parse().unwrap());
+    let mut stream = election.observe(request).await.unwrap().into_inner();
+    // The observer is watching once it has sent the first leader.
+    let mut cl = client(&c, leader).await;
+    let lease = cl.lease_grant(60, None).await.unwrap().id();
+    cl.campaign("E", "v", lease).await.unwrap();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.kv.unwrap().value.as_ref(), b"v");
+    for i in (0..3).filter(|&i| i != follower) {
+        c.kill(i);
+    }
+    let end = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+        .await
+        .expect("the stream went on without a leader");
+    let status = end.expect_err("a message, or the end without an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "etcdserver: no leader");
+}
+
 /// Five members: writes through each, all converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_replicate() {

@@ -455,3 +455,84 @@ fn etcdctl_lock_and_elect_match_etcds() {
     }
     assert_eq!(got, expected);
 }
+
+/// A lock wait that fails deletes the waiter's key before Lock answers (etcd unlocks, and waits
+/// for it, first): a caller retrying at once with the same lease must not find its old key,
+/// then lose it to a delete still on its way. The wait fails here because the member may hold
+/// no watcher (a Keel limit; etcd has none, so this runs against keel alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lock_wait_deletes_its_key_before_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(dir.path(), common::free_port(), &["--max-watchers=0"]);
+    let mut c = Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let holder = c.lease_grant(60, None).await.unwrap().id();
+    let waiter = c.lease_grant(60, None).await.unwrap().id();
+    c.lock("L", Some(LockOptions::new().with_lease(holder)))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let failed = c
+            .lock("L", Some(LockOptions::new().with_lease(waiter)))
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        let keys = c
+            .get("L/", Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .unwrap();
+        let keys: Vec<_> = keys
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap().to_string())
+            .collect();
+        assert_eq!(keys, [format!("L/{holder:x}")], "{failed:?}");
+    }
+}
+
+/// A campaign abandoned while it waits resigns only its own candidacy: the key of the same
+/// lease made again since by another campaign stays (etcd resigns by create revision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_campaign_resigns_only_its_own_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd(&dir.path().join("etcd"), &[]);
+    let keel = common::keel(&dir.path().join("keel"), common::free_port(), &[]);
+    let mut seen = Vec::new();
+    for endpoint in [&etcd.endpoint, &keel.endpoint] {
+        let mut c = Client::connect([endpoint.as_str()], None).await.unwrap();
+        let leader = c.lease_grant(60, None).await.unwrap().id();
+        let shared = c.lease_grant(60, None).await.unwrap().id();
+        c.campaign("E", "leader", leader).await.unwrap();
+        // The first campaign of `shared` waits behind the leader...
+        let mut first = c.clone();
+        let waiting = tokio::spawn(async move { first.campaign("E", "first", shared).await });
+        wait_keys(&mut c, "E/", 2).await;
+        let key = format!("E/{shared:x}");
+        let rev = c.get(key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+        // ...is resigned by someone, and a second campaign of the same lease queues again.
+        let old = LeaderKey::new()
+            .with_name("E")
+            .with_key(key.as_str())
+            .with_rev(rev)
+            .with_lease(shared);
+        c.resign(Some(ResignOptions::new().with_leader(old)))
+            .await
+            .unwrap();
+        let mut second = c.clone();
+        let again = tokio::spawn(async move { second.campaign("E", "second", shared).await });
+        wait_keys(&mut c, "E/", 2).await;
+        // The first one's caller goes away.
+        waiting.abort();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let kv = c.get(key.as_str(), None).await.unwrap();
+        seen.push(
+            kv.kvs()
+                .iter()
+                .map(|kv| kv.value_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+        );
+        again.abort();
+    }
+    assert_eq!(seen[1], seen[0]);
+    assert_eq!(seen[0], ["second"]);
+}

@@ -19,7 +19,7 @@ use keel_proto::mvccpb;
 use keel_proto::v3electionpb as epb;
 use tonic::{Request, Response, Status};
 
-use super::lock::{Release, created_at, get_op, put_op, range_kvs, session_lease};
+use super::lock::{Release, created_at, get_op, put_op, range_kvs, resign, session_lease};
 use super::v3client::{Local, V3Client, prefix_end};
 
 /// etcd's `ErrElectionNotLeader`.
@@ -73,25 +73,6 @@ async fn proclaim(
     Ok(resp.header.unwrap_or_default())
 }
 
-/// `Resign`: deletes the leader key if it still has its create revision.
-async fn resign(client: &V3Client, key: &[u8], rev: i64) -> Result<pb::ResponseHeader, Status> {
-    let resp = client
-        .txn(pb::TxnRequest {
-            compare: vec![created_at(key, rev)],
-            success: vec![pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(
-                    pb::DeleteRangeRequest {
-                        key: key.to_vec(),
-                        ..Default::default()
-                    },
-                )),
-            }],
-            failure: vec![],
-        })
-        .await?;
-    Ok(resp.header.unwrap_or_default())
-}
-
 /// The leader key of a request that must carry one.
 fn leader_key(leader: Option<epb::LeaderKey>) -> Result<epb::LeaderKey, Status> {
     leader.ok_or_else(|| Status::unknown(MISSING_LEADER))
@@ -134,8 +115,9 @@ impl epb::election_server::Election for ElectionService {
             }
         }
         // A caller that goes away while it waits resigns (etcd resigns when the campaign's
-        // context ends); a wait that fails otherwise leaves the candidacy, as etcd does.
-        let release = Release::new(client.clone(), key.clone());
+        // context ends: only the key of this create revision); a wait that fails otherwise
+        // leaves the candidacy, as etcd does.
+        let release = Release::created_at(client.clone(), key.clone(), rev);
         let waited = client.wait_deletes(&prefix, rev - 1).await;
         release.keep();
         waited?;
@@ -186,22 +168,33 @@ impl epb::election_server::Election for ElectionService {
         request: Request<epb::LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
         let client = V3Client::new(&self.local, &request);
+        // etcd's interceptor ends a stream that asked for a leader once the member has had
+        // none for three election timeouts, with "no leader" (`monitorLeader`).
+        let lost = super::requires_leader_metadata(request.metadata())
+            .then(|| self.local.watch.leader_lost());
         let prefix = prefix(&request.into_inner().name);
         let (tx, rx) = tokio::sync::mpsc::channel(OBSERVE_QUEUE);
         tokio::spawn(async move {
+            let lost = async move {
+                match lost {
+                    Some(lost) => lost.await,
+                    None => std::future::pending().await,
+                }
+            };
             // Ends when the caller goes away (even while nothing changes: its receiver is
             // dropped), or a read or watch fails, which ends the stream without an error, as
             // etcd's.
             tokio::select! {
                 _ = observe(&client, &prefix, &tx) => {}
-                _ = tx.closed() => {}
+                () = tx.closed() => {}
+                () = lost => {
+                    let status = super::convert::status(&keel_engine::Error::NoLeader);
+                    let _ = tx.send(Err(status)).await;
+                }
             }
         });
         let stream =
-            futures::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|r| (Ok(r), rx)) },
-            );
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -233,7 +226,7 @@ impl From<Status> for Stopped {
 async fn observe(
     client: &V3Client,
     prefix: &[u8],
-    tx: &tokio::sync::mpsc::Sender<epb::LeaderResponse>,
+    tx: &tokio::sync::mpsc::Sender<Result<epb::LeaderResponse, Status>>,
 ) -> Result<(), Stopped> {
     let put = mvccpb::event::EventType::Put as i32;
     let delete = mvccpb::event::EventType::Delete as i32;
@@ -284,14 +277,14 @@ async fn observe(
 }
 
 async fn send(
-    tx: &tokio::sync::mpsc::Sender<epb::LeaderResponse>,
+    tx: &tokio::sync::mpsc::Sender<Result<epb::LeaderResponse, Status>>,
     header: pb::ResponseHeader,
     kv: mvccpb::KeyValue,
 ) -> Result<(), Stopped> {
-    tx.send(epb::LeaderResponse {
+    tx.send(Ok(epb::LeaderResponse {
         header: Some(header),
         kv: Some(kv),
-    })
+    }))
     .await
     .map_err(|_| Stopped)
 }

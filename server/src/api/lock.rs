@@ -38,6 +38,9 @@ impl LockService {
 pub(crate) struct Release {
     client: V3Client,
     key: Option<Vec<u8>>,
+    /// Delete only while the key has this create revision (a candidate resigns so: a key
+    /// made again meanwhile, under the same lease, is another campaign's).
+    created: Option<i64>,
 }
 
 impl Release {
@@ -45,6 +48,16 @@ impl Release {
         Release {
             client,
             key: Some(key),
+            created: None,
+        }
+    }
+
+    /// A release that deletes the key only while it has create revision `rev`.
+    pub(crate) fn created_at(client: V3Client, key: Vec<u8>, rev: i64) -> Release {
+        Release {
+            client,
+            key: Some(key),
+            created: Some(rev),
         }
     }
 
@@ -52,20 +65,59 @@ impl Release {
     pub(crate) fn keep(mut self) {
         self.key = None;
     }
+
+    /// Deletes the key now, before the caller is answered (etcd unlocks, and waits for it,
+    /// before returning a failed wait's error: a caller retrying at once with the same lease
+    /// must not find the old key, then lose it to a delete still on its way).
+    pub(crate) async fn now(mut self) {
+        if let Some(key) = self.key.take() {
+            delete(&self.client, key, self.created).await;
+        }
+    }
+}
+
+async fn delete(client: &V3Client, key: Vec<u8>, created: Option<i64>) {
+    let deleted = match created {
+        Some(rev) => resign(client, &key, rev).await.map(drop),
+        None => client.delete(key.clone()).await.map(drop),
+    };
+    if let Err(e) = deleted {
+        tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e,
+            "cannot delete the key of an abandoned lock or campaign wait");
+    }
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             let client = self.client.clone();
-            tokio::spawn(async move {
-                if let Err(e) = client.delete(key.clone()).await {
-                    tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e,
-                        "cannot delete the key of an abandoned lock wait");
-                }
-            });
+            let created = self.created;
+            tokio::spawn(async move { delete(&client, key, created).await });
         }
     }
+}
+
+/// etcd's `Resign`: deletes `key` if it still has create revision `rev`.
+pub(crate) async fn resign(
+    client: &V3Client,
+    key: &[u8],
+    rev: i64,
+) -> Result<pb::ResponseHeader, Status> {
+    let resp = client
+        .txn(pb::TxnRequest {
+            compare: vec![created_at(key, rev)],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(
+                    pb::DeleteRangeRequest {
+                        key: key.to_vec(),
+                        ..Default::default()
+                    },
+                )),
+            }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(resp.header.unwrap_or_default())
 }
 
 /// A lease ID as Go's `%x` prints it (a negative one with a minus sign), the suffix of the lock
@@ -171,7 +223,13 @@ impl lpb::lock_server::Lock for LockService {
             }));
         }
         let release = Release::new(client.clone(), key.clone());
-        let header = client.wait_deletes(&prefix, my_rev - 1).await?;
+        let header = match client.wait_deletes(&prefix, my_rev - 1).await {
+            Ok(header) => header,
+            Err(e) => {
+                release.now().await;
+                return Err(e);
+            }
+        };
         release.keep();
         Ok(Response::new(lpb::LockResponse {
             header: Some(header),

@@ -45,6 +45,13 @@ pub fn requires_leader(headers: &axum::http::HeaderMap) -> bool {
     headers.get(&KEY).is_some_and(|v| v.as_bytes() == b"true")
 }
 
+/// Whether a call's metadata asks for a leader.
+pub fn requires_leader_metadata(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata
+        .get(REQUIRE_LEADER_KEY)
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
 /// [`dispatch::refusal`] as an axum middleware, for the router the JSON gateway calls.
 pub async fn require_leader(State(core): State<Core>, request: Request, next: Next) -> Response {
     match dispatch::refusal(&core, request.uri().path(), request.headers()) {

@@ -334,6 +334,27 @@ impl std::fmt::Debug for HubMsg {
 }
 
 impl WatchService {
+    /// etcd's `monitorLeader` for a stream that asked for a leader (`hasleader`): ready once
+    /// this member has had no leader at three checks in a row, an election timeout apart.
+    pub fn leader_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let core = self.core.clone();
+        let every = self.leader_check;
+        async move {
+            let mut misses = 0;
+            loop {
+                tokio::time::sleep(every).await;
+                if core.leader() == 0 {
+                    misses += 1;
+                    if misses >= NO_LEADER_CHECKS {
+                        return;
+                    }
+                } else {
+                    misses = 0;
+                }
+            }
+        }
+    }
+
     /// Starts one hub per feed on the current runtime; each consumes everything the storage
     /// core publishes and serves the streams given to it (round robin), so the fan-out of a
     /// revision to many watchers runs on several network threads. Responses are split in
@@ -1072,22 +1093,12 @@ impl WatchService {
         if require_leader {
             // etcd's `monitorLeader`: a stream that asked for a leader ends once the member has
             // had none for three election timeouts, so the client moves to another member.
-            let core = self.core.clone();
+            let lost = self.leader_lost();
             let watched = outbox.clone();
-            let every = self.leader_check;
             tokio::spawn(async move {
-                let mut misses = 0;
-                while !watched.closed.load(Ordering::Acquire) {
-                    tokio::time::sleep(every).await;
-                    if core.leader() == 0 {
-                        misses += 1;
-                        if misses >= NO_LEADER_CHECKS {
-                            watched.fail(convert::status(&Error::NoLeader));
-                            return;
-                        }
-                    } else {
-                        misses = 0;
-                    }
+                tokio::select! {
+                    () = lost => watched.fail(convert::status(&Error::NoLeader)),
+                    () = watched.closed() => {}
                 }
             });
         }
