@@ -384,6 +384,18 @@ fn session(s: &Server) -> Vec<String> {
         ),
     );
     step(
+        "txn: unknown enum name",
+        curl(
+            s,
+            "POST",
+            "/v3/kv/txn",
+            &format!(
+                r#"{{"compare":[{{"key":"{key}","result":"NOT_EQUALS","target":"VALUE","value":"YmF6"}}],"success":[{{"request_put":{{"key":"{key}","value":"MQ=="}}}}]}}"#
+            ),
+            &[],
+        ),
+    );
+    step(
         "deleterange prev_kv",
         curl(
             s,

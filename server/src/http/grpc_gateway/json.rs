@@ -4,7 +4,8 @@
 //! - field names as the .proto spells them (`create_revision`, `ID`, `dbSize`); on input the
 //!   lowerCamelCase names are accepted too, and unknown fields are ignored;
 //! - `bytes` as standard base64, 64-bit integers as strings (numbers accepted on input), enums
-//!   by name (numbers accepted on input);
+//!   by name (numbers accepted on input; an unknown name is refused as jsonpb refuses it, never
+//!   dropped: a misspelt `NOT_EQUAL` must not make a compare `EQUAL`);
 //! - fields at their default value left out;
 //! - `<`, `>`, `&`, U+2028 and U+2029 escaped as `\u003c`… the way Go's `encoding/json` writes
 //!   strings.
@@ -15,7 +16,9 @@
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
-use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, SerializeOptions};
+use prost_reflect::{
+    DeserializeOptions, DynamicMessage, EnumDescriptor, Kind, MessageDescriptor, SerializeOptions,
+};
 
 const SERIALIZE: SerializeOptions = SerializeOptions::new()
     .use_proto_field_name(true)
@@ -23,7 +26,9 @@ const SERIALIZE: SerializeOptions = SerializeOptions::new()
     .use_enum_numbers(false)
     .skip_default_fields(true);
 
-const DESERIALIZE: DeserializeOptions = DeserializeOptions::new().deny_unknown_fields(false);
+/// Unknown fields are taken out before (see [`known_fields_only`]), so anything unknown left is
+/// an enum name: refused.
+const DESERIALIZE: DeserializeOptions = DeserializeOptions::new().deny_unknown_fields(true);
 
 /// Why a request body gave no message.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,9 @@ pub enum ReadError {
     Body(#[from] axum::Error),
     #[error("gateway: a request message larger than {0} bytes of JSON")]
     TooLarge(usize),
+    /// jsonpb's refusal of an enum name the enum does not have.
+    #[error("unknown value {0:?} for enum {1}")]
+    UnknownEnumValue(String, String),
 }
 
 /// `message` as JSON, appended to `out`.
@@ -92,17 +100,84 @@ fn escape_like_go(out: &mut Vec<u8>, start: usize) {
 }
 
 /// The message the first JSON value of `json` gives for `desc`, encoded as protobuf (what
-/// follows the first value is not read, as Go's `json.Decoder` does not). The message is built
-/// straight from the text, with no intermediate JSON tree.
+/// follows the first value is not read, as Go's `json.Decoder` does not).
 pub fn encode(desc: &MessageDescriptor, json: &[u8]) -> Result<Vec<u8>, ReadError> {
     use prost::Message as _;
     if json.iter().all(u8::is_ascii_whitespace) {
         // No value: the empty message.
         return Ok(Vec::new());
     }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let message = DynamicMessage::deserialize_with_options(desc.clone(), &mut de, &DESERIALIZE)?;
+    let mut values = serde_json::Deserializer::from_slice(json).into_iter::<serde_json::Value>();
+    let mut value = match values.next() {
+        Some(value) => value?,
+        None => return Ok(Vec::new()),
+    };
+    known_fields_only(desc, &mut value)?;
+    let message = DynamicMessage::deserialize_with_options(desc.clone(), value, &DESERIALIZE)?;
     Ok(message.encode_to_vec())
+}
+
+/// Takes the fields `desc` does not declare out of `value` (jsonpb ignores them, as grpc-gateway
+/// sets it), in nested messages too, and refuses an enum name that is not one of the enum's.
+/// What is not of the right JSON type is left for the deserializer to refuse.
+fn known_fields_only(
+    desc: &MessageDescriptor,
+    value: &mut serde_json::Value,
+) -> Result<(), ReadError> {
+    let serde_json::Value::Object(fields) = value else {
+        return Ok(());
+    };
+    let field = |name: &str| {
+        desc.get_field_by_json_name(name)
+            .or_else(|| desc.get_field_by_name(name))
+    };
+    fields.retain(|name, _| field(name).is_some());
+    for (name, v) in fields.iter_mut() {
+        let f = field(name).expect("kept");
+        let kind = if f.is_map() {
+            match f.kind() {
+                Kind::Message(entry) => entry.map_entry_value_field().kind(),
+                other => other,
+            }
+        } else {
+            f.kind()
+        };
+        match v {
+            serde_json::Value::Array(items) if f.is_list() => {
+                for item in items {
+                    known_kind(&kind, item)?;
+                }
+            }
+            serde_json::Value::Object(entries) if f.is_map() => {
+                for item in entries.values_mut() {
+                    known_kind(&kind, item)?;
+                }
+            }
+            v => known_kind(&kind, v)?,
+        }
+    }
+    Ok(())
+}
+
+fn known_kind(kind: &Kind, value: &mut serde_json::Value) -> Result<(), ReadError> {
+    match (kind, value) {
+        (Kind::Message(m), v) => known_fields_only(m, v),
+        (Kind::Enum(e), serde_json::Value::String(name)) if e.get_value_by_name(name).is_none() => {
+            Err(ReadError::UnknownEnumValue(name.clone(), go_enum_name(e)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An enum's name as golang/protobuf registers it: the package, then the nesting joined by
+/// `_` (`etcdserverpb.Compare_CompareResult`).
+fn go_enum_name(e: &EnumDescriptor) -> String {
+    let package = e.package_name();
+    let full = e.full_name();
+    match full.strip_prefix(package).and_then(|n| n.strip_prefix('.')) {
+        Some(local) if !package.is_empty() => format!("{package}.{}", local.replace('.', "_")),
+        _ => full.replace('.', "_"),
+    }
 }
 
 /// Reads a whole request body, up to `limit` bytes.
@@ -290,6 +365,34 @@ mod tests {
     async fn a_value_over_the_limit_is_refused() {
         let mut v = Values::new(body(&["{\"a\":\"", "xxxxxxxxxxxxxxxxxxxx", "\"}"]), 8);
         assert!(matches!(v.next().await, Err(ReadError::TooLarge(8))));
+    }
+
+    #[test]
+    fn an_unknown_enum_name_is_refused_as_jsonpb_refuses_it() {
+        use keel_proto::etcdserverpb as pb;
+        use prost::Message as _;
+        let pool = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let txn = pool.get_message_by_name("etcdserverpb.TxnRequest").unwrap();
+        let bad = br#"{"compare":[{"result":"NOT_EQUALS","target":"VALUE","key":"Zm9v"}]}"#;
+        let e = encode(&txn, bad).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unknown value "NOT_EQUALS" for enum etcdserverpb.Compare_CompareResult"#
+        );
+        let grant = pool.get_message_by_name("authpb.Permission").unwrap();
+        let e = encode(&grant, br#"{"permType":"READ_WRITE"}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unknown value "READ_WRITE" for enum authpb.Permission_Type"#
+        );
+        // Unknown fields in nested messages of a list are still ignored; numbers still go.
+        let ok = br#"{"compare":[{"bogus":{"x":1},"result":"NOT_EQUAL","target":2,"key":"Zm9v"}],"zz":[1]}"#;
+        let t = pb::TxnRequest::decode(encode(&txn, ok).unwrap().as_slice()).unwrap();
+        assert_eq!(
+            t.compare[0].result,
+            pb::compare::CompareResult::NotEqual as i32
+        );
+        assert_eq!(t.compare[0].target, pb::compare::CompareTarget::Mod as i32);
     }
 
     #[test]
