@@ -8,8 +8,8 @@
 //!   `--data-dir`. On any error nothing is left at the target.
 //! - Carried over: every bucket (keys and their whole history, compaction state, leases, auth,
 //!   alarms), as `etcdctl snapshot restore` carries them. Not carried: the old cluster's
-//!   membership (`members`, `members_removed`) and its raft position (`meta/consistent_index`,
-//!   `meta/term`), since the restored members form a new cluster.
+//!   membership (`members`, `members_removed`, keel's `meta/confState`) and its raft position
+//!   (`meta/consistent_index`, `meta/term`), since the restored members form a new cluster.
 //! - The new cluster is made when keel first starts on the data dir: start each member with the
 //!   `--name`, `--initial-cluster`, `--initial-cluster-token` and
 //!   `--initial-advertise-peer-urls` given here (checked here as etcd checks them).
@@ -54,10 +54,12 @@ pub struct Cluster {
 
 /// Buckets of the old cluster's membership, not carried into a new cluster.
 const DROPPED_BUCKETS: &[&[u8]] = &[b"members", b"members_removed"];
-/// The old raft position, in `meta`.
-const DROPPED_META: &[&[u8]] = &[b"consistent_index", b"term"];
-/// Entries per backend transaction while restoring (bounds the writer's dirty pages).
+/// The old raft position and voters, in `meta`.
+const DROPPED_META: &[&[u8]] = &[b"consistent_index", b"term", b"confState"];
+/// Entries, and bytes of keys and values, per backend transaction while restoring: a
+/// transaction holds its changed pages in memory until it commits.
 const BATCH: usize = 10_000;
+const BATCH_BYTES: usize = 64 << 20;
 
 /// Checks `--name` against `--initial-cluster` and `--initial-advertise-peer-urls`, as etcd.
 fn check_cluster(args: &Cluster) -> anyhow::Result<()> {
@@ -107,6 +109,7 @@ fn convert(file: &SnapshotFile, db: &Path) -> anyhow::Result<u64> {
     }
     let mut w = Some(backend.begin_write()?);
     let mut pending = 0usize;
+    let mut pending_bytes = 0usize;
     let mut copied = 0u64;
     bbolt::visit(file.db(), &file.name(), &mut |bucket, k, v| {
         if DROPPED_BUCKETS.contains(&bucket) || (bucket == b"meta" && DROPPED_META.contains(&k)) {
@@ -115,10 +118,12 @@ fn convert(file: &SnapshotFile, db: &Path) -> anyhow::Result<u64> {
         w.as_mut().expect("open").put(bucket, k, v)?;
         copied += 1;
         pending += 1;
-        if pending >= BATCH {
+        pending_bytes += k.len() + v.len();
+        if pending >= BATCH || pending_bytes >= BATCH_BYTES {
             w.take().expect("open").commit(false)?;
             w = Some(backend.begin_write()?);
             pending = 0;
+            pending_bytes = 0;
         }
         Ok(())
     })?;
@@ -147,11 +152,18 @@ pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Re
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
+    // This run's own directory (two restores to one data dir must not share one), removed on
+    // any error; a run killed midway leaves it beside the data dir, never at it.
     let tmp = parent.join(format!(
-        ".{}.restoring",
-        data_dir.file_name().unwrap_or_default().to_string_lossy()
+        ".{}.restoring.{}",
+        data_dir.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
     ));
-    let _ = std::fs::remove_dir_all(&tmp);
+    if tmp.exists() {
+        // Left by a killed run of a process with the same ID.
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = (|| {
         let snap = tmp.join("member").join("snap");
         std::fs::create_dir_all(&snap)?;
@@ -167,6 +179,10 @@ pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Re
         // The new directories themselves, durable before the rename makes them the data dir.
         for dir in [&snap, &tmp.join("member"), &tmp] {
             std::fs::File::open(dir)?.sync_all()?;
+        }
+        // etcd refuses a data dir that exists; one made meanwhile (by another restore) too.
+        if data_dir.exists() {
+            bail!("data-dir {:?} exists", data_dir.display().to_string());
         }
         std::fs::rename(&tmp, &data_dir)?;
         std::fs::File::open(parent)?.sync_all()?;

@@ -90,7 +90,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         None => "part".into(),
     });
     let result = async {
-        let mut out = tokio::fs::File::create(&part)
+        // 0600 as etcdctl: the file holds every key and the users' password hashes.
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&part)
             .await
             .with_context(|| format!("cannot create {}", part.display()))?;
         let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
@@ -117,7 +123,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     .await;
     match result {
         Ok(total) => {
-            tokio::fs::rename(&part, &args.file).await?;
+            if let Err(e) = tokio::fs::rename(&part, &args.file).await {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(e).with_context(|| format!("cannot rename to {}", args.file.display()));
+            }
             if let Some(dir) = args.file.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::File::open(dir)?.sync_all()?;
             }

@@ -195,6 +195,10 @@ fn a_keel_snapshot_saved_by_keelctl_is_read_by_etcdctl_and_restores() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Readable by its owner only, as etcdctl makes it: it holds every key and password hash.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let ours = keelctl(&["snapshot", "status", file]);
     let theirs = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -212,8 +216,21 @@ fn a_keel_snapshot_saved_by_keelctl_is_read_by_etcdctl_and_restores() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The old cluster's voters are not carried over (a first start would read them back).
+    {
+        let db = data.join("member").join("snap").join("db");
+        let store = keel_engine::mvcc::Store::open(&db, Default::default()).unwrap();
+        assert_eq!(store.get_raw(b"meta", b"confState").unwrap(), None);
+    }
     let copy = start_keel(&data, "copy", peer);
     assert_eq!(hashkv(&copy.endpoint), hash);
+    // No temporary directory left beside the data dir.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("restoring"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
