@@ -170,6 +170,8 @@ fn has_wal(data_dir: &Path, wal_dir: Option<&Path>) -> bool {
 /// The member's TLS: what its `https` client and peer URLs serve with, and how it dials peers.
 struct Tls {
     client: Option<Arc<crate::tls::ServerTls>>,
+    /// `--client-cert-auth` as it applies: an `--auto-tls` certificate drops it, as etcd's.
+    client_cert_auth: bool,
     peer: Option<Arc<crate::tls::ServerTls>>,
     dialer: crate::tls::dial::Dialer,
 }
@@ -201,9 +203,11 @@ impl Tls {
         )?;
         let dialer = crate::tls::dial::Dialer::new(Some(
             crate::tls::client("peer", &peer_settings).context("peer TLS")?,
-        ));
+        ))
+        .with_election_timeout(config.election_timeout);
         Ok(Tls {
             client: client.0,
+            client_cert_auth: client.1.client_cert_auth,
             peer,
             dialer,
         })
@@ -225,9 +229,17 @@ impl Tls {
                 let dir = config.data_dir.join("fixtures").join(side);
                 let (cert, key) = crate::tls::auto::self_cert(&dir, &hosts)
                     .with_context(|| format!("{side} auto TLS"))?;
-                settings.cert_file = Some(cert);
-                settings.key_file = Some(key);
-                settings.self_signed = true;
+                // etcd's `SelfCert` replaces the whole TLS configuration of the side: client
+                // certificate authentication, the CA and CRL files and the allowed CN and
+                // hostname go with it (only the cipher suites are set again).
+                settings = crate::tls::Settings {
+                    cert_file: Some(cert),
+                    key_file: Some(key),
+                    self_signed: true,
+                    auto_tls: true,
+                    suites: settings.suites.clone(),
+                    ..Default::default()
+                };
             }
         }
         let mut server = None;
@@ -237,6 +249,17 @@ impl Tls {
                     tracing::warn!(
                         %url,
                         "scheme is HTTP while key and cert files are present; ignoring key and cert files"
+                    );
+                }
+                if settings.client_cert_auth {
+                    let flag = if side == "peer" {
+                        "--peer-client-cert-auth"
+                    } else {
+                        "--client-cert-auth"
+                    };
+                    tracing::warn!(
+                        %url,
+                        "scheme is HTTP while {flag} is enabled; ignoring client cert auth for this URL"
                     );
                 }
                 continue;
@@ -523,11 +546,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         let trigger = Arc::new(trigger);
         tokio::spawn(signals(trigger.clone()));
         let limit = config.max_request_bytes as usize + 512 * 1024;
-        let gate = crate::auth::gate::Gate::new(
-            core.clone(),
-            config.client_tls.client_cert_auth,
-            jwt.clone(),
-        );
+        let gate = crate::auth::gate::Gate::new(core.clone(), tls.client_cert_auth, jwt.clone());
         let auth = AuthServer::new(AuthService::new(gate.clone(), config.bcrypt_cost))
             .max_decoding_message_size(limit);
         let kv_service = KvService::new(
@@ -608,7 +627,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let gateway = crate::http::grpc_gateway::Gateway::new(
                 grpc.clone(),
                 core.clone(),
-                config.client_tls.client_cert_auth,
+                tls.client_cert_auth,
                 config.max_request_bytes as usize,
             )
             .context("cannot set up the JSON gateway")?;
@@ -655,7 +674,12 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let stop = async move { stop.wait().await };
             let server = match (&tls.peer, url.tls) {
                 (Some(t), true) => tokio::spawn(builder.serve_with_incoming_shutdown(
-                    crate::tls::incoming::incoming(incoming, t.clone(), "peer"),
+                    crate::tls::incoming::incoming(
+                        incoming,
+                        t.clone(),
+                        "peer",
+                        !config.compat.peer_skip_client_san_verification,
+                    ),
                     stop,
                 )),
                 _ => tokio::spawn(builder.serve_with_incoming_shutdown(incoming, stop)),
@@ -677,7 +701,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let stop = async move { stop.wait().await };
             let server = match (&tls.client, url.tls) {
                 (Some(t), true) => tokio::spawn(crate::net::serve_service(
-                    crate::tls::incoming::incoming(incoming, t.clone(), "client"),
+                    crate::tls::incoming::incoming(incoming, t.clone(), "client", false),
                     client_service.clone(),
                     client_options,
                     stop,
@@ -711,7 +735,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let server = match (&tls.client, url.tls) {
                 (None, true) => bail!("no client TLS for the metrics URL {url}"),
                 (Some(t), true) => tokio::spawn(crate::net::serve_clients(
-                    crate::tls::incoming::incoming(incoming, t.clone(), "metrics"),
+                    crate::tls::incoming::incoming(incoming, t.clone(), "metrics", false),
                     metrics_routes,
                     client_options,
                     stop,

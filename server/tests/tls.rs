@@ -549,3 +549,72 @@ fn the_gateway_refuses_a_certificate_cn_once_auth_is_on() {
         "200\nCommonName of client sending a request against gateway will be ignored and not used as expected\n\n400"
     );
 }
+
+/// A peer URL refuses a client certificate that does not name the address it comes from
+/// (etcd's `checkSAN`: a peer certificate copied to another host does not work there), unless
+/// `--experimental-peer-skip-client-san-verification`.
+#[test]
+fn peer_certificates_must_name_the_address_they_connect_from() {
+    let certs = Certs::new();
+    let p = Certs::p;
+    let elsewhere = certs
+        .signer
+        .sign(certs.dir.path(), "elsewhere", "member", &["10.9.9.9"]);
+    for skip in [false, true] {
+        let mut flags = vec![
+            format!("--peer-cert-file={}", p(&certs.server.0)),
+            format!("--peer-key-file={}", p(&certs.server.1)),
+            format!("--peer-trusted-ca-file={}", p(&certs.ca)),
+            "--peer-client-cert-auth".into(),
+        ];
+        if skip {
+            flags.push("--experimental-peer-skip-client-san-verification".into());
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut c = Cluster::new(1, &flags);
+        c.peer_scheme = "https";
+        c.start_member(0);
+        let reaches = |cert: &(PathBuf, PathBuf)| {
+            Command::new("curl")
+                .args(["-sS", "--http2", "-o", "/dev/null", "--max-time", "10"])
+                .args(["--cacert", &p(&certs.ca)])
+                .args(["--cert", &p(&cert.0), "--key", &p(&cert.1)])
+                .arg(format!("{}/members", c.peer_url(0)))
+                .status()
+                .expect("curl")
+                .success()
+        };
+        assert!(reaches(&certs.server), "a certificate naming 127.0.0.1");
+        assert_eq!(
+            reaches(&elsewhere),
+            skip,
+            "a certificate naming 10.9.9.9 only"
+        );
+        if !skip {
+            let log = c.log_text(0);
+            assert!(
+                log.contains("rejected connection") && log.contains("10.9.9.9"),
+                "{log}"
+            );
+        }
+    }
+}
+
+/// `--peer-auto-tls` replaces the peer TLS flags, as etcd's: with `--peer-client-cert-auth`
+/// (which needs a CA file otherwise) the members still start and replicate.
+#[test]
+fn peer_auto_tls_replaces_the_other_peer_tls_flags() {
+    let mut c = Cluster::new(3, &["--peer-auto-tls", "--peer-client-cert-auth"]);
+    c.peer_scheme = "https";
+    for i in 0..3 {
+        c.start_member(i);
+    }
+    wait_for("a write through member 1", || {
+        ctl(&c.endpoint(0), &[], &["put", "k", "v"]).0.then_some(())
+    });
+    let out = wait_for("the write on member 3", || {
+        let (ok, out) = ctl(&c.endpoint(2), &[], &["get", "k", "--print-value-only"]);
+        (ok && out == "v\n").then_some(out)
+    });
+    assert_eq!(out, "v\n");
+}

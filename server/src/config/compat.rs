@@ -189,6 +189,9 @@ pub enum LogOutput {
 pub struct Compat {
     /// `--wal-dir`: the WAL's own directory (default: `<data-dir>/member/wal`).
     pub wal_dir: Option<PathBuf>,
+    /// `--experimental-peer-skip-client-san-verification`: peers' client certificates need
+    /// not name the address they connect from.
+    pub peer_skip_client_san_verification: bool,
     pub pre_vote: bool,
     pub max_concurrent_streams: u32,
     /// Zero: no server pings.
@@ -408,13 +411,6 @@ impl CompatFlags {
                 "Keel does not fast-forward the initial election ticks, with or without it",
             );
         }
-        if self.experimental_peer_skip_client_san_verification {
-            notice(
-                "experimental-peer-skip-client-san-verification",
-                "Keel does not match peers' client certificate SANs against their addresses; \
-                 use --peer-cert-allowed-cn or --peer-cert-allowed-hostname",
-            );
-        }
         Ok(Compat {
             wal_dir,
             pre_vote: self.pre_vote,
@@ -432,6 +428,7 @@ impl CompatFlags {
             discovery_srv_name: self.discovery_srv_name.trim().to_string(),
             cors: self.cors.clone(),
             host_whitelist: self.host_whitelist.clone(),
+            peer_skip_client_san_verification: self.experimental_peer_skip_client_san_verification,
             notices,
         })
     }

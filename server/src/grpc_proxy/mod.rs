@@ -458,7 +458,7 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
             let tls = crate::tls::server("grpc-proxy", &s).map_err(anyhow::Error::msg)?;
             tracing::info!(address = %addr, endpoints = ?endpoints, "grpc-proxy: serving over TLS");
             tokio::spawn(crate::net::serve_clients(
-                crate::tls::incoming::incoming(incoming, tls, "grpc-proxy"),
+                crate::tls::incoming::incoming(incoming, tls, "grpc-proxy", false),
                 routes,
                 options,
                 stopped(stop_rx.clone()),

@@ -12,7 +12,7 @@
 //! trusts a length: malformed input gives `None`.
 
 /// One DER TLV at the start of `b`: its tag, its contents, and what follows it.
-fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(super) fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, b) = b.split_first()?;
     let (&first, mut b) = b.split_first()?;
     let len = if first < 0x80 {

@@ -20,10 +20,24 @@ use tonic::transport::{Channel, Endpoint};
 use super::ClientTls;
 use crate::config::parse_url;
 
+/// How long a TLS handshake with a peer may take once connected (etcd's transport's
+/// `TLSHandshakeTimeout`).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The TCP connect timeout of a dialer made without an election timeout.
+const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How a member reaches its peers. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Dialer {
     tls: Option<Arc<ClientTls>>,
+    /// The TCP connect timeout (etcd's `peerDialTimeout`: 1 s plus the election timeout).
+    dial_timeout: Duration,
+}
+
+impl Default for Dialer {
+    fn default() -> Dialer {
+        Dialer::new(None)
+    }
 }
 
 impl std::fmt::Debug for Dialer {
@@ -37,7 +51,19 @@ impl std::fmt::Debug for Dialer {
 impl Dialer {
     /// A dialer that uses `tls` for `https` peer URLs.
     pub fn new(tls: Option<Arc<ClientTls>>) -> Dialer {
-        Dialer { tls }
+        Dialer {
+            tls,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+        }
+    }
+
+    /// The same, connecting within 1 s plus `election_timeout` as etcd's peers do (then the
+    /// TLS handshake has its own 10 s): a member a long round trip away still connects.
+    pub fn with_election_timeout(self, election_timeout: Duration) -> Dialer {
+        Dialer {
+            dial_timeout: DEFAULT_DIAL_TIMEOUT + election_timeout,
+            ..self
+        }
     }
 
     /// An endpoint for `url` with the peer transport's settings, and the connector it needs:
@@ -53,6 +79,7 @@ impl Dialer {
                 tls: self.tls.clone(),
                 name,
                 addr: (host.to_string(), parsed.port),
+                dial_timeout: self.dial_timeout,
             })
         } else {
             None
@@ -60,11 +87,17 @@ impl Dialer {
         Some((endpoint, connect))
     }
 
-    /// A lazily connected channel to `url` (keep-alive pings every 5 s, a 1 s connect timeout).
+    /// A lazily connected channel to `url` (keep-alive pings every 5 s; the dial timeout to
+    /// connect, and for TLS the handshake timeout after that).
     pub fn channel(&self, url: &str) -> Option<Channel> {
         let (endpoint, connect) = self.endpoint(url)?;
+        // The connector of an https URL times its own steps; tonic's timeout wraps them all.
+        let timeout = match connect {
+            Some(_) => self.dial_timeout + HANDSHAKE_TIMEOUT,
+            None => self.dial_timeout,
+        };
         let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -94,6 +127,7 @@ struct TlsConnect {
     tls: Option<Arc<ClientTls>>,
     name: ServerName<'static>,
     addr: (String, u16),
+    dial_timeout: Duration,
 }
 
 type Connecting = Pin<
@@ -125,10 +159,19 @@ impl tower_service::Service<tonic::codegen::http::Uri> for TlsConnect {
                      --peer-auto-tls)",
                 ));
             };
-            let tcp = tokio::net::TcpStream::connect((this.addr.0.as_str(), this.addr.1)).await?;
+            let timed_out =
+                |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string());
+            let tcp = tokio::time::timeout(
+                this.dial_timeout,
+                tokio::net::TcpStream::connect((this.addr.0.as_str(), this.addr.1)),
+            )
+            .await
+            .map_err(|_| timed_out("peer dial timed out"))??;
             tcp.set_nodelay(true)?;
             let connector = tokio_rustls::TlsConnector::from(tls.get());
-            let stream = connector.connect(this.name, tcp).await?;
+            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(this.name, tcp))
+                .await
+                .map_err(|_| timed_out("peer TLS handshake timed out"))??;
             Ok(TokioIo::new(stream))
         })
     }

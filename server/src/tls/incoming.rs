@@ -6,6 +6,8 @@
 //!   logged at warn level, as etcd logs "rejected connection", and the connection closed.
 //! - Each connection carries its [`Identity`] (address, and the client certificate's common
 //!   name): the user of a request without a token under `--client-cert-auth`.
+//! - On the peer URLs, a client certificate must name the address it connects from (etcd's
+//!   `checkSAN`, [`super::san`]), unless `--experimental-peer-skip-client-san-verification`.
 //! - The configuration is taken anew for each handshake, so rotated files apply to new
 //!   connections (see [`super::Reloading`]).
 
@@ -96,6 +98,7 @@ pub fn incoming(
     mut tcp: TcpIncoming,
     tls: Arc<ServerTls>,
     what: &'static str,
+    check_san: bool,
 ) -> impl Stream<Item = std::io::Result<TlsConn>> + Send + 'static {
     let (ready, mut rx) = tokio::sync::mpsc::channel::<TlsConn>(READY_QUEUE);
     tokio::spawn(async move {
@@ -118,7 +121,21 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
             let ready = ready.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                let accept = async {
+                    let stream = acceptor.accept(stream).await?;
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first());
+                    if let (true, Some(cert), Some(remote)) = (check_san, cert, remote) {
+                        super::san::check(cert, remote.ip())
+                            .await
+                            .map_err(std::io::Error::other)?;
+                    }
+                    std::io::Result::Ok(stream)
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                     Ok(Ok(stream)) => {
                         let common_name = stream
                             .get_ref()

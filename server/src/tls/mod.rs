@@ -23,6 +23,7 @@ pub mod cipher;
 pub mod cn;
 pub mod dial;
 pub mod incoming;
+pub mod san;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -148,13 +149,18 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The CRLs of `path`: PEM, or one DER CRL (Go's `x509.ParseCRL` takes either).
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| read_err("CRL file", path)(e.to_string()))?
+    let bytes = std::fs::read(path).map_err(|e| read_err("CRL file", path)(e.to_string()))?;
+    if bytes.first() == Some(&0x30) {
+        // A DER SEQUENCE: the CRL itself (webpki checks it when it is used).
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read_err("CRL file", path)(e.to_string()))?;
     if crls.is_empty() {
-        return Err(read_err("CRL file", path)("no PEM CRL in it".into()));
+        return Err(read_err("CRL file", path)("no PEM or DER CRL in it".into()));
     }
     Ok(crls)
 }
@@ -206,7 +212,13 @@ pub fn server_config(s: &Settings) -> Result<rustls::ServerConfig, TlsError> {
             provider.clone(),
         );
         if let Some(crl) = &s.crl_file {
-            verifier = verifier.with_crls(load_crls(crl)?);
+            // As etcd's check: a revoked client certificate is refused; one whose issuer has
+            // no CRL in the file (an intermediate's own issuer, another CA of the bundle) is
+            // not, nor is a chain checked above its leaf.
+            verifier = verifier
+                .with_crls(load_crls(crl)?)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
         }
         let inner = verifier
             .build()
@@ -403,8 +415,19 @@ pub struct Reloading<T> {
     what: &'static str,
     settings: Settings,
     build: fn(&Settings) -> Result<T, TlsError>,
-    state: Mutex<(Vec<Stamp>, Arc<T>)>,
+    state: Mutex<ReloadState<T>>,
 }
+
+/// The files' stamps when last read, the configuration in use, and, after a failed reload, when
+/// to try again (a fix that changes no stamp, such as a `chmod`, must still be picked up).
+struct ReloadState<T> {
+    stamps: Vec<Stamp>,
+    current: Arc<T>,
+    retry_at: Option<std::time::Instant>,
+}
+
+/// How soon a reload that failed is tried again.
+const RELOAD_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<T> std::fmt::Debug for Reloading<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -428,7 +451,11 @@ impl<T> Reloading<T> {
             what,
             settings,
             build,
-            state: Mutex::new((stamps, current)),
+            state: Mutex::new(ReloadState {
+                stamps,
+                current,
+                retry_at: None,
+            }),
         })
     }
 
@@ -439,21 +466,27 @@ impl<T> Reloading<T> {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.0 != stamps {
-            state.0 = stamps;
+        let now = std::time::Instant::now();
+        if state.stamps != stamps || state.retry_at.is_some_and(|at| now >= at) {
+            state.stamps = stamps;
             match (self.build)(&self.settings) {
                 Ok(config) => {
                     tracing::info!(what = self.what, "TLS files changed: reloaded them");
-                    state.1 = Arc::new(config);
+                    state.current = Arc::new(config);
+                    state.retry_at = None;
                 }
-                Err(e) => tracing::warn!(
-                    what = self.what,
-                    error = %e,
-                    "TLS files changed but cannot be loaded: keeping the previous ones"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        what = self.what,
+                        error = %e,
+                        "TLS files changed but cannot be loaded: keeping the previous ones, \
+                         trying again in {RELOAD_RETRY:?}"
+                    );
+                    state.retry_at = Some(now + RELOAD_RETRY);
+                }
             }
         }
-        state.1.clone()
+        state.current.clone()
     }
 }
 
@@ -646,6 +679,41 @@ mod tests {
             handshake(&revoking, &client(&good_cert, &good_key))
                 .await
                 .is_ok()
+        );
+        // A CA bundle with a CRL for one of its CAs only: the other CA's clients still get in
+        // (etcd looks serial numbers up; an issuer without a CRL is no reason to refuse).
+        let bundle = dir.path().join("bundle.pem");
+        let pems = [&ca.path, &other.path].map(|p| std::fs::read_to_string(p).unwrap());
+        std::fs::write(&bundle, pems.concat()).unwrap();
+        let mut both = revoking.clone();
+        both.trusted_ca_file = Some(bundle);
+        assert!(
+            handshake(&both, &client(&rogue_cert, &rogue_key))
+                .await
+                .is_ok()
+        );
+        assert!(
+            handshake(&both, &client(&peer_cert, &peer_key))
+                .await
+                .unwrap_err()
+                .contains("Revoked")
+        );
+        // A DER CRL file, as Go's x509.ParseCRL reads too.
+        let pem = revoking.crl_file.clone().unwrap();
+        let der = CertificateRevocationListDer::pem_file_iter(&pem)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let der_file = dir.path().join("crl.der");
+        std::fs::write(&der_file, der.as_ref()).unwrap();
+        let mut der_revoking = server.clone();
+        der_revoking.crl_file = Some(der_file);
+        assert!(
+            handshake(&der_revoking, &client(&peer_cert, &peer_key))
+                .await
+                .unwrap_err()
+                .contains("Revoked")
         );
     }
 
