@@ -4,8 +4,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
+use futures::StreamExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
@@ -35,6 +39,140 @@ pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the network runtime")
+}
+
+/// A listener's accepted connections, at most as many open at once as `permits` has (etcd's
+/// `LimitListener` on client URLs: the process's file descriptor limit less 150 kept for its
+/// own files). At the limit nothing more is accepted until a connection closes: new clients
+/// wait in the kernel's backlog, and the WAL and backend still get their descriptors.
+pub struct Listener {
+    tcp: TcpIncoming,
+    permits: Option<Arc<Semaphore>>,
+    warned: Option<std::time::Instant>,
+}
+
+impl From<TcpIncoming> for Listener {
+    /// No limit (peer URLs, as etcd's).
+    fn from(tcp: TcpIncoming) -> Listener {
+        Listener {
+            tcp,
+            permits: None,
+            warned: None,
+        }
+    }
+}
+
+impl Listener {
+    /// At most `permits` connections open at once (shared by the listeners given the same).
+    pub fn limited(tcp: TcpIncoming, permits: Arc<Semaphore>) -> Listener {
+        Listener {
+            permits: Some(permits),
+            ..Listener::from(tcp)
+        }
+    }
+
+    /// The next connection, with the permit it holds until it is dropped; `None` when the
+    /// listener is closed.
+    pub async fn accept(
+        &mut self,
+    ) -> Option<std::io::Result<(TcpStream, Option<OwnedSemaphorePermit>)>> {
+        let permit = match &self.permits {
+            None => None,
+            Some(permits) => Some(match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let now = std::time::Instant::now();
+                    if self
+                        .warned
+                        .is_none_or(|at| now.duration_since(at).as_secs() >= 10)
+                    {
+                        self.warned = Some(now);
+                        tracing::warn!(
+                            "client connection limit reached (the file descriptor limit less \
+                             150): accepting again once connections close"
+                        );
+                    }
+                    permits.clone().acquire_owned().await.ok()?
+                }
+            }),
+        };
+        let next = self.tcp.next().await?;
+        Some(next.map(|stream| (stream, permit)))
+    }
+
+    /// The accepted connections as a stream, for plain (non-TLS) serving.
+    pub fn into_stream(self) -> impl futures::Stream<Item = std::io::Result<Limited<TcpStream>>> {
+        futures::stream::unfold(self, |mut listener| async move {
+            let next = listener.accept().await?;
+            Some((
+                next.map(|(io, permit)| Limited {
+                    io,
+                    _permit: permit,
+                }),
+                listener,
+            ))
+        })
+    }
+}
+
+/// A connection holding its permit of a [`Listener`]'s limit.
+pub struct Limited<T> {
+    io: T,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Binds a client listener on `addr` (so that a port in use fails here, with the reason).
@@ -156,6 +294,29 @@ mod tests {
         let accepted = incoming.next().await.unwrap().unwrap();
         assert!(accepted.nodelay().unwrap());
         drop(client);
+    }
+
+    /// At the limit, a listener accepts again only once a connection it gave out is closed.
+    #[tokio::test]
+    async fn a_limited_listener_waits_for_a_connection_to_close() {
+        let incoming = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(2));
+        let mut accepted = Box::pin(super::Listener::limited(incoming, permits).into_stream());
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let first = accepted.next().await.unwrap().unwrap();
+        let _second = accepted.next().await.unwrap().unwrap();
+        let third = tokio::time::timeout(std::time::Duration::from_millis(200), accepted.next());
+        assert!(
+            third.await.is_err(),
+            "a third connection accepted over the limit"
+        );
+        drop(first);
+        let third = tokio::time::timeout(std::time::Duration::from_secs(10), accepted.next());
+        assert!(third.await.unwrap().unwrap().is_ok());
     }
 
     /// The property the network runtime is built for (tokio's LIFO slot off, see [`runtime`]):

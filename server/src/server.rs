@@ -304,6 +304,43 @@ pub fn quota_warnings(quota: u64, ram: Option<u64>) -> Vec<String> {
     w
 }
 
+/// File descriptors kept for the process's own files when limiting client connections
+/// (etcd's `reservedInternalFDNum`).
+const RESERVED_FDS: u64 = 150;
+
+/// How many client connections may be open at once: the file descriptor limit, raised to its
+/// hard limit first (as Go's runtime does for etcd), less [`RESERVED_FDS`]. A limit too low
+/// for that stops the start, as etcd's "file descriptor limit of etcd process is too low".
+fn client_connection_limit() -> anyhow::Result<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into the struct it is given, which lives on the stack
+    // for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the file descriptor limit");
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct, which lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let current = limit.rlim_cur;
+    if current <= RESERVED_FDS {
+        bail!(
+            "file descriptor limit of the keel process is too low ({current}); please set higher \
+             (over {RESERVED_FDS})"
+        );
+    }
+    Ok(usize::try_from(current - RESERVED_FDS).unwrap_or(usize::MAX))
+}
+
 /// The machine's physical memory in bytes.
 fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf only reads system configuration values.
@@ -693,11 +730,16 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             keepalive_interval: config.compat.keepalive_interval,
             keepalive_timeout: config.compat.keepalive_timeout,
         };
+        // One limit for every client and metrics URL: the descriptors are the process's.
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            client_connection_limit()?.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
             let stop = shutdown.clone();
             let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
+            let incoming = crate::net::Listener::limited(incoming, permits.clone());
             let stop = async move { stop.wait().await };
             let server = match (&tls.client, url.tls) {
                 (Some(t), true) => tokio::spawn(crate::net::serve_service(
@@ -707,7 +749,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
                     stop,
                 )),
                 _ => tokio::spawn(crate::net::serve_service(
-                    incoming,
+                    incoming.into_stream(),
                     client_service.clone(),
                     client_options,
                     stop,
@@ -730,6 +772,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let stop = shutdown.clone();
             let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for metrics on {url} ({addr})"))?;
+            let incoming = crate::net::Listener::limited(incoming, permits.clone());
             let stop = async move { stop.wait().await };
             let metrics_routes = tonic::service::Routes::from(crate::http::router(core.clone()));
             let server = match (&tls.client, url.tls) {
@@ -741,7 +784,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
                     stop,
                 )),
                 _ => tokio::spawn(crate::net::serve_clients(
-                    incoming,
+                    incoming.into_stream(),
                     metrics_routes,
                     client_options,
                     stop,

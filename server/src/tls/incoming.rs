@@ -17,10 +17,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::Connected;
+
+use crate::net::Listener;
 
 use super::ServerTls;
 
@@ -42,6 +44,8 @@ pub struct Identity {
 pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     identity: Identity,
+    /// Its place under the listener's connection limit, from the accept on.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Connected for TlsConn {
@@ -95,19 +99,20 @@ impl AsyncWrite for TlsConn {
 /// The TLS connections of `tcp`, for `tonic::transport::Server::serve_with_incoming*`. The
 /// accepting task ends (closing the listener) when the returned stream is dropped.
 pub fn incoming(
-    mut tcp: TcpIncoming,
+    tcp: impl Into<Listener>,
     tls: Arc<ServerTls>,
     what: &'static str,
     check_san: bool,
 ) -> impl Stream<Item = std::io::Result<TlsConn>> + Send + 'static {
+    let mut tcp = tcp.into();
     let (ready, mut rx) = tokio::sync::mpsc::channel::<TlsConn>(READY_QUEUE);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                a = tcp.next() => a,
+                a = tcp.accept() => a,
                 () = ready.closed() => break,
             };
-            let stream = match accepted {
+            let (stream, permit) = match accepted {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
                     // EMFILE and the like: keep accepting once the pressure is gone.
@@ -147,7 +152,12 @@ pub fn incoming(
                             remote,
                             common_name,
                         };
-                        let _ = ready.send(TlsConn { stream, identity }).await;
+                        let conn = TlsConn {
+                            stream,
+                            identity,
+                            _permit: permit,
+                        };
+                        let _ = ready.send(conn).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(what, remote = ?remote, error = %e, "rejected connection");
