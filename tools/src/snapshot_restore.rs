@@ -10,14 +10,19 @@
 //!   alarms), as `etcdctl snapshot restore` carries them. Not carried: the old cluster's
 //!   membership (`members`, `members_removed`, keel's `meta/confState`) and its raft position
 //!   (`meta/consistent_index`, `meta/term`), since the restored members form a new cluster.
-//! - The new cluster is made when keel first starts on the data dir: start each member with the
-//!   `--name`, `--initial-cluster`, `--initial-cluster-token` and
-//!   `--initial-advertise-peer-urls` given here (checked here as etcd checks them).
+//! - The new cluster is written into the data dir as etcd's restore writes it: a WAL with the
+//!   new member's and cluster's IDs (derived from `--initial-cluster`, `--initial-cluster-token`
+//!   and `--name` as the server derives them) and one committed member-add entry per member of
+//!   `--initial-cluster`. The member then starts as that cluster whatever its `--initial-*`
+//!   flags say (ignored on a data dir, as etcd ignores them): restore every member with the
+//!   same `--initial-cluster` and token, then start them as usual.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use keel::membership::{self, Member};
 use keel_engine::btree::{Backend, BackendOptions, bbolt};
+use keel_engine::wal::{Wal, WalOptions, record::Metadata};
 
 use crate::snapshot_file::SnapshotFile;
 
@@ -90,6 +95,76 @@ fn check_cluster(args: &Cluster) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The new cluster `args` describes: its ID, this member's ID, and every member, with the IDs
+/// the server derives from the same flags.
+fn new_cluster(args: &Cluster) -> anyhow::Result<(u64, u64, Vec<Member>)> {
+    let mut by_name: Vec<(String, Vec<keel::config::Url>)> = Vec::new();
+    for member in args.initial_cluster.split(',').filter(|m| !m.is_empty()) {
+        let (name, url) = member
+            .split_once('=')
+            .with_context(|| format!("--initial-cluster: {member:?} is not name=URL"))?;
+        let url =
+            keel::config::parse_url(url).map_err(|e| anyhow::anyhow!("--initial-cluster: {e}"))?;
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url),
+            None => by_name.push((name.to_string(), vec![url])),
+        }
+    }
+    let token = &args.initial_cluster_token;
+    let members: Vec<Member> = by_name
+        .iter()
+        .map(|(name, urls)| {
+            let mut peer_urls: Vec<String> = urls.iter().map(ToString::to_string).collect();
+            peer_urls.sort();
+            Member {
+                id: membership::member_id(urls, token),
+                peer_urls,
+                is_learner: false,
+                name: name.clone(),
+                client_urls: Vec::new(),
+            }
+        })
+        .collect();
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    let me = members
+        .iter()
+        .find(|m| m.name == args.name)
+        .map(|m| m.id)
+        .context("the member is not in --initial-cluster")?;
+    Ok((membership::cluster_id(&ids), me, members))
+}
+
+/// Writes the WAL of a restored member into `dir`: its IDs, and the bootstrap entries of
+/// `members` (what the server writes for a new cluster).
+fn write_wal(
+    dir: &Path,
+    cluster_id: u64,
+    member_id: u64,
+    members: Vec<Member>,
+) -> anyhow::Result<()> {
+    let dir = dir.to_path_buf();
+    // The WAL is written by glommio's I/O, as the server's storage core writes it.
+    let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("keelctl-wal")
+        .spawn(move || async move {
+            let options = WalOptions {
+                metadata: Metadata {
+                    cluster_id,
+                    member_id,
+                },
+                ..WalOptions::default()
+            };
+            let (wal, _) = Wal::open(&dir, options).await?;
+            keel::raft::node::write_bootstrap(&wal, &members).await?;
+            wal.close().await
+        })
+        .map_err(|e| anyhow::anyhow!("starting the WAL writer: {e}"))?;
+    handle
+        .join()
+        .map_err(|e| anyhow::anyhow!("the WAL writer: {e}"))?
+        .context("writing the WAL")
 }
 
 /// Writes the entries of `file` into a keel backend at `db`.
@@ -176,8 +251,13 @@ pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Re
             .with_context(|| format!("checking the restored store {}", db.display()))?;
         let revision = store.current_revision();
         drop(store);
+        let (cluster_id, member_id, members) = new_cluster(args)?;
+        let wal = tmp.join("member").join("wal");
+        std::fs::create_dir_all(&wal)?;
+        std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o700))?;
+        write_wal(&wal, cluster_id, member_id, members)?;
         // The new directories themselves, durable before the rename makes them the data dir.
-        for dir in [&snap, &tmp.join("member"), &tmp] {
+        for dir in [&snap, &wal, &tmp.join("member"), &tmp] {
             std::fs::File::open(dir)?.sync_all()?;
         }
         // etcd refuses a data dir that exists; one made meanwhile (by another restore) too.
@@ -196,13 +276,11 @@ pub fn restore(path: &Path, args: &Cluster, skip_hash_check: bool) -> anyhow::Re
                 data_dir.display()
             );
             println!(
-                "Start the member with: keel --name {} --data-dir {} --initial-cluster {} \
-                 --initial-cluster-token {} --initial-advertise-peer-urls {}",
+                "Start the member with: keel --name {} --data-dir {} (it is a member of \
+                 --initial-cluster {} already)",
                 args.name,
                 data_dir.display(),
                 args.initial_cluster,
-                args.initial_cluster_token,
-                args.initial_advertise_peer_urls
             );
             Ok(())
         }

@@ -337,12 +337,15 @@ fn a_three_member_cluster_restores_from_one_snapshot() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Each member starts with flags that name itself alone (as a static pod left unchanged
+    // might): the restored WAL makes it a member of the cluster it was restored into, as
+    // etcd's restore does, and the flags are ignored.
     for (i, peer) in peers.iter().enumerate() {
         members.push(start_member(
             &dir.path().join(format!("m{i}")),
             &format!("m{i}"),
             *peer,
-            &cluster,
+            &format!("m{i}=http://127.0.0.1:{peer}"),
         ));
     }
     // A write through one member reaches all; each has the snapshot's data.

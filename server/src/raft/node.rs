@@ -434,6 +434,44 @@ async fn force_new_cluster(
     wal.save(&entries, Some(&hs)).await
 }
 
+/// Writes a new member's first WAL records: an empty snapshot marker (index 0), then etcd's
+/// bootstrap entries of a new cluster (`raft.Bootstrap`): one `ConfChangeAddNode` per initial
+/// member at indexes 1..n, term 1, committed, in ID order, the member's JSON as context. With
+/// no initial members (a member joining a running cluster), the marker alone. `keelctl
+/// snapshot restore` writes the same, so that a restored member starts as the cluster it names.
+pub async fn write_bootstrap(wal: &Wal, initial: &[Member]) -> Result<()> {
+    let marker = SnapshotMarker::default();
+    wal.append(&[RecordRef::Snapshot(&marker)]).await?;
+    let mut initial = initial.to_vec();
+    initial.sort_by_key(|m| m.id);
+    if initial.is_empty() {
+        return Ok(());
+    }
+    let mut entries = Vec::new();
+    for (i, m) in initial.iter().enumerate() {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = m.id;
+        cc.context = m.to_json().into();
+        let data = cc
+            .write_to_bytes()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut e = raft::eraftpb::Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.term = 1;
+        e.index = i as u64 + 1;
+        e.data = data.into();
+        entries.push(e);
+    }
+    let hs = raft::eraftpb::HardState {
+        term: 1,
+        vote: 0,
+        commit: initial.len() as u64,
+        ..Default::default()
+    };
+    wal.save(&entries, Some(&hs)).await
+}
+
 impl Node {
     pub(super) fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -506,42 +544,11 @@ impl Node {
                     wal_dir.display()
                 )));
             }
-            // A new member. Its log starts after an empty snapshot marker (index 0). A member
-            // of a new cluster then writes etcd's bootstrap entries (`raft.Bootstrap`): one
-            // `ConfChangeAddNode` per initial member at indexes 1..n, term 1, committed, in ID
-            // order, the member's JSON as context. Every initial member writes the same ones, and
-            // applying them builds the membership, in raft and in the backend, exactly as a
-            // member added later is built; a member joining later replays them from the
-            // leader's log (or gets a snapshot that holds their effect).
-            let marker = SnapshotMarker::default();
-            wal.append(&[RecordRef::Snapshot(&marker)]).await?;
-            let mut initial = cfg.initial_members.clone();
-            initial.sort_by_key(|m| m.id);
-            if !initial.is_empty() {
-                let mut entries = Vec::new();
-                for (i, m) in initial.iter().enumerate() {
-                    let mut cc = ConfChange::default();
-                    cc.set_change_type(ConfChangeType::AddNode);
-                    cc.node_id = m.id;
-                    cc.context = m.to_json().into();
-                    let data = cc
-                        .write_to_bytes()
-                        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                    let mut e = raft::eraftpb::Entry::default();
-                    e.set_entry_type(EntryType::EntryConfChange);
-                    e.term = 1;
-                    e.index = i as u64 + 1;
-                    e.data = data.into();
-                    entries.push(e);
-                }
-                let hs = raft::eraftpb::HardState {
-                    term: 1,
-                    vote: 0,
-                    commit: initial.len() as u64,
-                    ..Default::default()
-                };
-                wal.save(&entries, Some(&hs)).await?;
-            }
+            // A new member: etcd's bootstrap entries (see [`write_bootstrap`]). Every initial
+            // member writes the same ones, and applying them builds the membership, in raft and
+            // in the backend, exactly as a member added later is built; a member joining later
+            // replays them from the leader's log (or gets a snapshot that holds their effect).
+            write_bootstrap(&wal, &cfg.initial_members).await?;
             ConfState::default()
         } else {
             if applied < recovery.snapshot.index {
