@@ -70,9 +70,11 @@ pub struct Metrics {
     /// `etcd_network_snapshot_receive_total_duration_seconds{From}`.
     pub snapshot_send: Family<Label, Histogram, fn() -> Histogram>,
     pub snapshot_receive: Family<Label, Histogram, fn() -> Histogram>,
-    /// `etcd_network_snapshot_send_success{To}` / `_failures{To}`.
-    pub snapshot_send_success: Family<Label, Counter>,
-    pub snapshot_send_failures: Family<Label, Counter>,
+    /// `etcd_network_snapshot_send_success{To}` / `_failures{To}`: counters in etcd, without
+    /// the `_total` suffix prometheus-client gives every counter, so kept as gauges that only
+    /// grow, to keep etcd's names.
+    pub snapshot_send_success: Family<Label, Gauge>,
+    pub snapshot_send_failures: Family<Label, Gauge>,
 }
 
 /// A metric's labels (etcd's `To`/`From` with a member ID in hex).
@@ -88,14 +90,14 @@ pub fn from(id: u64) -> Label {
     vec![("From".into(), format!("{id:x}"))]
 }
 
-/// etcd's buckets for round-trip times: 0.1 ms to about 0.8 s, doubling.
+/// etcd's buckets for round-trip times: 0.1 ms to about 3.3 s, doubling (16).
 fn rtt_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 14))
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
-/// etcd's buckets for snapshot transfers: 0.1 s to about 819 s, doubling.
+/// etcd's buckets for snapshot transfers: 0.1 s to 51.2 s, doubling (10).
 fn snapshot_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.1, 2.0, 14))
+    Histogram::new(exponential_buckets(0.1, 2.0, 10))
 }
 
 /// etcd's buckets for disk latencies: 1 ms to about 8 s, doubling.
@@ -296,13 +298,13 @@ impl Metrics {
             "Total latency distributions of v3 snapshot receives",
             snapshot_receive.clone(),
         );
-        let snapshot_send_success = Family::<Label, Counter>::default();
+        let snapshot_send_success = Family::<Label, Gauge>::default();
         r.register(
             "etcd_network_snapshot_send_success",
             "Total number of successful snapshot sends",
             snapshot_send_success.clone(),
         );
-        let snapshot_send_failures = Family::<Label, Counter>::default();
+        let snapshot_send_failures = Family::<Label, Gauge>::default();
         r.register(
             "etcd_network_snapshot_send_failures",
             "Total number of snapshot send failures",
@@ -394,6 +396,15 @@ impl ProcessStats {
         let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
         let mut p = ProcessStats::parse(&stat, &statm)?;
         p.open_fds = open_fds;
+        // The resident size in bytes whatever the page size (statm counts pages; 64 KiB pages
+        // on some arm64 kernels).
+        if let Some(kib) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .as_deref()
+            .and_then(vm_rss_kib)
+        {
+            p.resident_bytes = kib * 1024;
+        }
         Some(p)
     }
 
@@ -408,6 +419,12 @@ impl ProcessStats {
             open_fds: 0,
         })
     }
+}
+
+/// The `VmRSS:` line of `/proc/PID/status`, in KiB.
+fn vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// User plus system CPU seconds from the text of `/proc/PID/stat`.
@@ -442,6 +459,7 @@ mod tests {
         let store = Store::open(dir.path().join("db"), Default::default()).unwrap();
         let m = Metrics::new(2 << 30);
         m.puts.inc();
+        m.snapshot_send_success.get_or_create(&to(2)).inc();
         Metrics::observe(&m.wal_fsync, Duration::from_micros(300));
         let text = m.render(&store, 0);
         for line in [
@@ -451,6 +469,7 @@ mod tests {
             "etcd_server_quota_backend_bytes 2147483648",
             "etcd_server_version{server_version=\"3.4.23\"} 1",
             "etcd_debugging_mvcc_current_revision 1",
+            "etcd_network_snapshot_send_success{To=\"2\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -1577,6 +1577,8 @@ impl Node {
             .collect();
         for id in expired {
             let p = self.pending.remove(&id).expect("listed");
+            // A proposal not applied within the request timeout failed (etcd counts it).
+            self.shared.metrics.proposals_failed.inc();
             let _ = p.reply.send(Err(error_for(p.proposed)));
         }
         while let Some((made, _)) = self.leaderless.front()
