@@ -384,3 +384,46 @@ async fn health_and_metrics_tell_the_operator() {
         other => panic!("{other:?}"),
     }
 }
+
+/// An endpoint that cannot be reached costs no call: writes and forwarded calls whose request
+/// never left go to the next endpoint (as clientv3's balancer skips it); the proxy's answers
+/// stay complete. Non-gRPC paths are not passed to members (etcd's proxy answers 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_costs_no_write_and_no_forwarded_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        env!("CARGO_BIN_EXE_keel"),
+        &dir.path().join("k"),
+        free_port(),
+        "http",
+        &[],
+    );
+    let dead = free_port();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["grpc-proxy", "start"])
+        .arg(format!(
+            "--endpoints=127.0.0.1:{dead},127.0.0.1:{}",
+            server.port
+        ))
+        .arg(format!("--listen-addr=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_listening(&mut child, port, "grpc-proxy");
+    let p = Proxy {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    let mut c = etcd_client::Client::connect([p.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    for i in 0..12 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+        c.lease_grant(60, None).await.unwrap();
+        c.delete(format!("k{i}"), None).await.unwrap();
+    }
+    let (status, body) = common::http_get(port, "/v3/kv/range");
+    assert_eq!((status, body.as_str()), (404, "404 page not found\n"));
+}

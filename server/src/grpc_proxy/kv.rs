@@ -60,12 +60,26 @@ impl KvProxy {
         }
     }
 
-    /// A KV client on the next endpoint, for a write: one attempt (a write whose answer was
-    /// lost may have been applied, so it is not sent again).
-    fn client(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(self.upstream.channel())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+    /// A write, on the next endpoint: tried on the following ones only while the request
+    /// never left (the endpoint could not be connected to); once sent, one attempt (a write
+    /// whose answer was lost may have been applied, so it is not sent again).
+    async fn write<T, R, F, Fut>(&self, request: &Request<T>, f: F) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        F: Fn(KvClient<tonic::transport::Channel>, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let mut last = Status::unavailable("grpc-proxy: no endpoint");
+        for channel in self.upstream.order() {
+            let client = KvClient::new(channel.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            match f(client, onward(request)).await {
+                Err(s) if super::upstream::never_sent(&s) => last = s,
+                other => return other,
+            }
+        }
+        Err(last)
     }
 
     /// A read on the next endpoint; tried on each endpoint in turn while the cluster cannot be
@@ -146,7 +160,9 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let r = self.client().put(onward(&request)).await;
+        let r = self
+            .write(&request, |mut c, r| async move { c.put(r).await })
+            .await;
         self.cache.invalidate(&request.get_ref().key, &[]);
         r
     }
@@ -155,7 +171,9 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let r = self.client().delete_range(onward(&request)).await;
+        let r = self
+            .write(&request, |mut c, r| async move { c.delete_range(r).await })
+            .await;
         let d = request.get_ref();
         self.cache.invalidate(&d.key, &d.range_end);
         r
@@ -165,7 +183,9 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let r = self.client().txn(onward(&request)).await;
+        let r = self
+            .write(&request, |mut c, r| async move { c.txn(r).await })
+            .await;
         let mut ranges = Vec::new();
         txn_ranges(request.get_ref(), &mut ranges);
         for (key, end) in ranges {
@@ -178,7 +198,9 @@ impl pb::kv_server::Kv for KvProxy {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let r = self.client().compact(onward(&request)).await?;
+        let r = self
+            .write(&request, |mut c, r| async move { c.compact(r).await })
+            .await?;
         self.cache.compact(request.get_ref().revision);
         Ok(r)
     }

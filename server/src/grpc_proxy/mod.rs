@@ -32,6 +32,10 @@ use self::cache::Cache;
 use self::upstream::Upstream;
 use self::watch::{WatchProxy, WatchStats};
 
+/// The largest request message a client may send the proxy: grpc-go's default receive limit
+/// (etcd's proxy server keeps it; `--max-recv-bytes` applies to its calls to members).
+const GRPC_GO_MAX_RECV: usize = 4 << 20;
+
 /// `keel grpc-proxy start` flags, etcd's.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -375,6 +379,9 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
         let kv = kv::KvProxy::new(upstream.clone(), cache.clone());
         let recv = usize::try_from(flags.max_recv_bytes).unwrap_or(usize::MAX);
         let send = usize::try_from(flags.max_send_bytes).unwrap_or(usize::MAX);
+        // What the proxy's own server takes from clients: grpc-go's default, as etcd's proxy
+        // server (the flags bound its calls to the members).
+        let inbound = recv.min(GRPC_GO_MAX_RECV);
         let metrics_router = {
             let (cache, watch, stats) = (cache.clone(), watch.clone(), stats.clone());
             axum::Router::new().route(
@@ -390,10 +397,10 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
         let health_upstream = upstream.clone();
         let router = tonic::service::Routes::new(
             pb::kv_server::KvServer::new(kv)
-                .max_decoding_message_size(recv)
+                .max_decoding_message_size(inbound)
                 .max_encoding_message_size(send.max(recv)),
         )
-        .add_service(pb::watch_server::WatchServer::new(watch).max_decoding_message_size(recv))
+        .add_service(pb::watch_server::WatchServer::new(watch).max_decoding_message_size(inbound))
         .add_service(pb::cluster_server::ClusterServer::new(
             cluster::ClusterProxy::new(upstream.clone(), flags.advertise_client_url.clone()),
         ))
@@ -407,6 +414,18 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
             let forwarder = forwarder.clone();
             let cache = fallback_cache.clone();
             async move {
+                // Only gRPC calls go on to the members: etcd's proxy serves nothing else
+                // (a member's JSON gateway must not be reached with the proxy's identity).
+                let grpc = request
+                    .headers()
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                if !grpc {
+                    return axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::NOT_FOUND,
+                        "404 page not found\n",
+                    ));
+                }
                 // Auth may change: nothing cached is served until the probe says reads
                 // without credentials are still answered.
                 if request.uri().path().starts_with("/etcdserverpb.Auth/") {

@@ -69,23 +69,97 @@ impl Upstream {
             .unwrap_or_else(|| self.channels[0].1.clone())
     }
 
-    /// Forwards a gRPC request as it is. A request whose endpoint cannot be reached before it
-    /// is sent goes to the next endpoint; once its body has started to flow it cannot.
+    /// Forwards a gRPC request as it is. A call whose client sends one message (unary, or
+    /// server streaming) is read whole first, so that when its endpoint cannot be connected to
+    /// (the request was never sent) it goes to the next one, as clientv3's balancer skips
+    /// endpoints it is not connected to; a client stream goes to one endpoint as it flows.
     pub async fn forward(&self, request: axum::http::Request<Body>) -> axum::http::Response<Body> {
+        use http_body_util::BodyExt as _;
         use tower_service::Service as _;
         let (parts, body) = request.into_parts();
-        let body = tonic::body::Body::new(body);
-        let mut channel = self.channel();
-        let ready = futures::future::poll_fn(|cx| channel.poll_ready(cx)).await;
-        if let Err(e) = ready {
-            return unavailable(&e.to_string());
+        if client_streaming(parts.uri.path()) {
+            let mut channel = self.channel();
+            if let Err(e) = futures::future::poll_fn(|cx| channel.poll_ready(cx)).await {
+                return unavailable(&e.to_string());
+            }
+            let request = axum::http::Request::from_parts(parts, tonic::body::Body::new(body));
+            return match channel.call(request).await {
+                Ok(response) => response.map(Body::new),
+                Err(e) => unavailable(&e.to_string()),
+            };
         }
-        let request = axum::http::Request::from_parts(parts, body);
-        match channel.call(request).await {
-            Ok(response) => response.map(Body::new),
-            Err(e) => unavailable(&e.to_string()),
+        let limited = http_body_util::Limited::new(body, super::GRPC_GO_MAX_RECV + 5);
+        let bytes = match limited.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return tonic::Status::resource_exhausted(format!("grpc-proxy: {e}")).into_http();
+            }
+        };
+        let mut last = String::from("no endpoint");
+        for channel in self.order() {
+            let mut request = axum::http::Request::builder()
+                .method(parts.method.clone())
+                .uri(parts.uri.clone())
+                .version(parts.version)
+                .body(tonic::body::Body::new(http_body_util::Full::new(
+                    bytes.clone(),
+                )))
+                .expect("the parts of a request received");
+            *request.headers_mut() = parts.headers.clone();
+            let mut channel = channel.clone();
+            if let Err(e) = futures::future::poll_fn(|cx| channel.poll_ready(cx)).await {
+                last = e.to_string();
+                continue;
+            }
+            match channel.call(request).await {
+                Ok(response) => return response.map(Body::new),
+                Err(e) if never_sent(&e) => last = e.to_string(),
+                Err(e) => return unavailable(&e.to_string()),
+            }
         }
+        unavailable(&last)
     }
+}
+
+/// Whether `path` names a method whose client streams its requests (from the protos).
+fn client_streaming(path: &str) -> bool {
+    static STREAMING: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET)
+            .map(|pool| {
+                pool.services()
+                    .flat_map(|s| {
+                        s.methods()
+                            .filter(|m| m.is_client_streaming())
+                            .map(|m| format!("/{}/{}", s.full_name(), m.name()))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    STREAMING.iter().any(|p| p == path)
+}
+
+/// Whether a call's error means its request never left: the connection could not be made.
+pub(super) fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind as K;
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::TimedOut
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+                    | K::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// A gRPC `Unavailable` answer (the cluster could not be reached).

@@ -110,7 +110,11 @@ impl Client {
             }
             return;
         }
-        if queue.len() >= STREAM_QUEUE || self.bytes.load(Ordering::Acquire) + len > CLIENT_BYTES {
+        // A response larger than the budget alone still goes to a client that has read
+        // everything else (a large delete's events), or it would fail again at each resume.
+        if queue.len() >= STREAM_QUEUE
+            || (!queue.is_empty() && self.bytes.load(Ordering::Acquire) + len > CLIENT_BYTES)
+        {
             self.fail(queue);
             return;
         }
@@ -370,6 +374,11 @@ impl WatchProxy {
     fn add(&self, w: Arc<Watcher>, header: pb::ResponseHeader, md: &MetadataMap) {
         let next = w.lock().next;
         let mut ranges = self.ranges();
+        // Removed meanwhile (its client went away while a cancel moved it): not added back, or
+        // its broadcast would never empty. `remove` marks it before taking this lock.
+        if w.removed.load(Ordering::Acquire) {
+            return;
+        }
         let list = ranges.entry(w.range.clone()).or_default();
         for b in list.iter() {
             let mut st = b.lock();
@@ -377,17 +386,23 @@ impl WatchProxy {
                 continue;
             }
             if st.responses > 0 {
-                // Already streaming: created at once, with the cluster's current header.
-                w.lock().created_sent = true;
-                w.client.post(pb::WatchResponse {
-                    header: Some(pb::ResponseHeader {
-                        revision: header.revision.max(next - 1),
-                        ..header
-                    }),
-                    watch_id: w.id,
-                    created: true,
-                    ..Default::default()
-                });
+                // Already streaming: created at once, with the cluster's current header, unless
+                // it was created before (moved here after a cancel): a second `created` is
+                // taken by clientv3 as the answer to another create (or panics it).
+                let mut ws = w.lock();
+                if !ws.created_sent {
+                    ws.created_sent = true;
+                    drop(ws);
+                    w.client.post(pb::WatchResponse {
+                        header: Some(pb::ResponseHeader {
+                            revision: header.revision.max(next - 1),
+                            ..header
+                        }),
+                        watch_id: w.id,
+                        created: true,
+                        ..Default::default()
+                    });
+                }
             }
             st.receivers.push(w);
             return;
