@@ -165,6 +165,20 @@ impl Cache {
         });
     }
 
+    /// The keyspace watch got events on `keys` up to `revision`: under one lock, what is
+    /// cached for them goes and answers older than `revision` are no longer taken (in two
+    /// steps, an answer read before the events could be stored between them, and stay).
+    pub fn watched_events<'k>(&self, keys: impl Iterator<Item = &'k [u8]>, revision: i64) {
+        let mut inner = self.lock();
+        inner.watched = Some(inner.watched.map_or(revision, |w| w.max(revision)));
+        for key in keys {
+            inner.entries.retain(|_, e| match &e.range {
+                Some((k, en)) => !intersects(k, en, key, &[]),
+                None => true,
+            });
+        }
+    }
+
     /// The keyspace watch applied events up to `revision` (each already passed to
     /// [`Cache::invalidate`]).
     pub fn watched(&self, revision: i64) {
@@ -265,6 +279,23 @@ mod tests {
         assert!(matches!(c.get(&req("a", "", 0)), Cached::Hit(_)));
         c.unwatched();
         assert!(matches!(c.get(&req("a", "", 0)), Cached::Miss));
+    }
+
+    #[test]
+    fn events_drop_their_keys_and_older_answers_at_once() {
+        let c = Cache::default();
+        c.watched(5);
+        c.add(&req("a", "", 0), &resp(5));
+        c.add(&req("b", "", 0), &resp(5));
+        // A put of "a" at 7: its entry goes, and an answer read at 6 (before the put was
+        // seen) is not taken afterwards.
+        c.watched_events([b"a".as_slice()].into_iter(), 7);
+        assert!(matches!(c.get(&req("a", "", 0)), Cached::Miss));
+        assert!(matches!(c.get(&req("b", "", 0)), Cached::Hit(_)));
+        c.add(&req("a", "", 0), &resp(6));
+        assert!(matches!(c.get(&req("a", "", 0)), Cached::Miss));
+        c.add(&req("a", "", 0), &resp(7));
+        assert!(matches!(c.get(&req("a", "", 0)), Cached::Hit(_)));
     }
 
     #[test]

@@ -268,16 +268,16 @@ pub async fn keep_cache_current(upstream: Upstream, cache: Arc<Cache>) {
                     break;
                 }
                 backoff = Duration::from_millis(100);
-                for ev in &r.events {
-                    if let Some(kv) = &ev.kv {
-                        cache.invalidate(&kv.key, &[]);
-                    }
-                }
                 let applied = match r.events.last().and_then(|e| e.kv.as_ref()) {
                     Some(kv) => kv.mod_revision,
                     None => r.header.map_or(0, |h| h.revision),
                 };
-                cache.watched(applied);
+                let keys = r
+                    .events
+                    .iter()
+                    .filter_map(|e| e.kv.as_ref())
+                    .map(|kv| kv.key.as_ref());
+                cache.watched_events(keys, applied);
             }
         }
         cache.unwatched();
