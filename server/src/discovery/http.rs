@@ -11,7 +11,8 @@ use std::time::Duration;
 
 /// The most a response body may hold (a discovery directory lists a few members).
 const MAX_BODY: usize = 4 << 20;
-/// Connecting, and reading an answer that is not a long poll.
+/// Connecting, and a whole request that is not a long poll (etcd's 5 s per Get or Create): a
+/// server trickling its answer cannot hold the start past it.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// A long poll with no answer for this long is given up and asked again: a connection that
 /// died silently does not hang the caller forever.
@@ -116,6 +117,49 @@ impl Response {
 trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
+/// A TCP stream whose reads end by a deadline: each read may wait only what is left of it (a
+/// long poll has none: each read waits up to [`LONG_POLL`]).
+struct Deadline {
+    tcp: TcpStream,
+    deadline: Option<std::time::Instant>,
+    per_read: Duration,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timeout = match self.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "context deadline exceeded",
+                    ));
+                }
+                left.min(self.per_read)
+            }
+            None => self.per_read,
+        };
+        self.tcp.set_read_timeout(Some(timeout))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Whether `e` is a long poll's read timing out (nothing happened: ask again).
+pub fn is_quiet(e: &HttpError) -> bool {
+    matches!(e, HttpError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
 fn connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
     let mut last = None;
     for addr in (host, port).to_socket_addrs()? {
@@ -129,7 +173,7 @@ fn connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
         .into())
 }
 
-fn tls(host: &str, tcp: TcpStream) -> Result<Box<dyn Stream>, HttpError> {
+fn tls(host: &str, tcp: impl Read + Write + 'static) -> Result<Box<dyn Stream>, HttpError> {
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(crate::tls::system_roots())
         .with_no_client_auth();
@@ -154,9 +198,13 @@ pub fn request(
         Some(p) => (connect(&p.host, p.port)?, !target.tls),
         None => (connect(&target.host, target.port)?, false),
     };
-    tcp.set_read_timeout(Some(if long_poll { LONG_POLL } else { TIMEOUT }))?;
     tcp.set_write_timeout(Some(TIMEOUT))?;
     tcp.set_nodelay(true)?;
+    let tcp = Deadline {
+        tcp,
+        deadline: (!long_poll).then(|| std::time::Instant::now() + TIMEOUT),
+        per_read: if long_poll { LONG_POLL } else { TIMEOUT },
+    };
     let mut stream: Box<dyn Stream> = match (proxy, target.tls) {
         (Some(_), true) => {
             let mut tcp = tcp;
@@ -317,6 +365,30 @@ mod tests {
         for bad in ["ftp://h/x", "http://", "http://h:port/", "http://u@h/"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A server that trickles its answer a byte a second cannot hold a request past its
+    /// deadline.
+    #[test]
+    fn a_trickled_answer_ends_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n");
+            for _ in 0..60 {
+                if conn.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        let started = std::time::Instant::now();
+        let e = request("GET", &format!("http://{addr}/d"), None, None, false).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(30), "{e}");
+        assert!(e.to_string().contains("deadline"), "{e}");
     }
 
     #[test]

@@ -234,7 +234,16 @@ impl Discovery {
                 "found peers from discovery server; waiting for more"
             );
             let query = format!("wait=true&recursive=true&waitIndex={}", index + 1);
-            let event = match self.get("", &query, true) {
+            let url = format!("{}?{query}", self.url);
+            let answer = http::request("GET", &url, None, self.proxy.as_ref(), true);
+            let answer = match answer {
+                // A long poll with nothing to tell is asked again at once (etcd waits as long
+                // as it takes), as is an empty answer (etcd's client's `ErrEmptyBody`).
+                Err(e) if http::is_quiet(&e) => continue,
+                Ok(r) if r.status == 200 && r.body.iter().all(u8::is_ascii_whitespace) => continue,
+                other => other.map_err(Failure::from),
+            };
+            let event = match answer {
                 Ok(r) if r.status == 200 => {
                     Self::json(&r).map_err(|_| DiscoveryError::BadEndpoint)?
                 }
@@ -359,6 +368,39 @@ mod tests {
             nodes_to_cluster(&[node("/d/1", "garbage", 1)], 1),
             Err(DiscoveryError::InvalidUrl)
         ));
+    }
+
+    /// A one-connection-per-answer HTTP server that sends `answers` in turn.
+    fn serve(answers: Vec<&'static str>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut conn, &mut buf);
+                let _ = std::io::Write::write_all(&mut conn, answer.as_bytes());
+            }
+        });
+        format!("http://{addr}/d")
+    }
+
+    #[test]
+    fn an_empty_watch_answer_is_asked_again() {
+        let url = serve(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\n{\"node\":{\"key\":\"/d/2\",\"value\":\"b=http://h:2\",\"modifiedIndex\":9}}",
+        ]);
+        let mut d = Discovery {
+            url,
+            proxy: None,
+            me: "1".into(),
+            retries: 0,
+        };
+        let nodes = d.wait(vec![node("/d/1", "a=http://h:1", 5)], 2, 5).unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].key, "/d/2");
+        assert_eq!(d.retries, 0, "no backoff for an empty answer");
     }
 
     #[test]
