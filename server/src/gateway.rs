@@ -100,19 +100,45 @@ pub fn strip_scheme(endpoint: &str) -> String {
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
     let retry_delay = crate::config::parse_go_duration(&flags.retry_delay)
-        .filter(|d| !d.is_zero())
-        .with_context(|| {
-            format!(
-                "--retry-delay: {:?} is not a positive duration",
-                flags.retry_delay
-            )
-        })?;
+        .with_context(|| format!("--retry-delay: {:?} is not a duration", flags.retry_delay))?;
+    // etcd's tcpproxy: no delay means its default of 5 minutes.
+    let retry_delay = if retry_delay.is_zero() {
+        Duration::from_secs(300)
+    } else {
+        retry_delay
+    };
+    crate::logging::init("info", false, &[crate::config::compat::LogOutput::Stderr])
+        .context("starting the log")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     let listed = if flags.discovery_srv.is_empty() {
         flags.endpoints.clone()
     } else {
-        // etcd's gateway: the client endpoints from `_etcd-client(-ssl)._tcp` SRV records.
-        crate::discovery::srv::client_endpoints(&flags.discovery_srv, &flags.discovery_srv_name)
-            .context("cannot discover the cluster's endpoints")?
+        // etcd's gateway: the client endpoints from `_etcd-client(-ssl)._tcp` SRV records;
+        // unless `--insecure-discovery`, only the https ones a TLS handshake (checked against
+        // `--trusted-ca-file`, for the SRV domain) succeeds with. None: `--endpoints`.
+        let found = crate::discovery::srv::client_endpoints(
+            &flags.discovery_srv,
+            &flags.discovery_srv_name,
+        )
+        .context("cannot discover the cluster's endpoints")?;
+        let found = if flags.insecure_discovery {
+            found
+        } else {
+            runtime.block_on(secure_endpoints(
+                found,
+                &flags.trusted_ca_file,
+                &flags.discovery_srv,
+            ))?
+        };
+        if found.is_empty() {
+            tracing::warn!("no endpoints discovered; using --endpoints");
+            flags.endpoints.clone()
+        } else {
+            found
+        }
     };
     let endpoints: Vec<String> = listed
         .iter()
@@ -123,18 +149,87 @@ pub fn run(flags: GatewayFlags) -> anyhow::Result<()> {
     if endpoints.is_empty() {
         bail!("--endpoints: no endpoint given");
     }
-    for e in &endpoints {
-        if e == &flags.listen_addr {
-            bail!("endpoint {e} is the same as the listen address");
+    not_itself(&flags.listen_addr, &endpoints)?;
+    runtime.block_on(serve(flags.listen_addr, endpoints, retry_delay))
+}
+
+/// etcd's check that the gateway does not proxy to itself: an endpoint whose host resolves to
+/// an address of the listen host, on the same port, stops the start; so does an endpoint that
+/// is not `host:port` or does not resolve.
+fn not_itself(listen: &str, endpoints: &[String]) -> anyhow::Result<()> {
+    let split = |a: &str| -> anyhow::Result<(String, u16)> {
+        let (h, p) = a
+            .rsplit_once(':')
+            .with_context(|| format!("error parsing endpoint {a:?}: missing port"))?;
+        let port = p
+            .parse()
+            .with_context(|| format!("error parsing endpoint {a:?}: bad port"))?;
+        Ok((
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port,
+        ))
+    };
+    let resolve = |h: &str| -> anyhow::Result<Vec<std::net::IpAddr>> {
+        use std::net::ToSocketAddrs as _;
+        Ok((h, 0)
+            .to_socket_addrs()
+            .with_context(|| format!("error looking up {h:?}"))?
+            .map(|a| a.ip())
+            .collect())
+    };
+    let (lhost, lport) = split(listen)?;
+    let local = resolve(&lhost)?;
+    for e in endpoints {
+        let (host, port) = split(e)?;
+        let addrs = resolve(&host)?;
+        if port == lport && addrs.iter().any(|a| local.contains(a)) {
+            bail!("{e:?} is an endpoint and the listen address");
         }
     }
-    crate::logging::init("info", false, &[crate::config::compat::LogOutput::Stderr])
-        .context("starting the log")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(serve(flags.listen_addr, endpoints, retry_delay))
+    Ok(())
+}
+
+/// The https endpoints of `found` a TLS handshake with succeeds: the server's certificate
+/// valid for `domain` from `ca` (or the system's CAs). etcd's `ValidateSecureEndpoints`.
+async fn secure_endpoints(
+    found: Vec<String>,
+    ca: &str,
+    domain: &str,
+) -> anyhow::Result<Vec<String>> {
+    let roots = if ca.is_empty() {
+        crate::tls::system_roots()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs("trusted CA file", std::path::Path::new(ca))? {
+            roots.add(cert)?;
+        }
+        roots
+    };
+    let config = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let name = rustls::pki_types::ServerName::try_from(domain.to_string())
+        .with_context(|| format!("--discovery-srv {domain:?} is not a server name"))?;
+    let mut secure = Vec::new();
+    for ep in found {
+        if !ep.starts_with("https://") {
+            tracing::warn!(endpoint = %ep, "is insecure; skipped (--insecure-discovery to use it)");
+            continue;
+        }
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect(strip_scheme(&ep)).await?;
+            connector.connect(name.clone(), tcp).await
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, handshake).await {
+            Ok(Ok(_)) => secure.push(ep),
+            Ok(Err(e)) => tracing::warn!(endpoint = %ep, error = %e, "skipped: TLS failed"),
+            Err(_) => tracing::warn!(endpoint = %ep, "skipped: TLS handshake timed out"),
+        }
+    }
+    Ok(secure)
 }
 
 async fn serve(
@@ -244,6 +339,15 @@ async fn monitor(remotes: Arc<Remotes>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gateway_does_not_proxy_to_itself() {
+        let e = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert!(not_itself("localhost:23790", &e(&["127.0.0.1:23790"])).is_err());
+        assert!(not_itself("127.0.0.1:23790", &e(&["[::1]:23790", "127.0.0.1:2379"])).is_ok());
+        let err = not_itself("127.0.0.1:23790", &e(&["127.0.0.1"])).unwrap_err();
+        assert!(err.to_string().contains("missing port"), "{err}");
+    }
 
     #[test]
     fn schemes_are_stripped_as_etcd_does() {

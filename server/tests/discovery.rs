@@ -257,10 +257,11 @@ fn a_cluster_bootstraps_from_dns_srv_records() {
     );
 
     // The L4 gateway and the gRPC proxy find the members' client URLs from the
-    // `_etcd-client._tcp` records.
+    // `_etcd-client._tcp` records (plain http ones: the gateway takes them only with
+    // `--insecure-discovery`, as etcd's).
     for (what, args) in [
-        ("gateway", ["gateway", "start"]),
-        ("grpc-proxy", ["grpc-proxy", "start"]),
+        ("gateway", &["gateway", "start", "--insecure-discovery"][..]),
+        ("grpc-proxy", &["grpc-proxy", "start"][..]),
     ] {
         let port = free_port();
         let mut all: Vec<String> = args.iter().map(ToString::to_string).collect();
@@ -279,6 +280,28 @@ fn a_cluster_bootstraps_from_dns_srv_records() {
         });
         assert_eq!(got.trim(), "by-srv", "{what}");
     }
+    // Without `--insecure-discovery`, the http records are skipped and `--endpoints` used.
+    let log_path = dir.path().join("secure-gateway.log");
+    let child = ns
+        .command(
+            env!("CARGO_BIN_EXE_keel"),
+            &[
+                "gateway".into(),
+                "start".into(),
+                format!("--discovery-srv={DOMAIN}"),
+                format!("--listen-addr=127.0.0.1:{}", free_port()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    ns.children.push(child);
+    wait_for("the secure gateway's fallback", || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        (log.contains("is insecure; skipped") && log.contains("no endpoints discovered"))
+            .then_some(())
+    });
     // A domain without records: the gateway says so and does not start.
     let out = ns
         .command(
