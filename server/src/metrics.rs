@@ -23,6 +23,8 @@ pub const ETCD_VERSION: &str = "3.4.23";
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// go-grpc-prometheus's server counters, as etcd registers them.
+    pub grpc: GrpcMetrics,
     /// `etcd_disk_wal_fsync_duration_seconds`: each WAL group-commit fdatasync.
     pub wal_fsync: Histogram,
     /// `etcd_disk_backend_commit_duration_seconds`: each durable backend commit (checkpoint).
@@ -310,7 +312,9 @@ impl Metrics {
             "Total number of snapshot send failures",
             snapshot_send_failures.clone(),
         );
+        let grpc = GrpcMetrics::register(&mut r);
         Arc::new(Metrics {
+            grpc,
             peer_sent_bytes,
             peer_received_bytes,
             peer_sent_failures,
@@ -369,6 +373,117 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// gRPC codes as Go's `codes.Code.String()` names them, by number.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// `grpc_server_started_total` and `grpc_server_handled_total` (go-grpc-prometheus, which etcd
+/// registers on its client server), labelled `grpc_type`, `grpc_service`, `grpc_method` (and
+/// `grpc_code`). Every method the protos declare has its series from the start, with zeros,
+/// as `grpc_prometheus.Register` makes them; labels come only from that fixed table, so no
+/// client can add series.
+#[derive(Debug)]
+pub struct GrpcMetrics {
+    /// `/service/Method` → its index in `started` and `handled`.
+    methods: std::collections::HashMap<String, usize>,
+    started: Vec<Counter>,
+    handled: Vec<Vec<Counter>>,
+}
+
+impl GrpcMetrics {
+    fn register(r: &mut Registry) -> GrpcMetrics {
+        let started_family = Family::<Label, Counter>::default();
+        r.register(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            started_family.clone(),
+        );
+        let handled_family = Family::<Label, Counter>::default();
+        r.register(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            handled_family.clone(),
+        );
+        let mut metrics = GrpcMetrics {
+            methods: std::collections::HashMap::new(),
+            started: Vec::new(),
+            handled: Vec::new(),
+        };
+        let Ok(pool) = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET)
+        else {
+            return metrics;
+        };
+        for service in pool.services() {
+            for method in service.methods() {
+                let kind = match (method.is_client_streaming(), method.is_server_streaming()) {
+                    (false, false) => "unary",
+                    (true, false) => "client_stream",
+                    (false, true) => "server_stream",
+                    (true, true) => "bidi_stream",
+                };
+                let labels: Label = vec![
+                    ("grpc_type".into(), kind.into()),
+                    ("grpc_service".into(), service.full_name().into()),
+                    ("grpc_method".into(), method.name().into()),
+                ];
+                let handled = GRPC_CODES
+                    .iter()
+                    .map(|code| {
+                        let mut l = labels.clone();
+                        l.push(("grpc_code".into(), (*code).into()));
+                        handled_family.get_or_create(&l).clone()
+                    })
+                    .collect();
+                metrics.methods.insert(
+                    format!("/{}/{}", service.full_name(), method.name()),
+                    metrics.started.len(),
+                );
+                metrics
+                    .started
+                    .push(started_family.get_or_create(&labels).clone());
+                metrics.handled.push(handled);
+            }
+        }
+        metrics
+    }
+
+    /// The method a call's path names, counted as started.
+    pub fn start(&self, path: &str) -> Option<usize> {
+        let i = *self.methods.get(path)?;
+        self.started[i].inc();
+        Some(i)
+    }
+
+    /// Method `i`'s call ended with gRPC code `code`.
+    pub fn handled(&self, i: usize, code: i32) {
+        // A code gRPC does not define counts as Unknown, as grpc-go reads it.
+        let code = usize::try_from(code)
+            .ok()
+            .filter(|&c| c < GRPC_CODES.len())
+            .unwrap_or(2);
+        if let Some(counters) = self.handled.get(i) {
+            counters[code].inc();
+        }
     }
 }
 

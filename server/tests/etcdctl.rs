@@ -244,6 +244,8 @@ fn bad_flags_exit_with_code_2_and_a_clear_message() {
 fn http_endpoints(e: &str, port: u16) -> (Vec<String>, String) {
     ok(e, &["put", "k", "v"]);
     ok(e, &["get", "k"]);
+    let (refused, _) = etcdctl(e, &["get", ""]);
+    assert!(!refused);
     let mut out = vec![
         format!("{:?}", common::http_get(port, "/health")),
         format!("{:?}", common::http_get(port, "/version")),
@@ -266,6 +268,45 @@ fn http_endpoints(e: &str, port: u16) -> (Vec<String>, String) {
         "etcd_debugging_mvcc_current_revision",
     ] {
         out.push(format!("{name} {}", value(name)));
+    }
+    // go-grpc-prometheus's counters (label order aside: Go's client sorts them).
+    let labelled = |name: &str, labels: &[&str]| -> String {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("missing")
+            .to_string()
+    };
+    for (name, labels) in [
+        ("grpc_server_started_total", &[r#"grpc_method="Put""#][..]),
+        (
+            "grpc_server_handled_total",
+            &[
+                r#"grpc_method="Put""#,
+                r#"grpc_code="OK""#,
+                r#"grpc_type="unary""#,
+            ],
+        ),
+        (
+            "grpc_server_handled_total",
+            &[r#"grpc_method="Range""#, r#"grpc_code="OK""#],
+        ),
+        (
+            "grpc_server_handled_total",
+            &[r#"grpc_method="Range""#, r#"grpc_code="InvalidArgument""#],
+        ),
+        (
+            "grpc_server_handled_total",
+            &[
+                r#"grpc_method="Watch""#,
+                r#"grpc_code="OK""#,
+                r#"grpc_type="bidi_stream""#,
+            ],
+        ),
+    ] {
+        out.push(format!("{name} {labels:?} {}", labelled(name, labels)));
     }
     // The leader's empty entry and the put, at least.
     assert!(value("etcd_server_proposals_committed_total") >= 2.0, "{e}");

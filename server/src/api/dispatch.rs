@@ -96,8 +96,12 @@ impl ClientService {
 pub enum ClientFuture {
     /// Refused before reaching a service.
     Refused(Option<Response<Body>>),
-    /// A gRPC service's answer (tonic's generated services box their futures).
-    Grpc(Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>),
+    /// A gRPC service's answer (tonic's generated services box their futures), counted in
+    /// `grpc_server_handled_total` once its status is known.
+    Grpc(
+        Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+        Option<Counted>,
+    ),
     /// The fallback router's.
     Fallback(<tonic::service::Routes as Service<Request<Body>>>::Future),
 }
@@ -110,7 +114,13 @@ impl Future for ClientFuture {
             ClientFuture::Refused(response) => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            ClientFuture::Grpc(future) => future.as_mut().poll(cx).map_ok(grpc_go_answer),
+            ClientFuture::Grpc(future, counted) => future.as_mut().poll(cx).map_ok(|response| {
+                let response = grpc_go_answer(response);
+                match counted.take() {
+                    Some(c) => c.watch(response),
+                    None => response,
+                }
+            }),
             ClientFuture::Fallback(future) => Pin::new(future).poll(cx),
         }
     }
@@ -149,7 +159,14 @@ impl Service<Request<Body>> for ClientService {
                 if let Some(status) = refusal(&shared.core, path, request.headers()) {
                     return ClientFuture::Refused(Some(status.into_http()));
                 }
-                ClientFuture::Grpc($service.clone().call(request))
+                // Counted after etcd's own interceptor, as go-grpc-prometheus's comes after it.
+                let metrics = shared.core.metrics();
+                let counted = metrics.grpc.start(path).map(|method| Counted {
+                    metrics: metrics.clone(),
+                    method,
+                    done: false,
+                });
+                ClientFuture::Grpc($service.clone().call(request), counted)
             }};
         }
         let s = &shared.services;
@@ -197,6 +214,92 @@ fn grpc_go_answer(mut response: Response<Body>) -> Response<Body> {
         }
     }
     response
+}
+
+/// A call whose end is still to be counted in `grpc_server_handled_total`: with the status of
+/// its answer, or `Canceled` if it is dropped first (its client went away).
+pub struct Counted {
+    metrics: Arc<crate::metrics::Metrics>,
+    method: usize,
+    done: bool,
+}
+
+impl Counted {
+    fn finish(&mut self, code: i32) {
+        if !self.done {
+            self.done = true;
+            self.metrics.grpc.handled(self.method, code);
+        }
+    }
+
+    /// Counts `response`'s status now if its headers hold it (trailers-only), else when its
+    /// body's trailers pass.
+    fn watch(mut self, response: Response<Body>) -> Response<Body> {
+        if let Some(code) = grpc_status(response.headers()) {
+            self.finish(code);
+            return response;
+        }
+        response.map(|inner| {
+            Body::new(CountedBody {
+                inner,
+                counted: self,
+            })
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled as i32);
+    }
+}
+
+/// The `grpc-status` of a header map, if it has one.
+fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A response body whose trailers are counted as the call's status.
+struct CountedBody {
+    inner: Body,
+    counted: Counted,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.counted
+                        .finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown as i32));
+                }
+            }
+            Poll::Ready(Some(Err(s))) => this.counted.finish(s.code() as i32),
+            // Ended without a status: grpc-go's client reads that as Unknown.
+            Poll::Ready(None) => this.counted.finish(tonic::Code::Unknown as i32),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Methods the vendored (etcd 3.5) protos declare that etcd 3.4 does not serve: a call gets 3.4's

@@ -122,7 +122,6 @@ impl KvService {
         r: pb::RangeRequest,
         checked: &Checked,
     ) -> Result<pb::RangeResponse, Status> {
-        self.core.metrics().ranges.inc();
         // etcd's order: its learner interceptor, the request's own checks, the read index,
         // then the permission.
         if !r.serializable && self.core.is_learner() {
@@ -134,6 +133,8 @@ impl KvService {
             self.core.linearizable().await.map_err(|e| status(&e))?;
         }
         checked.read(&r.key, &r.range_end)?;
+        // Counted when read, as etcd's store counts it (a refused range is not).
+        self.core.metrics().ranges.inc();
         let store = self.core.store();
         let resp = a::range(&store.read(), &r).map_err(|e| status(&e))?;
         checked.still_current(&self.core)?;
