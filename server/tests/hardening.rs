@@ -527,3 +527,30 @@ fn a_port_in_use_stops_the_start() {
     );
     assert!(err.contains("Address already in use"), "{err}");
 }
+
+/// `/health` goes false when the member's disk hangs, even with no client writing: its check
+/// goes through raft and the WAL, as etcd's QGET does; it comes back once the disk does.
+#[test]
+fn health_goes_false_while_the_wal_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let stall = dir.path().join("stall");
+    let port = free_port();
+    let stall_env = stall.display().to_string();
+    let _keel = common::keel_with(
+        &dir.path().join("keel"),
+        port,
+        &[],
+        &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", stall_env.as_str())],
+        None,
+    );
+    common::wait_for("healthy", || {
+        (common::http_get(port, "/health").0 == 200).then_some(())
+    });
+    std::fs::write(&stall, "3s").unwrap();
+    let (code, body) = common::http_get(port, "/health");
+    assert_eq!((code, body.as_str()), (503, "{\"health\":\"false\"}\n"));
+    std::fs::remove_file(&stall).unwrap();
+    common::wait_for("healthy again", || {
+        (common::http_get(port, "/health").0 == 200).then_some(())
+    });
+}

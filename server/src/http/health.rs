@@ -1,7 +1,8 @@
 //! `/health`, as etcd 3.4's: healthy only if the storage core runs, a leader is known, no alarm
-//! is active, and a linearizable read (etcd's QGET) completes within one second. So a member
-//! that cannot serve writes or linearizable reads says so, and load balancers and supervisors
-//! act on it. Healthy: `200 {"health":"true"}`; otherwise `503 {"health":"false"}` and a
+//! is active, and a request through raft (etcd's QGET; here an alarm list, which changes
+//! nothing) is applied within one second. It is written to the leader's WAL and applied here,
+//! so a member whose disk hangs, or that cannot commit, says so even when no client writes,
+//! and load balancers and supervisors act on it. Healthy: `200 {"health":"true"}`; otherwise `503 {"health":"false"}` and a
 //! newline, byte for byte as etcd.
 
 use std::time::Duration;
@@ -10,7 +11,7 @@ use axum::http::StatusCode;
 
 use crate::raft::Core;
 
-/// How long the health check's linearizable read may take (etcd: 1 s).
+/// How long the health check's request may take (etcd: 1 s).
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The alarm names a `/health?exclude=NAME&exclude=…` query asks to ignore (etcd 3.4.23).
@@ -38,10 +39,11 @@ pub async fn check(core: &Core, exclude: &[String]) -> Result<(), String> {
     if core.leader() == 0 {
         return Err("no leader".into());
     }
-    match tokio::time::timeout(READ_TIMEOUT, core.linearizable()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("linearizable read failed".into()),
-        Err(_) => Err("linearizable read timed out".into()),
+    let probe = crate::raft::Request::Alarm(keel_proto::etcdserverpb::AlarmRequest::default());
+    match tokio::time::timeout(READ_TIMEOUT, core.write(probe)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("QGET failed: {e}")),
+        Err(_) => Err("QGET timed out".into()),
     }
 }
 
