@@ -730,16 +730,16 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             keepalive_interval: config.compat.keepalive_interval,
             keepalive_timeout: config.compat.keepalive_timeout,
         };
-        // One limit for every client and metrics URL: the descriptors are the process's.
-        let permits = Arc::new(tokio::sync::Semaphore::new(
-            client_connection_limit()?.min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
+        // Each client URL has its own limit, as etcd's `LimitListener`s; the metrics URLs none,
+        // so /health still answers a prober while clients hold every permit.
+        let limit = client_connection_limit()?.min(tokio::sync::Semaphore::MAX_PERMITS);
         for url in &config.listen_client_urls {
             let addr = resolve(url).await?;
             let stop = shutdown.clone();
             let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for clients on {url} ({addr})"))?;
-            let incoming = crate::net::Listener::limited(incoming, permits.clone());
+            let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+            let incoming = crate::net::Listener::limited(incoming, permits);
             let stop = async move { stop.wait().await };
             let server = match (&tls.client, url.tls) {
                 (Some(t), true) => tokio::spawn(crate::net::serve_service(
@@ -772,7 +772,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             let stop = shutdown.clone();
             let incoming = crate::net::bind(addr)
                 .with_context(|| format!("cannot listen for metrics on {url} ({addr})"))?;
-            let incoming = crate::net::Listener::limited(incoming, permits.clone());
+            let incoming = crate::net::Listener::from(incoming);
             let stop = async move { stop.wait().await };
             let metrics_routes = tonic::service::Routes::from(crate::http::router(core.clone()));
             let server = match (&tls.client, url.tls) {

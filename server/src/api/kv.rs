@@ -243,7 +243,6 @@ impl pb::kv_server::Kv for KvService {
             || r.min_create_revision != 0
             || r.max_create_revision != 0;
         if key_order && !filtered && !r.count_only {
-            self.core.metrics().ranges.inc();
             let req = convert::range_request(r.clone())?;
             a::check_range(&req).map_err(|e| status(&e))?;
             if !req.serializable {
@@ -251,6 +250,7 @@ impl pb::kv_server::Kv for KvService {
             }
             checked.read(&req.key, &req.range_end)?;
             checked.still_current(&self.core)?;
+            self.core.metrics().ranges.inc();
             let mut pager = Pager {
                 core: self.core.clone(),
                 left: (req.limit > 0).then_some(req.limit),

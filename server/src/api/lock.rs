@@ -71,7 +71,9 @@ impl Release {
     /// must not find the old key, then lose it to a delete still on its way).
     pub(crate) async fn now(mut self) {
         if let Some(key) = self.key.take() {
-            delete(&self.client, key, self.created).await;
+            // A task of its own: the caller going away meanwhile must not abort the delete.
+            let (client, created) = (self.client.clone(), self.created);
+            let _ = tokio::spawn(async move { delete(&client, key, created).await }).await;
         }
     }
 }

@@ -141,7 +141,19 @@ impl Read for Deadline {
             None => self.per_read,
         };
         self.tcp.set_read_timeout(Some(timeout))?;
-        self.tcp.read(buf)
+        match self.tcp.read(buf) {
+            // A long poll's read waited its whole time: nothing happened (not a failure).
+            Err(e)
+                if self.deadline.is_none()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, QUIET))
+            }
+            other => other,
+        }
     }
 }
 
@@ -155,9 +167,13 @@ impl Write for Deadline {
     }
 }
 
-/// Whether `e` is a long poll's read timing out (nothing happened: ask again).
+/// The error of a long poll's read that waited its whole time.
+const QUIET: &str = "nothing happened during the long poll";
+
+/// Whether `e` is a long poll's read timing out after its request was sent (nothing happened:
+/// ask again); a connect or write timeout is not.
 pub fn is_quiet(e: &HttpError) -> bool {
-    matches!(e, HttpError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    matches!(e, HttpError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut && io.to_string() == QUIET)
 }
 
 fn connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
@@ -194,6 +210,8 @@ pub fn request(
     long_poll: bool,
 ) -> Result<Response, HttpError> {
     let target = Target::parse(url)?;
+    // The deadline counts from here: connecting is part of the request's time.
+    let started = std::time::Instant::now();
     let (tcp, absolute) = match proxy {
         Some(p) => (connect(&p.host, p.port)?, !target.tls),
         None => (connect(&target.host, target.port)?, false),
@@ -202,7 +220,7 @@ pub fn request(
     tcp.set_nodelay(true)?;
     let tcp = Deadline {
         tcp,
-        deadline: (!long_poll).then(|| std::time::Instant::now() + TIMEOUT),
+        deadline: (!long_poll).then(|| started + TIMEOUT),
         per_read: if long_poll { LONG_POLL } else { TIMEOUT },
     };
     let mut stream: Box<dyn Stream> = match (proxy, target.tls) {

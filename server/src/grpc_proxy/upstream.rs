@@ -140,20 +140,22 @@ fn client_streaming(path: &str) -> bool {
     STREAMING.iter().any(|p| p == path)
 }
 
-/// Whether a call's error means its request never left: the connection could not be made.
+/// Whether a call's error means its request never left: the connection to the endpoint could
+/// not be made (hyper-util's connector's "tcp connect error", a refused connection, or the TLS
+/// dialer's own timeouts). An error on a connection already made (a reset, a timeout) may have
+/// come after the member applied the request: not retried.
 pub(super) fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind as K;
     let mut next = Some(e);
     while let Some(e) = next {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                K::ConnectionRefused
-                    | K::TimedOut
-                    | K::HostUnreachable
-                    | K::NetworkUnreachable
-                    | K::AddrNotAvailable
-            )
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        let text = e.to_string();
+        if text.starts_with("tcp connect error")
+            || text == crate::tls::dial::DIAL_TIMED_OUT
+            || text == crate::tls::dial::HANDSHAKE_TIMED_OUT
         {
             return true;
         }
@@ -165,4 +167,51 @@ pub(super) fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
 /// A gRPC `Unavailable` answer (the cluster could not be reached).
 fn unavailable(why: &str) -> axum::http::Response<Body> {
     tonic::Status::unavailable(format!("grpc-proxy: {why}")).into_http::<Body>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(String, Option<std::io::Error>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_ref().map(|e| e as _)
+        }
+    }
+
+    /// Only an error of the connection's making is retried elsewhere; one on a connection
+    /// already made may follow the member's apply.
+    #[test]
+    fn only_a_connection_never_made_is_retried() {
+        use std::io::{Error, ErrorKind};
+        let refused = Wrapped(
+            "transport error".into(),
+            Some(Error::from(ErrorKind::ConnectionRefused)),
+        );
+        assert!(never_sent(&refused));
+        let connect = Wrapped(
+            "tcp connect error".into(),
+            Some(Error::from(ErrorKind::TimedOut)),
+        );
+        assert!(never_sent(&connect));
+        let dial = Error::new(ErrorKind::TimedOut, crate::tls::dial::DIAL_TIMED_OUT);
+        assert!(never_sent(&dial));
+        for kind in [
+            ErrorKind::TimedOut,
+            ErrorKind::ConnectionReset,
+            ErrorKind::HostUnreachable,
+        ] {
+            let later = Wrapped("transport error".into(), Some(Error::from(kind)));
+            assert!(!never_sent(&later), "{kind:?}");
+        }
+    }
 }

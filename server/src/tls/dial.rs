@@ -20,6 +20,10 @@ use tonic::transport::{Channel, Endpoint};
 use super::ClientTls;
 use crate::config::parse_url;
 
+/// The errors of a dial that timed out before any request was sent on it.
+pub const DIAL_TIMED_OUT: &str = "peer dial timed out";
+pub const HANDSHAKE_TIMED_OUT: &str = "peer TLS handshake timed out";
+
 /// How long a TLS handshake with a peer may take once connected (etcd's transport's
 /// `TLSHandshakeTimeout`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,12 +170,12 @@ impl tower_service::Service<tonic::codegen::http::Uri> for TlsConnect {
                 tokio::net::TcpStream::connect((this.addr.0.as_str(), this.addr.1)),
             )
             .await
-            .map_err(|_| timed_out("peer dial timed out"))??;
+            .map_err(|_| timed_out(DIAL_TIMED_OUT))??;
             tcp.set_nodelay(true)?;
             let connector = tokio_rustls::TlsConnector::from(tls.get());
             let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(this.name, tcp))
                 .await
-                .map_err(|_| timed_out("peer TLS handshake timed out"))??;
+                .map_err(|_| timed_out(HANDSHAKE_TIMED_OUT))??;
             Ok(TokioIo::new(stream))
         })
     }

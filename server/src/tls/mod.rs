@@ -212,12 +212,11 @@ pub fn server_config(s: &Settings) -> Result<rustls::ServerConfig, TlsError> {
             provider.clone(),
         );
         if let Some(crl) = &s.crl_file {
-            // As etcd's check: a revoked client certificate is refused; one whose issuer has
-            // no CRL in the file (an intermediate's own issuer, another CA of the bundle) is
-            // not, nor is a chain checked above its leaf.
+            // As etcd's check: a revoked certificate anywhere in the client's chain is refused;
+            // one whose issuer has no CRL in the file (another CA of the bundle, an
+            // intermediate's issuer) is not.
             verifier = verifier
                 .with_crls(load_crls(crl)?)
-                .only_check_end_entity_revocation()
                 .allow_unknown_revocation_status();
         }
         let inner = verifier
@@ -715,6 +714,22 @@ mod tests {
                 .unwrap_err()
                 .contains("Revoked")
         );
+        // An intermediate CA the root's CRL revokes: its leaves are refused (etcd looks up
+        // every certificate of the chain the client sends).
+        let inter = ca.intermediate(dir.path(), "inter");
+        let (leaf, leaf_key) = inter.sign(dir.path(), "leaf", "m4", &["127.0.0.1"]);
+        let chain = dir.path().join("chain.pem");
+        let pems = [&leaf, &inter.path].map(|p| std::fs::read_to_string(p).unwrap());
+        std::fs::write(&chain, pems.concat()).unwrap();
+        let mut inter_revoked = server.clone();
+        inter_revoked.crl_file = Some(ca.revoke(dir.path(), "inter"));
+        assert!(
+            handshake(&inter_revoked, &client(&chain, &leaf_key))
+                .await
+                .unwrap_err()
+                .contains("Revoked")
+        );
+        assert!(handshake(&server, &client(&chain, &leaf_key)).await.is_ok());
     }
 
     #[tokio::test]

@@ -40,6 +40,30 @@ impl Ca {
         }
     }
 
+    /// An intermediate CA signed by this one, its serial that of `name` (so [`Ca::revoke`]
+    /// can revoke it); its certificate file is `name.pem`.
+    pub fn intermediate(&self, dir: &Path, name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.serial_number = Some(serial(name));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            path,
+        }
+    }
+
     /// A certificate for `sans` with common name `cn`, for servers and clients: its cert
     /// and key files.
     pub fn sign(&self, dir: &Path, file: &str, cn: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
