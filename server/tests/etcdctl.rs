@@ -250,6 +250,25 @@ fn http_endpoints(e: &str, port: u16) -> (Vec<String>, String) {
         format!("{:?}", common::http_get(port, "/health")),
         format!("{:?}", common::http_get(port, "/version")),
     ];
+    // `/version`'s content type (a JSON body).
+    let head = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET /version HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw.to_ascii_lowercase()
+    };
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or("none")
+        .to_string();
+    out.push(format!("/version content-type {content_type}"));
     let (code, metrics) = common::http_get(port, "/metrics");
     assert_eq!(code, 200);
     let value = |name: &str| -> f64 {
@@ -334,7 +353,7 @@ fn http_endpoints_answer_like_etcd() {
         "{}",
         got[1]
     );
-    assert_eq!(got[6], "etcd_debugging_mvcc_current_revision 2");
+    assert_eq!(got[7], "etcd_debugging_mvcc_current_revision 2");
 }
 
 /// Periodic compaction with a one-second retention: both servers compact revision 2 away (the

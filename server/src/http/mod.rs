@@ -1,6 +1,7 @@
 //! The HTTP endpoints etcd serves on its client URLs, beside gRPC: `/health`, `/version`,
-//! `/metrics`, and the JSON gateway of the v3 API under `/v3/` ([`grpc_gateway`]). None of them waits for the storage core's apply or an fdatasync, except the one
-//! linearizable read `/health` makes on purpose (as etcd's QGET), bounded to one second.
+//! `/metrics`, and the JSON gateway of the v3 API under `/v3/` ([`grpc_gateway`]). None of them
+//! waits for the storage core's apply or an fdatasync, except the one request through raft
+//! `/health` makes on purpose (as etcd's QGET), bounded to one second.
 
 pub mod access;
 pub mod grpc_gateway;
@@ -27,7 +28,15 @@ pub fn router(core: Core) -> axum::Router {
                 move |uri: axum::http::Uri| health::health(core.clone(), uri)
             }),
         )
-        .route("/version", get(|| async { version_json() }))
+        .route(
+            "/version",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    version_json(),
+                )
+            }),
+        )
         .route(
             "/metrics",
             get(move || async move {
