@@ -439,3 +439,55 @@ async fn a_revoke_answers_with_its_own_revision() {
         );
     }
 }
+
+/// A keep-alive of a lease that has expired but whose revocation is not yet applied answers
+/// once it is (TTL 0, the keys gone), as etcd's lessor waits for the revocation: a client told
+/// its lease is gone finds its keys gone. The revocation is held back by a stalled WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_of_an_expired_lease_answers_once_it_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let stall = dir.path().join("stall");
+    let port = free_port();
+    let stall_env = stall.display().to_string();
+    let keel = common::keel_with(
+        &dir.path().join("keel"),
+        port,
+        &[],
+        &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", stall_env.as_str())],
+        None,
+    );
+    let mut c = etcd_client::Client::connect([keel.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let lease = c.lease_grant(2, None).await.unwrap().id();
+    c.put(
+        "leased",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    // Writes stall from now: the revocation cannot commit until the file goes.
+    std::fs::write(&stall, "2s").unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    std::fs::remove_file(&stall).unwrap();
+    // etcd-client reports the answer's TTL 0 as "lease not found".
+    match c.lease_keep_alive(lease).await {
+        Ok((_, mut answers)) => {
+            let answer = answers.message().await.unwrap().unwrap();
+            assert_eq!(answer.ttl(), 0);
+        }
+        Err(e) => assert!(e.to_string().contains("lease not found"), "{e}"),
+    }
+    let got = c
+        .get(
+            "leased",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert!(
+        got.kvs().is_empty(),
+        "told the lease is gone, the key is still there"
+    );
+}

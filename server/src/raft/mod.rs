@@ -281,6 +281,33 @@ impl Core {
         self.shared.is_leader.load(Ordering::Acquire)
     }
 
+    /// Renews lease `id` here, the primary lessor: its TTL, or 0 if it does not exist. An
+    /// expired lease is not renewed: as etcd's lessor, the answer waits until its revocation is
+    /// applied (then 0: the client sees its keys gone), at most the forwarding timeout. `None`:
+    /// this member stopped being the primary meanwhile (the caller asks the new leader).
+    pub async fn renew_on_primary(&self, id: i64) -> Result<Option<i64>> {
+        let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            let expired = {
+                let mut lessor = self.lessor();
+                match lessor.renew(id, std::time::Instant::now()) {
+                    Ok(ttl) => return Ok(Some(ttl)),
+                    Err(_) => lessor.get(id).is_some(),
+                }
+            };
+            if !expired || std::time::Instant::now() >= deadline {
+                return Ok(Some(0));
+            }
+            if !self.alive() {
+                return Err(Error::Stopped);
+            }
+            if !self.is_leader() || !self.shared.lease_primary.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until this member, leading, is the primary lessor (a new leader becomes it once
     /// its first entry of the term is applied; until then its lease expiries are those it held
     /// as a follower, which keep-alives never renewed, and etcd answers `ErrNotPrimary`, which
@@ -417,11 +444,10 @@ impl Core {
     /// Renews lease `id` (a keep-alive): on the leader, here; on a follower, forwarded to the
     /// leader, which alone renews and expires leases. The TTL, or 0 if the lease is gone.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
-        if self.wait_lease_primary().await? {
-            return Ok(self
-                .lessor()
-                .renew(id, std::time::Instant::now())
-                .unwrap_or(0));
+        if self.wait_lease_primary().await?
+            && let Some(ttl) = self.renew_on_primary(id).await?
+        {
+            return Ok(ttl);
         }
         let (leader, mut client) = self.leader_client()?;
         let (cluster_id, member_id) = self.ids();

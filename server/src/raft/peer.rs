@@ -265,7 +265,14 @@ impl pp::peer_server::Peer for PeerService {
             return Err(Status::failed_precondition("etcdserver: not leader"));
         }
         let id = request.into_inner().id;
-        let ttl = self.core.lessor().renew(id, Instant::now()).unwrap_or(0);
+        let Some(ttl) = self
+            .core
+            .renew_on_primary(id)
+            .await
+            .map_err(|e| crate::api::convert::status(&e))?
+        else {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        };
         Ok(Response::new(pp::LeaseRenewResponse { ttl }))
     }
 
