@@ -254,7 +254,25 @@ pub fn client_config(s: &Settings) -> Result<rustls::ClientConfig, TlsError> {
             Some(ca) => load_roots(ca)?,
             None => system_roots(),
         };
-        builder.with_root_certificates(roots)
+        if s.allowed_cn.is_some() || s.allowed_hostname.is_some() {
+            // etcd's `VerifyPeerCertificate` is in the dialing configuration too: the member
+            // dialed must have the allowed CN or hostname as well.
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AllowedServer {
+                    inner,
+                    cn: s.allowed_cn.clone(),
+                    hostname: s.allowed_hostname.clone(),
+                }))
+        } else {
+            builder.with_root_certificates(roots)
+        }
     };
     let mut config = if s.has_cert() {
         let (certs, key) = identity(s, &provider)?;
@@ -278,6 +296,80 @@ pub(crate) fn system_roots() -> RootCertStore {
         }
     }
     roots
+}
+
+/// The check of `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname` on a verified
+/// certificate: etcd's message when it fails.
+fn allowed(
+    end_entity: &CertificateDer<'_>,
+    cn: Option<&str>,
+    hostname: Option<&str>,
+) -> Result<(), rustls::Error> {
+    let refused = || rustls::Error::General("client certificate authentication failed".into());
+    if let Some(cn) = cn
+        && cn::common_name(end_entity).as_deref() != Some(cn)
+    {
+        return Err(refused());
+    }
+    if let Some(host) = hostname {
+        let name = ServerName::try_from(host).map_err(|_| refused())?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, &name).map_err(|_| refused())?;
+    }
+    Ok(())
+}
+
+/// The server verifier a member dials its peers with when `--peer-cert-allowed-cn` or
+/// `--peer-cert-allowed-hostname` is set: the chain as usual, then the same check as on the
+/// peers' incoming certificates.
+#[derive(Debug)]
+struct AllowedServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    cn: Option<String>,
+    hostname: Option<String>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AllowedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        allowed(end_entity, self.cn.as_deref(), self.hostname.as_deref())?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The client verifier with etcd's `--peer-cert-allowed-cn` / `--peer-cert-allowed-hostname`
@@ -311,18 +403,7 @@ impl ClientCertVerifier for AllowedPeer {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        // etcd's message for both checks.
-        let refused = || rustls::Error::General("client certificate authentication failed".into());
-        if let Some(cn) = &self.cn
-            && cn::common_name(end_entity).as_deref() != Some(cn.as_str())
-        {
-            return Err(refused());
-        }
-        if let Some(host) = &self.hostname {
-            let name = ServerName::try_from(host.as_str()).map_err(|_| refused())?;
-            let parsed = ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_name(&parsed, &name).map_err(|_| refused())?;
-        }
+        allowed(end_entity, self.cn.as_deref(), self.hostname.as_deref())?;
         Ok(verified)
     }
 
@@ -665,6 +746,18 @@ mod tests {
             e.contains("client certificate authentication failed"),
             "{e}"
         );
+
+        // The member dialing checks the dialed one's certificate the same way (etcd's
+        // `VerifyPeerCertificate` is in its client configuration too).
+        let mut picky = client(&peer_cert, &peer_key);
+        picky.allowed_cn = Some("not-the-server".into());
+        let e = handshake(&server, &picky).await.unwrap_err();
+        assert!(
+            e.contains("client certificate authentication failed"),
+            "{e}"
+        );
+        picky.allowed_cn = Some("server".into());
+        assert!(handshake(&server, &picky).await.is_ok());
 
         // A revoked certificate (--client-crl-file).
         let mut revoking = server.clone();
