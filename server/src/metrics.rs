@@ -54,6 +54,20 @@ pub struct Metrics {
     resident_memory: Gauge,
     cpu_seconds: Gauge<f64, AtomicU64>,
     open_fds: Gauge,
+    /// `os_fd_used` / `os_fd_limit` (etcd's own) and `process_max_fds`,
+    /// `process_virtual_memory_bytes`, `process_start_time_seconds` (Go's process collector).
+    os_fd_used: Gauge,
+    os_fd_limit: Gauge,
+    max_fds: Gauge,
+    virtual_memory: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+    /// `etcd_server_id{server_id}` (1) and `etcd_server_is_learner`.
+    server_id: Family<Label, Gauge>,
+    is_learner: Gauge,
+    /// `etcd_server_health_success` / `_failures`: `/health` answers (counters in etcd, kept
+    /// as gauges that only grow for their names, as the snapshot counters).
+    pub health_success: Gauge,
+    pub health_failures: Gauge,
     /// `etcd_debugging_mvcc_watcher_total` and `etcd_debugging_mvcc_watch_stream_total`.
     pub watchers: Gauge,
     pub watch_streams: Gauge,
@@ -261,6 +275,45 @@ impl Metrics {
             "process_open_fds",
             "Number of open file descriptors.",
         );
+        let os_fd_used = gauge(&mut r, "os_fd_used", "The number of used file descriptors.");
+        let os_fd_limit = gauge(&mut r, "os_fd_limit", "The file descriptor limit.");
+        let max_fds = gauge(
+            &mut r,
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+        );
+        let virtual_memory = gauge(
+            &mut r,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+        );
+        let start_time = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            start_time.clone(),
+        );
+        let server_id = Family::<Label, Gauge>::default();
+        r.register(
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            server_id.clone(),
+        );
+        let is_learner = gauge(
+            &mut r,
+            "etcd_server_is_learner",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+        );
+        let health_success = gauge(
+            &mut r,
+            "etcd_server_health_success",
+            "The total number of successful health checks",
+        );
+        let health_failures = gauge(
+            &mut r,
+            "etcd_server_health_failures",
+            "The total number of failed health checks",
+        );
         let peer_sent_bytes = Family::<Label, Counter>::default();
         r.register(
             "etcd_network_peer_sent_bytes",
@@ -315,6 +368,15 @@ impl Metrics {
         let grpc = GrpcMetrics::register(&mut r);
         Arc::new(Metrics {
             grpc,
+            os_fd_used,
+            os_fd_limit,
+            max_fds,
+            virtual_memory,
+            start_time,
+            server_id,
+            is_learner,
+            health_success,
+            health_failures,
             peer_sent_bytes,
             peer_received_bytes,
             peer_sent_failures,
@@ -358,8 +420,14 @@ impl Metrics {
     }
 
     /// The text a scrape returns, with the store's and the process's current figures.
-    pub fn render(&self, store: &Store, leases: usize) -> String {
+    pub fn render(&self, store: &Store, leases: usize, member: Option<(u64, bool)>) -> String {
         self.leases.set(leases as i64);
+        if let Some((id, learner)) = member {
+            self.server_id
+                .get_or_create(&vec![("server_id".into(), format!("{id:x}"))])
+                .set(1);
+            self.is_learner.set(i64::from(learner));
+        }
         let backend = store.backend();
         self.db_total_size.set(as_i64(backend.file_size()));
         self.db_in_use_size.set(as_i64(backend.size_in_use()));
@@ -369,6 +437,11 @@ impl Metrics {
             self.resident_memory.set(as_i64(p.resident_bytes));
             self.cpu_seconds.set(p.cpu_seconds);
             self.open_fds.set(as_i64(p.open_fds));
+            self.os_fd_used.set(as_i64(p.open_fds));
+            self.os_fd_limit.set(as_i64(p.max_fds));
+            self.max_fds.set(as_i64(p.max_fds));
+            self.virtual_memory.set(as_i64(p.virtual_bytes));
+            self.start_time.set(p.start_time_seconds);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -497,6 +570,11 @@ pub struct ProcessStats {
     pub resident_bytes: u64,
     pub cpu_seconds: f64,
     pub open_fds: u64,
+    /// The soft limit of open files (`/proc/PID/limits`).
+    pub max_fds: u64,
+    pub virtual_bytes: u64,
+    /// Seconds since the Unix epoch the process started at.
+    pub start_time_seconds: f64,
 }
 
 /// `/proc` reports CPU times in USER_HZ ticks, which is 100 on every Linux ABI Keel runs on.
@@ -511,6 +589,22 @@ impl ProcessStats {
         let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
         let mut p = ProcessStats::parse(&stat, &statm)?;
         p.open_fds = open_fds;
+        p.max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .as_deref()
+            .and_then(max_open_files)
+            .unwrap_or(0);
+        let fields = stat_fields(&stat);
+        p.virtual_bytes = fields.get(20).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        let started: Option<f64> = fields.get(19).and_then(|v| v.parse().ok());
+        if let (Some(boot), Some(started)) = (boot, started) {
+            p.start_time_seconds = boot + started / USER_HZ;
+        }
         // The resident size in bytes whatever the page size (statm counts pages; 64 KiB pages
         // on some arm64 kernels).
         if let Some(kib) = std::fs::read_to_string("/proc/self/status")
@@ -532,8 +626,24 @@ impl ProcessStats {
             resident_bytes: resident_pages * PAGE_SIZE,
             cpu_seconds: cpu_seconds(stat)?,
             open_fds: 0,
+            max_fds: 0,
+            virtual_bytes: 0,
+            start_time_seconds: 0.0,
         })
     }
+}
+
+/// The fields of `/proc/PID/stat` after the command name: index 0 is field 3 (state).
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rfind(')')
+        .map(|i| stat[i + 1..].split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+/// The soft "Max open files" of `/proc/PID/limits`.
+fn max_open_files(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// The `VmRSS:` line of `/proc/PID/status`, in KiB.
@@ -576,7 +686,7 @@ mod tests {
         m.puts.inc();
         m.snapshot_send_success.get_or_create(&to(2)).inc();
         Metrics::observe(&m.wal_fsync, Duration::from_micros(300));
-        let text = m.render(&store, 0);
+        let text = m.render(&store, 0, Some((0x2a, false)));
         for line in [
             "etcd_mvcc_put_total 1",
             "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 1",
@@ -585,6 +695,8 @@ mod tests {
             "etcd_server_version{server_version=\"3.4.23\"} 1",
             "etcd_debugging_mvcc_current_revision 1",
             "etcd_network_snapshot_send_success{To=\"2\"} 1",
+            "etcd_server_id{server_id=\"2a\"} 1",
+            "etcd_server_is_learner 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -596,6 +708,17 @@ mod tests {
             .find_map(|l| l.strip_prefix("etcd_mvcc_db_total_size_in_bytes "))
             .unwrap();
         assert_eq!(size.parse::<u64>().unwrap(), store.backend().file_size());
-        assert!(ProcessStats::read().unwrap().resident_bytes > 0);
+        let p = ProcessStats::read().unwrap();
+        assert!(p.resident_bytes > 0);
+        assert!(p.max_fds > 0 && p.virtual_bytes > 0, "{p:?}");
+        // Started after 2020, and not in the future.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            p.start_time_seconds > 1.6e9 && p.start_time_seconds <= now + 1.0,
+            "{p:?}"
+        );
     }
 }

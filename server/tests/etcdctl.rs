@@ -284,6 +284,8 @@ fn http_endpoints(e: &str, port: u16) -> (Vec<String>, String) {
         "etcd_mvcc_range_total",
         "etcd_server_has_leader",
         "etcd_server_is_leader",
+        "etcd_server_is_learner",
+        "etcd_server_health_success",
         "etcd_debugging_mvcc_current_revision",
     ] {
         out.push(format!("{name} {}", value(name)));
@@ -353,7 +355,7 @@ fn http_endpoints_answer_like_etcd() {
         "{}",
         got[1]
     );
-    assert_eq!(got[7], "etcd_debugging_mvcc_current_revision 2");
+    assert_eq!(got[9], "etcd_debugging_mvcc_current_revision 2");
 }
 
 /// Periodic compaction with a one-second retention: both servers compact revision 2 away (the

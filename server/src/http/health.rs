@@ -50,8 +50,12 @@ pub async fn check(core: &Core, exclude: &[String]) -> Result<(), String> {
 /// The `/health` handler.
 pub async fn health(core: Core, uri: axum::http::Uri) -> (StatusCode, &'static str) {
     match check(&core, &excluded(uri.query())).await {
-        Ok(()) => (StatusCode::OK, r#"{"health":"true"}"#),
+        Ok(()) => {
+            core.metrics().health_success.inc();
+            (StatusCode::OK, r#"{"health":"true"}"#)
+        }
         Err(why) => {
+            core.metrics().health_failures.inc();
             tracing::warn!("/health error; {why} (status code 503)");
             (StatusCode::SERVICE_UNAVAILABLE, "{\"health\":\"false\"}\n")
         }

@@ -46,7 +46,11 @@ pub fn router(core: Core) -> axum::Router {
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    core.metrics().render(&core.store(), leases),
+                    core.metrics().render(
+                        &core.store(),
+                        leases,
+                        Some((core.ids().1, core.is_learner())),
+                    ),
                 )
             }),
         )
