@@ -64,7 +64,11 @@ fn field(text: &str, name: &str) -> String {
 /// trailers curl prints after it.
 fn normalize(raw: &str) -> String {
     let raw = raw.replace("\r\n", "\n");
-    let (head, body) = raw.split_once("\n\n").unwrap_or((&raw, ""));
+    // curl sends a large body after `Expect: 100-continue`: the interim answer goes.
+    let raw = raw
+        .strip_prefix("HTTP/1.1 100 Continue\n\n")
+        .unwrap_or(&raw);
+    let (head, body) = raw.split_once("\n\n").unwrap_or((raw, ""));
     let mut lines = head.lines();
     let status = lines.next().unwrap_or_default().trim().to_string();
     let mut headers: Vec<String> = lines
@@ -96,8 +100,20 @@ fn curl(server: &Server, method: &str, path: &str, body: &str, headers: &[&str])
     for h in headers {
         cmd.args(["-H", h]);
     }
-    if !body.is_empty() {
-        cmd.args(["--data-binary", body]);
+    // A large body goes through a file (an argument is limited to 128 KiB).
+    let file = (body.len() > 64 << 10).then(|| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), body).unwrap();
+        f
+    });
+    match &file {
+        Some(f) => {
+            cmd.args(["--data-binary", &format!("@{}", f.path().display())]);
+        }
+        None if !body.is_empty() => {
+            cmd.args(["--data-binary", body]);
+        }
+        None => {}
     }
     let out = cmd
         .arg(format!("{}{path}", server.endpoint))
@@ -383,6 +399,23 @@ fn session(s: &Server) -> Vec<String> {
             &[],
         ),
     );
+    // Over --max-request-bytes (etcd's error), and over the gRPC limit (grpc-go's).
+    for (what, size) in [
+        ("put: too large", 1_700_000),
+        ("put: over the gRPC limit", 2_200_000),
+    ] {
+        let value = b64(&"x".repeat(size));
+        step(
+            what,
+            curl(
+                s,
+                "POST",
+                "/v3/kv/put",
+                &format!(r#"{{"key":"{key}","value":"{value}"}}"#),
+                &[],
+            ),
+        );
+    }
     step(
         "txn: unknown enum name",
         curl(

@@ -52,9 +52,13 @@ pub struct Gateway {
     grpc: axum::Router,
     core: Core,
     client_cert_auth: bool,
-    /// The most JSON one request message may take: room for `--max-request-bytes` of protobuf
-    /// in base64 (4/3), and 64 KiB for JSON's field names and quoting.
+    /// The most JSON one request message may take: twice the gRPC limit (a message somewhat over
+    /// it, in base64, is still read, to be refused with grpc-go's words and its size), and 64 KiB
+    /// for JSON's field names and quoting. Beyond, the gateway's own refusal.
     json_limit: usize,
+    /// The members' gRPC receive limit (`--max-request-bytes` + 512 KiB): a larger message is
+    /// refused as grpc-go refuses it (etcd's gateway calls its own gRPC server).
+    grpc_limit: usize,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -78,9 +82,11 @@ impl Gateway {
             grpc,
             core,
             client_cert_auth,
-            json_limit: (max_request_bytes / 3)
-                .saturating_mul(4)
+            json_limit: max_request_bytes
+                .saturating_add(512 << 10)
+                .saturating_mul(2)
                 .saturating_add(64 << 10),
+            grpc_limit: max_request_bytes.saturating_add(512 << 10),
         })
     }
 
@@ -254,6 +260,13 @@ async fn read_request(gw: &Gateway, rpc: &Rpc, body: Body) -> Result<Bytes, Stat
         .map_err(|e| read_status(&e, Code::InvalidArgument))?;
     let message =
         json::encode(&rpc.input, &body).map_err(|e| read_status(&e, Code::InvalidArgument))?;
+    if message.len() > gw.grpc_limit {
+        return Err(Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({} vs. {})",
+            message.len(),
+            gw.grpc_limit
+        )));
+    }
     Ok(grpc::frame(&message))
 }
 
