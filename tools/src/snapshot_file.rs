@@ -4,6 +4,8 @@
 //! - A file whose size is 32 more than a multiple of 512 has the trailer (etcd's test,
 //!   `hasChecksum`); the database is the rest.
 //! - The file is mapped, not read: memory stays small whatever its size.
+//! - It is locked shared (`flock`, as bbolt) while mapped: a database a running etcd holds
+//!   (bbolt locks it exclusively) is refused at once instead of being read torn.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,8 @@ const SHA_LEN: usize = 32;
 pub struct SnapshotFile {
     pub path: PathBuf,
     map: memmap2::Mmap,
+    /// Holds the shared lock while the file is read.
+    _file: std::fs::File,
     /// Length of the database part.
     db_len: usize,
     has_hash: bool,
@@ -33,6 +37,12 @@ impl SnapshotFile {
         if len == 0 {
             bail!("snapshot {} is empty", path.display());
         }
+        if let Err(e) = file.try_lock_shared() {
+            bail!(
+                "cannot read {}: it is locked ({e}); is etcd still running on it?",
+                path.display()
+            );
+        }
         // SAFETY: the mapping is read-only and private to this process. Its bytes stay valid
         // while `map` lives unless another process truncates the file meanwhile, which would
         // end this short-lived tool with SIGBUS, not a wrong result; the operator names a file
@@ -44,6 +54,7 @@ impl SnapshotFile {
         Ok(SnapshotFile {
             path: path.to_path_buf(),
             map,
+            _file: file,
             db_len,
             has_hash,
         })
