@@ -329,6 +329,23 @@ async fn cached_ranges_follow_writes_from_anywhere() {
     assert!(gone);
     let hits = metric(pport, "etcd_grpc_proxy_cache_hits_total").unwrap();
     assert!(hits >= 1.0, "{hits}");
+    // A failing Authenticate changes no auth: the cache keeps answering.
+    let _ = via.get("k2", ser()).await.unwrap();
+    let mut auth = keel_proto::etcdserverpb::auth_client::AuthClient::connect(p.endpoint.clone())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let failed = auth
+            .authenticate(keel_proto::etcdserverpb::AuthenticateRequest {
+                name: "nobody".into(),
+                password: "x".into(),
+            })
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        let _ = via.get("k2", ser()).await.unwrap();
+    }
+    let after = metric(pport, "etcd_grpc_proxy_cache_hits_total").unwrap();
+    assert!(after >= hits + 5.0, "{hits} then {after}");
 
     // Auth turned on: a read without credentials is refused, never answered from the cache.
     direct.put("secret", "s", None).await.unwrap();

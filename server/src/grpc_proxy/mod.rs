@@ -427,8 +427,24 @@ pub fn run(flags: ProxyFlags) -> anyhow::Result<()> {
                     ));
                 }
                 // Auth may change: nothing cached is served until the probe says reads
-                // without credentials are still answered.
-                if request.uri().path().starts_with("/etcdserverpb.Auth/") {
+                // without credentials are still answered. Only calls that change auth count
+                // (an Authenticate, even a failing one, must not keep the cache empty).
+                let changes_auth = request
+                    .uri()
+                    .path()
+                    .strip_prefix("/etcdserverpb.Auth/")
+                    .is_some_and(|m| {
+                        !matches!(
+                            m,
+                            "Authenticate"
+                                | "AuthStatus"
+                                | "UserGet"
+                                | "UserList"
+                                | "RoleGet"
+                                | "RoleList"
+                        )
+                    });
+                if changes_auth {
                     cache.disable();
                 }
                 forwarder.forward(request).await
