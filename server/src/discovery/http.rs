@@ -200,9 +200,46 @@ fn tls(host: &str, tcp: impl Read + Write + 'static) -> Result<Box<dyn Stream>, 
     Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
 }
 
+/// Redirects followed at most (etcd's client's `DefaultCheckRedirect`).
+const MAX_REDIRECTS: usize = 10;
+
+/// [`request_once`], following redirects as etcd's discovery client does: any 3xx answer is
+/// asked again, same method and body, at its `Location` (an absolute URL, or a path on the
+/// same server), at most [`MAX_REDIRECTS`] times ("client: too many redirects").
+pub fn request(
+    method: &str,
+    url: &str,
+    form: Option<&str>,
+    proxy: Option<&Target>,
+    long_poll: bool,
+) -> Result<Response, HttpError> {
+    let mut url = url.to_string();
+    for _ in 0..=MAX_REDIRECTS {
+        let r = request_once(method, &url, form, proxy, long_poll)?;
+        if r.status / 100 != 3 {
+            return Ok(r);
+        }
+        let location = r
+            .header("location")
+            .ok_or_else(|| HttpError::Response("location header not set".into()))?;
+        url = if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else if location.starts_with('/') {
+            let t = Target::parse(&url)?;
+            let scheme = if t.tls { "https" } else { "http" };
+            format!("{scheme}://{}{location}", t.authority())
+        } else {
+            return Err(HttpError::Response(format!(
+                "location header not valid URL: {location}"
+            )));
+        };
+    }
+    Err(HttpError::Response("client: too many redirects".into()))
+}
+
 /// Sends `method url` with a form `body` (if any), through `proxy` (if any); `long_poll`
 /// lifts the read timeout (a watch waits as long as it takes).
-pub fn request(
+fn request_once(
     method: &str,
     url: &str,
     form: Option<&str>,
@@ -383,6 +420,64 @@ mod tests {
         for bad in ["ftp://h/x", "http://", "http://h:port/", "http://u@h/"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A redirect is followed with the same method and body; a loop of them ends.
+    #[test]
+    fn redirects_are_followed_a_bounded_number_of_times() {
+        let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let second_addr = second.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = second.accept().unwrap();
+            let mut got = String::new();
+            // The head and the body may come in two reads.
+            for _ in 0..10 {
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).unwrap();
+                got.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if n == 0 || got.ends_with("value=x") {
+                    break;
+                }
+            }
+            let answer = if got.starts_with("PUT /there ") && got.ends_with("value=x") {
+                "HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+            } else {
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+            };
+            conn.write_all(answer.as_bytes()).unwrap();
+        });
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let first_addr = first.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = first.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{second_addr}/there\r\nContent-Length: 0\r\n\r\n"
+            );
+            conn.write_all(answer.as_bytes()).unwrap();
+        });
+        let url = format!("http://{first_addr}/here");
+        let r = request("PUT", &url, Some("value=x"), None, false).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (201, &b"ok"[..]));
+        // A server redirecting to itself forever.
+        let lp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let lp_addr = lp.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in lp.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\n\r\n",
+                );
+            }
+        });
+        let e = request("GET", &format!("http://{lp_addr}/x"), None, None, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a bad HTTP response: client: too many redirects"
+        );
     }
 
     /// A server that trickles its answer a byte a second cannot hold a request past its
