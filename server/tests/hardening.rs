@@ -324,6 +324,18 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// Far more creates than a stream may have queued at its hub (1,024) are all answered, in
+/// order: the reader waits for the hub instead of queuing without bound, and never stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_creates_beyond_the_hub_queue_is_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = common::keel(&dir.path().join("keel"), free_port(), &[]);
+    let (created, _open) = create_watchers(&keel.endpoint, 5000).await;
+    assert!(created.iter().all(|r| r.created && !r.canceled));
+    let ids: Vec<i64> = created.iter().map(|r| r.watch_id).collect();
+    assert_eq!(ids, (0..5000).collect::<Vec<i64>>());
+}
+
 /// A flood of watch creates is bounded per stream and per member, each refusal a clear answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_watch_creates_is_bounded() {

@@ -62,6 +62,9 @@ pub struct Limits {
     pub total: usize,
 }
 
+/// Requests of one stream its hub may have queued (see `Outbox::pending`).
+const MAX_PENDING_REQUESTS: usize = 1024;
+
 /// A stream's queue of responses.
 #[derive(Debug, Default)]
 struct Outbox {
@@ -76,6 +79,10 @@ struct Outbox {
     gone: Notify,
     /// The status the stream ends with, if it ends in error.
     error: Mutex<Option<Status>>,
+    /// The stream's requests sent to its hub and not yet handled: its reader waits while there
+    /// are [`MAX_PENDING_REQUESTS`], so a client sending requests faster than the hub takes
+    /// them cannot grow the hub's queue without bound.
+    pending: AtomicUsize,
     /// Responses taken by the sender so far: the queue's front is response number `sent`.
     sent: AtomicU64,
     /// One past the number of the last response queued by [`Outbox::push`] (progress, created,
@@ -501,6 +508,14 @@ impl Hub {
     }
 
     fn handle_msg(&mut self, msg: HubMsg) {
+        if let HubMsg::Create(id, _)
+        | HubMsg::Refuse(id, _)
+        | HubMsg::Cancel(id, _)
+        | HubMsg::Progress(id) = &msg
+            && let Some(s) = self.streams.get(id)
+        {
+            s.outbox.pending.fetch_sub(1, Ordering::AcqRel);
+        }
         match msg {
             HubMsg::Open(id, outbox) => {
                 self.streams.insert(
@@ -1148,6 +1163,12 @@ impl WatchService {
                     Some(RequestUnion::ProgressRequest(_)) => HubMsg::Progress(id),
                     None => continue,
                 };
+                while reader_outbox.pending.load(Ordering::Acquire) >= MAX_PENDING_REQUESTS
+                    && !reader_outbox.closed.load(Ordering::Acquire)
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                reader_outbox.pending.fetch_add(1, Ordering::AcqRel);
                 if hub.send(msg).is_err() {
                     break;
                 }
