@@ -468,7 +468,7 @@ async fn a_keep_alive_of_an_expired_lease_answers_once_it_is_revoked() {
     .await
     .unwrap();
     // Writes stall from now: the revocation cannot commit until the file goes.
-    std::fs::write(&stall, "2s").unwrap();
+    std::fs::write(&stall, "4s").unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     std::fs::remove_file(&stall).unwrap();
     // etcd-client reports the answer's TTL 0 as "lease not found".

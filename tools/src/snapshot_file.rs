@@ -37,11 +37,15 @@ impl SnapshotFile {
         if len == 0 {
             bail!("snapshot {} is empty", path.display());
         }
-        if let Err(e) = file.try_lock_shared() {
-            bail!(
-                "cannot read {}: it is locked ({e}); is etcd still running on it?",
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "cannot read {}: it is locked; is etcd still running on it?",
                 path.display()
-            );
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
         }
         // SAFETY: the mapping is read-only and private to this process. Its bytes stay valid
         // while `map` lives unless another process truncates the file meanwhile, which would

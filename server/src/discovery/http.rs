@@ -204,8 +204,9 @@ fn tls(host: &str, tcp: impl Read + Write + 'static) -> Result<Box<dyn Stream>, 
 const MAX_REDIRECTS: usize = 10;
 
 /// [`request_once`], following redirects as etcd's discovery client does: any 3xx answer is
-/// asked again, same method and body, at its `Location` (an absolute URL, or a path on the
-/// same server), at most [`MAX_REDIRECTS`] times ("client: too many redirects").
+/// asked again, same method and body, at its `Location` (an absolute URL: etcd's client cannot
+/// follow a bare path either), at most [`MAX_REDIRECTS`] times ("client: too many redirects"),
+/// all within one request's time.
 pub fn request(
     method: &str,
     url: &str,
@@ -214,8 +215,10 @@ pub fn request(
     long_poll: bool,
 ) -> Result<Response, HttpError> {
     let mut url = url.to_string();
+    // The deadline counts from here: connecting and redirects are part of the request's time.
+    let deadline = (!long_poll).then(|| std::time::Instant::now() + TIMEOUT);
     for _ in 0..=MAX_REDIRECTS {
-        let r = request_once(method, &url, form, proxy, long_poll)?;
+        let r = request_once(method, &url, form, proxy, deadline)?;
         if r.status / 100 != 3 {
             return Ok(r);
         }
@@ -224,10 +227,6 @@ pub fn request(
             .ok_or_else(|| HttpError::Response("location header not set".into()))?;
         url = if location.starts_with("http://") || location.starts_with("https://") {
             location.to_string()
-        } else if location.starts_with('/') {
-            let t = Target::parse(&url)?;
-            let scheme = if t.tls { "https" } else { "http" };
-            format!("{scheme}://{}{location}", t.authority())
         } else {
             return Err(HttpError::Response(format!(
                 "location header not valid URL: {location}"
@@ -237,18 +236,18 @@ pub fn request(
     Err(HttpError::Response("client: too many redirects".into()))
 }
 
-/// Sends `method url` with a form `body` (if any), through `proxy` (if any); `long_poll`
-/// lifts the read timeout (a watch waits as long as it takes).
+/// Sends `method url` with a form `body` (if any), through `proxy` (if any), reading until
+/// `deadline`; without one (a long poll) each read waits up to [`LONG_POLL`] (a watch waits as
+/// long as it takes).
 fn request_once(
     method: &str,
     url: &str,
     form: Option<&str>,
     proxy: Option<&Target>,
-    long_poll: bool,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Response, HttpError> {
     let target = Target::parse(url)?;
-    // The deadline counts from here: connecting is part of the request's time.
-    let started = std::time::Instant::now();
+    let long_poll = deadline.is_none();
     let (tcp, absolute) = match proxy {
         Some(p) => (connect(&p.host, p.port)?, !target.tls),
         None => (connect(&target.host, target.port)?, false),
@@ -257,7 +256,7 @@ fn request_once(
     tcp.set_nodelay(true)?;
     let tcp = Deadline {
         tcp,
-        deadline: (!long_poll).then(|| started + TIMEOUT),
+        deadline,
         per_read: if long_poll { LONG_POLL } else { TIMEOUT },
     };
     let mut stream: Box<dyn Stream> = match (proxy, target.tls) {
@@ -468,9 +467,10 @@ mod tests {
                 let Ok(mut conn) = conn else { return };
                 let mut buf = [0u8; 4096];
                 let _ = conn.read(&mut buf);
-                let _ = conn.write_all(
-                    b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\n\r\n",
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://{lp_addr}/again\r\nContent-Length: 0\r\n\r\n"
                 );
+                let _ = conn.write_all(answer.as_bytes());
             }
         });
         let e = request("GET", &format!("http://{lp_addr}/x"), None, None, false).unwrap_err();

@@ -171,6 +171,13 @@ impl Node {
                 }
             }
         }
+        if self
+            .shared
+            .revokes_in_batch
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.shared.revokes_published.notify_waiters();
+        }
         for (reply, result) in replies {
             let _ = reply.send(result);
         }
@@ -294,6 +301,10 @@ impl Node {
                 for key in &keys {
                     w.delete_range(key, None)?;
                 }
+                // Keep-alives that find the lease gone wait until this batch is readable.
+                self.shared
+                    .revokes_in_batch
+                    .store(true, std::sync::atomic::Ordering::Release);
                 lock(&self.shared.lessor)
                     .finish_revoke(w, r.id)
                     .map(|()| Applied::LeaseRevoke { revision: w.rev() })

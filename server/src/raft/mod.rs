@@ -165,6 +165,11 @@ pub struct Shared {
     /// This member leads and has applied its first entry of the term: its lease table is
     /// current and promoted (etcd's primary lessor). Keep-alives and TimeToLive wait for it.
     lease_primary: AtomicBool,
+    /// Set while an apply batch that revoked a lease is not yet committed and readable; then
+    /// cleared, and `revokes_published` wakes the keep-alives waiting for a revocation (and
+    /// when this member stops being the primary lessor).
+    revokes_in_batch: AtomicBool,
+    revokes_published: tokio::sync::Notify,
     /// Committed entries not yet applied (see [`MAX_APPLY_GAP`]).
     apply_gap: AtomicU64,
     /// The members, as of the applied index.
@@ -283,11 +288,17 @@ impl Core {
 
     /// Renews lease `id` here, the primary lessor: its TTL, or 0 if it does not exist. An
     /// expired lease is not renewed: as etcd's lessor, the answer waits until its revocation is
-    /// applied (then 0: the client sees its keys gone), at most the forwarding timeout. `None`:
-    /// this member stopped being the primary meanwhile (the caller asks the new leader).
-    pub async fn renew_on_primary(&self, id: i64) -> Result<Option<i64>> {
-        let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
+    /// committed and readable (then 0: the client sees its keys gone); `Timeout` at `deadline`.
+    /// `None`: this member stopped being the primary meanwhile (the caller asks the new
+    /// leader). Waiters are woken when a batch with revocations is published, not by polling.
+    pub async fn renew_on_primary(
+        &self,
+        id: i64,
+        deadline: std::time::Instant,
+    ) -> Result<Option<i64>> {
         loop {
+            // Created before looking, so a publication in between is not missed.
+            let published = self.shared.revokes_published.notified();
             let expired = {
                 let mut lessor = self.lessor();
                 match lessor.renew(id, std::time::Instant::now()) {
@@ -295,7 +306,8 @@ impl Core {
                     Err(_) => lessor.get(id).is_some(),
                 }
             };
-            if !expired || std::time::Instant::now() >= deadline {
+            // Gone, and not by a batch still being committed: its keys are gone too.
+            if !expired && !self.shared.revokes_in_batch.load(Ordering::Acquire) {
                 return Ok(Some(0));
             }
             if !self.alive() {
@@ -304,7 +316,11 @@ impl Core {
             if !self.is_leader() || !self.shared.lease_primary.load(Ordering::Acquire) {
                 return Ok(None);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), published).await;
         }
     }
 
@@ -444,8 +460,9 @@ impl Core {
     /// Renews lease `id` (a keep-alive): on the leader, here; on a follower, forwarded to the
     /// leader, which alone renews and expires leases. The TTL, or 0 if the lease is gone.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
         if self.wait_lease_primary().await?
-            && let Some(ttl) = self.renew_on_primary(id).await?
+            && let Some(ttl) = self.renew_on_primary(id, deadline).await?
         {
             return Ok(ttl);
         }

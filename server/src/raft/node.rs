@@ -662,6 +662,8 @@ impl Node {
             leader: AtomicU64::new(0),
             is_leader: AtomicBool::new(false),
             lease_primary: AtomicBool::new(false),
+            revokes_in_batch: AtomicBool::new(false),
+            revokes_published: tokio::sync::Notify::new(),
             apply_gap: AtomicU64::new(0),
             members: std::sync::RwLock::new(seen),
             alarms: std::sync::RwLock::new(crate::alarm::Alarms::load(&store.read())?),
@@ -1377,6 +1379,8 @@ impl Node {
             // etcd's `Demote`: only a primary lessor expires leases.
             self.lease_primary = false;
             self.shared.lease_primary.store(false, Ordering::Release);
+            // Keep-alives waiting for a revocation go to the new leader.
+            self.shared.revokes_published.notify_waiters();
         }
         self.leader = leader;
         self.shared.leader.store(leader, Ordering::Relaxed);

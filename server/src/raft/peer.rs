@@ -267,7 +267,9 @@ impl pp::peer_server::Peer for PeerService {
         let id = request.into_inner().id;
         let Some(ttl) = self
             .core
-            .renew_on_primary(id)
+            // Half the forwarding timeout: the follower that asked, whose clock started
+            // earlier, still gets the answer (or the timeout) before giving up itself.
+            .renew_on_primary(id, Instant::now() + super::FORWARD_TIMEOUT / 2)
             .await
             .map_err(|e| crate::api::convert::status(&e))?
         else {
