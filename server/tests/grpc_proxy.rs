@@ -31,10 +31,15 @@ impl Drop for Proxy {
 /// Starts a gRPC proxy (`keel grpc-proxy start` or `etcd grpc-proxy start`) in front of
 /// `server`.
 fn proxy(program: &str, server: &Server) -> Proxy {
+    proxy_to(program, &format!("127.0.0.1:{}", server.port))
+}
+
+/// A gRPC proxy in front of `endpoints` (`--endpoints`).
+fn proxy_to(program: &str, endpoints: &str) -> Proxy {
     let port = free_port();
     let mut child = Command::new(program)
         .args(["grpc-proxy", "start"])
-        .arg(format!("--endpoints=127.0.0.1:{}", server.port))
+        .arg(format!("--endpoints={endpoints}"))
         .arg(format!("--listen-addr=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -416,23 +421,11 @@ async fn a_dead_endpoint_costs_no_write_and_no_forwarded_call() {
         &[],
     );
     let dead = free_port();
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["grpc-proxy", "start"])
-        .arg(format!(
-            "--endpoints=127.0.0.1:{dead},127.0.0.1:{}",
-            server.port
-        ))
-        .arg(format!("--listen-addr=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_listening(&mut child, port, "grpc-proxy");
-    let p = Proxy {
-        child,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    };
+    let p = proxy_to(
+        env!("CARGO_BIN_EXE_keel"),
+        &format!("127.0.0.1:{dead},127.0.0.1:{}", server.port),
+    );
+    let port = port_of(&p.endpoint);
     let mut c = etcd_client::Client::connect([p.endpoint.as_str()], None)
         .await
         .unwrap();

@@ -545,16 +545,8 @@ fn a_port_in_use_stops_the_start() {
 #[test]
 fn health_goes_false_while_the_wal_hangs() {
     let dir = tempfile::tempdir().unwrap();
-    let stall = dir.path().join("stall");
-    let port = free_port();
-    let stall_env = stall.display().to_string();
-    let _keel = common::keel_with(
-        &dir.path().join("keel"),
-        port,
-        &[],
-        &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", stall_env.as_str())],
-        None,
-    );
+    let (keel, stall) = common::keel_stallable(dir.path());
+    let port = keel.port;
     common::wait_for("healthy", || {
         (common::http_get(port, "/health").0 == 200).then_some(())
     });

@@ -446,16 +446,7 @@ async fn a_revoke_answers_with_its_own_revision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_of_an_expired_lease_answers_once_it_is_revoked() {
     let dir = tempfile::tempdir().unwrap();
-    let stall = dir.path().join("stall");
-    let port = free_port();
-    let stall_env = stall.display().to_string();
-    let keel = common::keel_with(
-        &dir.path().join("keel"),
-        port,
-        &[],
-        &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", stall_env.as_str())],
-        None,
-    );
+    let (keel, stall) = common::keel_stallable(dir.path());
     let mut c = etcd_client::Client::connect([keel.endpoint.as_str()], None)
         .await
         .unwrap();

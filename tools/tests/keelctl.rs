@@ -413,15 +413,18 @@ fn a_stopped_etcd_member_migrates_to_keel() {
     let hash = hashkv(&endpoint);
     let data = dir.path().join("keel");
     let kpeer = ports::free_port().unwrap();
+    let migrate = || {
+        keelctl(&[
+            "migrate",
+            &format!("--etcd-data-dir={}", etcd_dir.display()),
+            &format!("--data-dir={}", data.display()),
+            "--name=k",
+            &format!("--initial-cluster=k=http://127.0.0.1:{kpeer}"),
+            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{kpeer}"),
+        ])
+    };
     // While etcd runs, its database is locked: refused at once, nothing written.
-    let out = keelctl(&[
-        "migrate",
-        &format!("--etcd-data-dir={}", etcd_dir.display()),
-        &format!("--data-dir={}", data.display()),
-        "--name=k",
-        &format!("--initial-cluster=k=http://127.0.0.1:{kpeer}"),
-        &format!("--initial-advertise-peer-urls=http://127.0.0.1:{kpeer}"),
-    ]);
+    let out = migrate();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is etcd still running"), "{err}");
@@ -430,14 +433,7 @@ fn a_stopped_etcd_member_migrates_to_keel() {
     // SAFETY: kill(2) on our own child's PID.
     unsafe { libc::kill(etcd.id() as i32, libc::SIGTERM) };
     etcd.wait().unwrap();
-    let out = keelctl(&[
-        "migrate",
-        &format!("--etcd-data-dir={}", etcd_dir.display()),
-        &format!("--data-dir={}", data.display()),
-        "--name=k",
-        &format!("--initial-cluster=k=http://127.0.0.1:{kpeer}"),
-        &format!("--initial-advertise-peer-urls=http://127.0.0.1:{kpeer}"),
-    ]);
+    let out = migrate();
     assert!(
         out.status.success(),
         "{}",

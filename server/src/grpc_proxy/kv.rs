@@ -69,22 +69,32 @@ impl KvProxy {
         F: Fn(KvClient<tonic::transport::Channel>, Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
-        let mut last = Status::unavailable("grpc-proxy: no endpoint");
-        for channel in self.upstream.order() {
-            let client = KvClient::new(channel.clone())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX);
-            match f(client, onward(request)).await {
-                Err(s) if super::upstream::never_sent(&s) => last = s,
-                other => return other,
-            }
-        }
-        Err(last)
+        self.each_endpoint(request, f, |s| super::upstream::never_sent(s))
+            .await
     }
 
     /// A read on the next endpoint; tried on each endpoint in turn while the cluster cannot be
     /// reached.
     async fn call<T, R, F, Fut>(&self, request: &Request<T>, f: F) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        F: Fn(KvClient<tonic::transport::Channel>, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        self.each_endpoint(request, f, |s| {
+            s.code() == tonic::Code::Unavailable && is_transport(s)
+        })
+        .await
+    }
+
+    /// `f` on the endpoints in turn, going on to the next while its answer is one `retry`
+    /// accepts.
+    async fn each_endpoint<T, R, F, Fut>(
+        &self,
+        request: &Request<T>,
+        f: F,
+        retry: impl Fn(&Status) -> bool,
+    ) -> Result<Response<R>, Status>
     where
         T: Clone,
         F: Fn(KvClient<tonic::transport::Channel>, Request<T>) -> Fut,
@@ -96,7 +106,7 @@ impl KvProxy {
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
             match f(client, onward(request)).await {
-                Err(s) if s.code() == tonic::Code::Unavailable && is_transport(&s) => last = s,
+                Err(s) if retry(&s) => last = s,
                 other => return other,
             }
         }

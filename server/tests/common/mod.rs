@@ -135,6 +135,21 @@ pub fn keel_with(
     }
 }
 
+/// A keel member under `dir` whose WAL writes stall for as long as the returned file says
+/// (`KEEL_FAULT_WAL_SYNC_DELAY_FILE`, e.g. "3s"; no file: no stall).
+pub fn keel_stallable(dir: &Path) -> (Server, std::path::PathBuf) {
+    let stall = dir.join("stall");
+    let stall_env = stall.display().to_string();
+    let keel = keel_with(
+        &dir.join("keel"),
+        free_port(),
+        &[],
+        &[("KEEL_FAULT_WAL_SYNC_DELAY_FILE", stall_env.as_str())],
+        None,
+    );
+    (keel, stall)
+}
+
 /// Runs `keel`, expecting it to refuse to start: its exit code and stderr.
 pub fn keel_refused(data: &Path, extra: &[&str]) -> (Option<i32>, String) {
     let port = free_port();
