@@ -449,6 +449,33 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Counts the operations a txn ran (its chosen branch, nested txns included) as etcd's
+    /// store counts them: ranges, puts and deletes each, and the txn itself when it ran more
+    /// than one operation (`metricsTxnWrite.End`).
+    pub fn count_txn(&self, resp: &keel_engine::mvcc::apply::TxnResponse) {
+        fn ops(resp: &keel_engine::mvcc::apply::TxnResponse, n: &mut [u64; 3]) {
+            use keel_engine::mvcc::apply::ResponseOp as R;
+            for op in &resp.responses {
+                match op {
+                    R::Range(_) => n[0] += 1,
+                    R::Put(_) => n[1] += 1,
+                    R::DeleteRange(_) => n[2] += 1,
+                    R::Txn(inner) => ops(inner, n),
+                }
+            }
+        }
+        let mut n = [0u64; 3];
+        ops(resp, &mut n);
+        if n.iter().sum::<u64>() > 1 {
+            self.txns.inc();
+        }
+        self.ranges.inc_by(n[0]);
+        self.puts.inc_by(n[1]);
+        self.deletes.inc_by(n[2]);
+    }
+}
+
 /// gRPC codes as Go's `codes.Code.String()` names them, by number.
 const GRPC_CODES: [&str; 17] = [
     "OK",

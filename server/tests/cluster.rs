@@ -110,6 +110,11 @@ async fn three_members_serve_writes_and_reads_through_every_member() {
         let (r, kvs) = dump(&c, i).await;
         assert_eq!((r, &kvs), (rev, &first), "member {i} differs");
     }
+    // Every member counts the three puts it applied, whichever member took them (etcd's store
+    // counts them so).
+    for i in 0..3 {
+        assert_eq!(c.metric(i, "etcd_mvcc_put_total"), Some(3.0), "member {i}");
+    }
     // etcdctl against the cluster: the member list with names and URLs, health of every member.
     let all = c.endpoints().join(",");
     let list = ok(&all, &["member", "list"]);

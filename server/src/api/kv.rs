@@ -297,7 +297,6 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        self.core.metrics().puts.inc();
         let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         convert::check_put(&r).map_err(|e| status(&e))?;
@@ -317,7 +316,6 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        self.core.metrics().deletes.inc();
         let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         if r.key.is_empty() {
@@ -337,7 +335,6 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        self.core.metrics().txns.inc();
         let checked = self.gate.check(&request).await?;
         let r = request.into_inner();
         let t = convert::txn_request(r.clone())?;
@@ -352,6 +349,8 @@ impl pb::kv_server::Kv for KvService {
                 .map_err(|e| status(&e))?
                 .0;
             checked.still_current(&self.core)?;
+            // Counted where read, as etcd's store counts a read-only txn.
+            self.core.metrics().count_txn(&resp);
             resp
         } else {
             self.check_quota(cost(&t.success).max(cost(&t.failure)))

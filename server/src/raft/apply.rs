@@ -272,18 +272,32 @@ impl Node {
         }
         match request {
             Some(Request::Alarm(r)) => self.apply_alarm(w, &r).map(Applied::Alarms),
+            // Counted as applied, on every member, as etcd's store counts them.
             Some(Request::Put(r)) => {
                 let put = convert::put_request(r);
                 let lessor = lock(&self.shared.lessor);
-                a::put(w, &put, &*lessor).map(Applied::Put)
+                let applied = a::put(w, &put, &*lessor).map(Applied::Put);
+                if applied.is_ok() {
+                    self.shared.metrics.puts.inc();
+                }
+                applied
             }
             Some(Request::DeleteRange(r)) => {
-                a::delete_range(w, &convert::delete_request(r)).map(Applied::DeleteRange)
+                let applied =
+                    a::delete_range(w, &convert::delete_request(r)).map(Applied::DeleteRange);
+                if applied.is_ok() {
+                    self.shared.metrics.deletes.inc();
+                }
+                applied
             }
             Some(Request::Txn(t)) => match convert::txn_request(t) {
                 Ok(t) => {
                     let lessor = lock(&self.shared.lessor);
-                    a::txn_in(w, &t, &*lessor).map(Applied::Txn)
+                    let applied = a::txn_in(w, &t, &*lessor);
+                    if let Ok(resp) = &applied {
+                        self.shared.metrics.count_txn(resp);
+                    }
+                    applied.map(Applied::Txn)
                 }
                 Err(status) => Err(Error::InvalidArgument(status.message().to_string())),
             },
